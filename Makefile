@@ -1,0 +1,53 @@
+# The project's commands. `make test` and `make demo` work on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
+
+.PHONY: help venv deps up down status test test-unit lint format clean
+
+help:
+	@echo "make test    - install everything, start private services, run the whole test suite"
+	@echo "make up      - start Kafka + source/destination PostgreSQL locally, write .env"
+	@echo "make status  - say what runs where"
+	@echo "make down    - stop the local services"
+	@echo "make lint    - ruff check and format check"
+
+$(STAMP): requirements.txt requirements-dev.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+venv: $(STAMP)
+
+# System packages (Java, Maven, PostgreSQL server) and the Kafka broker jars (cached in .cdc/).
+deps: venv
+	@bash scripts/install-system-deps.sh
+	@$(PY) -m cdc prepare
+
+up: deps
+	@$(PY) -m cdc up
+
+down: venv
+	@$(PY) -m cdc down
+
+status: venv
+	@$(PY) -m cdc status
+
+test: deps
+	$(PY) -m pytest
+
+test-unit: venv
+	$(PY) -m pytest -m "not integration"
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: venv
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+clean: down
+	rm -rf .cdc

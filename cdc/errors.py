@@ -1,0 +1,33 @@
+"""The pipeline's own exceptions, in one place.
+
+Three kinds matter to the daemons: ``TransientError`` (wait and retry), ``BadMessageError``
+(retry a few times, then dead-letter) and everything else (a bug or a setup problem: stop loudly).
+"""
+
+
+class CDCError(Exception):
+    """Base class of every error raised on purpose by this project."""
+
+
+class ConfigError(CDCError):
+    """A setting is missing or malformed. Reported as one line, without a traceback."""
+
+
+class ServiceError(CDCError):
+    """A local service (Kafka broker, PostgreSQL server) could not be started, stopped or reached."""
+
+
+class SchemaMissingError(CDCError):
+    """The database has no CDC schema: ``make up`` or the setup SQL has not been applied."""
+
+
+class TransientError(CDCError):
+    """Worth retrying unchanged after a pause: lost connection, restart, deadlock, Kafka retriable."""
+
+
+class BadMessageError(CDCError):
+    """One message cannot be applied: undecodable, invalid, or rejected by a constraint."""
+
+
+class DeliveryError(CDCError):
+    """Kafka reported a failed delivery; whatever depended on it must not be committed."""

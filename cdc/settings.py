@@ -1,0 +1,239 @@
+"""One frozen settings object for both daemons, built once from the environment and ``.env``.
+
+Precedence: CLI flags > real environment > ``.env`` > defaults. Every value is checked when the
+object is built, so a typo stops the program at start-up with one line naming the variable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from dotenv import dotenv_values
+
+from cdc.errors import ConfigError
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
+
+# KAFKA_* variables read by Kafka's own shell scripts, not librdkafka properties.
+_KAFKA_SCRIPT_VARS = {
+    "KAFKA_HOME",
+    "KAFKA_OPTS",
+    "KAFKA_HEAP_OPTS",
+    "KAFKA_JVM_PERFORMANCE_OPTS",
+    "KAFKA_LOG4J_OPTS",
+    "KAFKA_JMX_OPTS",
+    "KAFKA_DEBUG",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    source_db_url: str = ""
+    dest_db_url: str = ""
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    # Extra librdkafka properties from KAFKA_* variables, e.g. {"security.protocol": "SASL_SSL"}.
+    kafka_extra: Mapping[str, str] = field(default_factory=dict)
+    cdc_topic: str = "bf_employee_cdc"
+    cdc_dlq_topic: str = "bf_employee_cdc_dlq"
+    topic_partitions: int = 6
+    topic_replication_factor: int = 1
+    consumer_group_id: str = "cdc_consumer"
+    producer_batch_size: int = 1000
+    consumer_batch_size: int = 500
+    poll_interval: float = 1.0
+    consume_timeout: float = 1.0
+    max_attempts: int = 3
+    retry_backoff_max: float = 30.0
+    db_pool_min: int = 1
+    db_pool_max: int = 10
+    statement_timeout_ms: int = 30000
+    horizon_warn_seconds: float = 30.0
+    prune: bool = False
+    notify_channel: str = "emp_records_cdc"
+    stats_interval: float = 10.0
+    metrics_port: int = 0
+    log_level: str = "INFO"
+    log_format: str = "text"
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict that is safe to log: passwords in URLs and secrets masked."""
+        out = dataclasses.asdict(self)
+        out["source_db_url"] = redact_url(self.source_db_url)
+        out["dest_db_url"] = redact_url(self.dest_db_url)
+        out["kafka_extra"] = {k: ("***" if _is_secret(k) else v) for k, v in sorted(self.kafka_extra.items())}
+        return out
+
+    def describe(self) -> str:
+        """One log line with every setting, secrets masked."""
+        return " ".join(f"{k}={v}" for k, v in self.redacted().items())
+
+
+# env name -> (field, parser)
+def _str(v: str) -> str:
+    return v.strip()
+
+
+def _bool(v: str) -> bool:
+    s = v.strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true/false, got {v!r}")
+
+
+_ENV_FIELDS: dict[str, tuple[str, Any]] = {
+    "SOURCE_DB_URL": ("source_db_url", _str),
+    "DEST_DB_URL": ("dest_db_url", _str),
+    "KAFKA_BOOTSTRAP_SERVERS": ("kafka_bootstrap_servers", _str),
+    "CDC_TOPIC": ("cdc_topic", _str),
+    "CDC_DLQ_TOPIC": ("cdc_dlq_topic", _str),
+    "CDC_TOPIC_PARTITIONS": ("topic_partitions", int),
+    "CDC_TOPIC_REPLICATION_FACTOR": ("topic_replication_factor", int),
+    "CONSUMER_GROUP_ID": ("consumer_group_id", _str),
+    "PRODUCER_BATCH_SIZE": ("producer_batch_size", int),
+    "CONSUMER_BATCH_SIZE": ("consumer_batch_size", int),
+    "POLL_INTERVAL": ("poll_interval", float),
+    "CONSUME_TIMEOUT": ("consume_timeout", float),
+    "MAX_ATTEMPTS": ("max_attempts", int),
+    "RETRY_BACKOFF_MAX": ("retry_backoff_max", float),
+    "DB_POOL_MIN": ("db_pool_min", int),
+    "DB_POOL_MAX": ("db_pool_max", int),
+    "STATEMENT_TIMEOUT_MS": ("statement_timeout_ms", int),
+    "HORIZON_WARN_SECONDS": ("horizon_warn_seconds", float),
+    "CDC_PRUNE": ("prune", _bool),
+    "CDC_NOTIFY_CHANNEL": ("notify_channel", _str),
+    "STATS_INTERVAL": ("stats_interval", float),
+    "METRICS_PORT": ("metrics_port", int),
+    "LOG_LEVEL": ("log_level", lambda v: v.strip().upper()),
+    "LOG_FORMAT": ("log_format", lambda v: v.strip().lower()),
+}
+
+ENV_NAMES = tuple(_ENV_FIELDS)
+
+
+def _is_secret(prop: str) -> bool:
+    return any(w in prop for w in ("password", "secret", "key", "token", "jaas"))
+
+
+def redact_url(url: str) -> str:
+    """Mask the password of a libpq URI; leave everything else readable."""
+    if not url:
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    userinfo = netloc[0].split(":", 1)[0] + ":***"
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{netloc[1]}"))
+
+
+def kafka_properties_from_env(env: Mapping[str, str]) -> dict[str, str]:
+    """Map KAFKA_FOO_BAR=x to the librdkafka property foo.bar=x (bootstrap servers excluded)."""
+    props = {}
+    for name, value in env.items():
+        if not name.startswith("KAFKA_") or name in _KAFKA_SCRIPT_VARS:
+            continue
+        if name == "KAFKA_BOOTSTRAP_SERVERS":
+            continue
+        props[name[len("KAFKA_") :].lower().replace("_", ".")] = value
+    return props
+
+
+def load_settings(
+    env: Mapping[str, str] | None = None,
+    dotenv_path: str | os.PathLike[str] | None = ".env",
+    **overrides: Any,
+) -> Settings:
+    """Build and validate the settings. ``overrides`` (from CLI flags) win over everything.
+
+    ``None`` overrides are ignored, so argparse defaults of ``None`` mean "not given".
+    """
+    merged: dict[str, str] = {}
+    if dotenv_path is not None and os.path.exists(dotenv_path):
+        merged.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
+    merged.update(os.environ if env is None else env)
+
+    values: dict[str, Any] = {}
+    for name, (fname, parse) in _ENV_FIELDS.items():
+        raw = merged.get(name)
+        if raw is None or raw.strip() == "":
+            continue
+        try:
+            values[fname] = parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{name}={raw!r} is not valid: {exc}") from None
+    values["kafka_extra"] = kafka_properties_from_env(merged)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key not in Settings.__dataclass_fields__:
+            raise ConfigError(f"unknown setting {key!r}")
+        values[key] = value
+    settings = Settings(**values)
+    validate(settings)
+    return settings
+
+
+def _env_name(fname: str) -> str:
+    for name, (f, _) in _ENV_FIELDS.items():
+        if f == fname:
+            return name
+    return fname
+
+
+def validate(s: Settings) -> None:
+    """Raise ConfigError naming the first bad setting."""
+
+    def bad(fname: str, why: str) -> ConfigError:
+        return ConfigError(f"{_env_name(fname)}={getattr(s, fname)!r} {why}")
+
+    for fname in ("source_db_url", "dest_db_url"):
+        url = getattr(s, fname)
+        if url and urlsplit(url).scheme not in ("postgresql", "postgres"):
+            raise bad(fname, "is not a libpq URI (expected postgresql://user:password@host:port/db)")
+    if not s.kafka_bootstrap_servers:
+        raise bad("kafka_bootstrap_servers", "is empty (expected host:port[,host:port])")
+    for server in s.kafka_bootstrap_servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise bad("kafka_bootstrap_servers", f"has {server!r}, expected host:port")
+    for fname in ("cdc_topic", "cdc_dlq_topic", "consumer_group_id", "notify_channel"):
+        if not getattr(s, fname):
+            raise bad(fname, "must not be empty")
+    if s.cdc_topic == s.cdc_dlq_topic:
+        raise bad("cdc_dlq_topic", "must differ from CDC_TOPIC")
+    for fname in (
+        "topic_partitions",
+        "topic_replication_factor",
+        "producer_batch_size",
+        "consumer_batch_size",
+        "max_attempts",
+        "db_pool_min",
+        "db_pool_max",
+        "statement_timeout_ms",
+    ):
+        if getattr(s, fname) < 1:
+            raise bad(fname, "must be at least 1")
+    if s.db_pool_min > s.db_pool_max:
+        raise bad("db_pool_min", f"is larger than DB_POOL_MAX={s.db_pool_max}")
+    for fname in ("poll_interval", "consume_timeout", "retry_backoff_max", "stats_interval"):
+        if getattr(s, fname) <= 0:
+            raise bad(fname, "must be greater than 0")
+    if s.horizon_warn_seconds < 0:
+        raise bad("horizon_warn_seconds", "must not be negative")
+    if not 0 <= s.metrics_port <= 65535:
+        raise bad("metrics_port", "must be a TCP port (0 turns the endpoint off)")
+    if s.log_level not in LOG_LEVELS:
+        raise bad("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+    if s.log_format not in LOG_FORMATS:
+        raise bad("log_format", f"must be one of {', '.join(LOG_FORMATS)}")

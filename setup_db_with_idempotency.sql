@@ -1,0 +1,34 @@
+-- Destination database: the replicated employees table plus the sink's bookkeeping.
+-- Idempotent: safe to run any number of times.
+
+CREATE TABLE IF NOT EXISTS employees (
+    emp_id      INTEGER PRIMARY KEY,
+    first_name  VARCHAR(100),
+    last_name   VARCHAR(100),
+    dob         DATE,
+    city        VARCHAR(100),
+    salary      INTEGER
+);
+
+-- Every action_id the sink has decided on, once: the idempotency record.
+CREATE TABLE IF NOT EXISTS processed_events (
+    action_id    BIGINT PRIMARY KEY,
+    emp_id       INTEGER,
+    action       VARCHAR(10),
+    outcome      VARCHAR(10) NOT NULL CHECK (outcome IN ('applied', 'stale', 'dlq')),
+    topic        TEXT,
+    "partition"  INTEGER,
+    "offset"     BIGINT,
+    processed_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+CREATE INDEX IF NOT EXISTS processed_events_emp_id_idx ON processed_events (emp_id);
+
+-- The version guard: the newest action_id applied per emp_id, kept after a DELETE as a
+-- tombstone, so a late or replayed older event can never overwrite newer state.
+CREATE TABLE IF NOT EXISTS emp_versions (
+    emp_id          INTEGER PRIMARY KEY,
+    last_action_id  BIGINT NOT NULL,
+    deleted         BOOLEAN NOT NULL DEFAULT false,
+    updated_at      TIMESTAMPTZ NOT NULL DEFAULT now()
+);

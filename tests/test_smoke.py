@@ -1,0 +1,128 @@
+"""Smoke tests of the foundation against the real broker and databases."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import sys
+
+import psycopg2
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from cdc.errors import ServiceError
+from cdc.kafka import consumer_config, producer_config
+from cdc.services import PROJECT_DIR, LocalServices, PostgresServer
+
+pytestmark = pytest.mark.integration
+
+
+def _drain(consumer: Consumer, want: int, timeout: float = 30.0) -> list:
+    got = []
+    import time
+
+    deadline = time.monotonic() + timeout
+    while len(got) < want and time.monotonic() < deadline:
+        msg = consumer.poll(0.5)
+        if msg is None:
+            continue
+        assert msg.error() is None, msg.error()
+        got.append(msg)
+    return got
+
+
+def test_group_commit_and_resume_from_committed_offset(settings):
+    producer = Producer(producer_config(settings))
+    for i in range(20):
+        producer.produce(settings.cdc_topic, key=b"k", value=str(i).encode())
+    assert producer.flush(30) == 0
+
+    first = Consumer(consumer_config(settings))
+    first.subscribe([settings.cdc_topic])
+    msgs = _drain(first, 20)
+    assert [int(m.value()) for m in msgs] == list(range(20))  # one key: one partition, in order
+    # Commit only the first 12, synchronously, then leave the group.
+    twelfth = msgs[11]
+    first.commit(
+        offsets=[TopicPartition(twelfth.topic(), twelfth.partition(), twelfth.offset() + 1)],
+        asynchronous=False,
+    )
+    first.close()
+
+    second = Consumer(consumer_config(settings))
+    second.subscribe([settings.cdc_topic])
+    resumed = _drain(second, 8)
+    second.close()
+    assert [int(m.value()) for m in resumed] == list(range(12, 20))
+
+
+def test_source_schema_captures_changes(clean_source):
+    with contextlib.closing(psycopg2.connect(clean_source)) as conn, conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO employees (first_name, last_name, dob, city, salary)"
+            " VALUES ('Ada', 'Lovelace', '1815-12-10', 'London', 100) RETURNING emp_id"
+        )
+        (emp_id,) = cur.fetchone()
+        cur.execute("UPDATE employees SET salary = 200 WHERE emp_id = %s", (emp_id,))
+        cur.execute("UPDATE employees SET emp_id = %s WHERE emp_id = %s", (emp_id + 100, emp_id))
+        cur.execute("DELETE FROM employees WHERE emp_id = %s", (emp_id + 100,))
+        conn.commit()
+        cur.execute("SELECT emp_id, action, salary, txid IS NOT NULL FROM emp_records_cdc ORDER BY action_id")
+        rows = cur.fetchall()
+    assert rows == [
+        (emp_id, "INSERT", 100, True),
+        (emp_id, "UPDATE", 200, True),
+        (emp_id, "DELETE", 200, True),
+        (emp_id + 100, "INSERT", 200, True),
+        (emp_id + 100, "DELETE", 200, True),
+    ]
+
+
+def test_destination_schema_present(clean_dest):
+    with contextlib.closing(psycopg2.connect(clean_dest)) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1"
+        )
+        tables = {r[0] for r in cur.fetchall()}
+    assert {"employees", "processed_events", "emp_versions"} <= tables
+
+
+def test_setup_sql_is_idempotent(service_env):
+    for key, name in (("SOURCE_DB_URL", "setup_db.sql"), ("DEST_DB_URL", "setup_db_with_idempotency.sql")):
+        with contextlib.closing(psycopg2.connect(service_env[key])) as conn:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                for _ in range(2):
+                    cur.execute((PROJECT_DIR / name).read_text())
+
+
+def test_up_is_idempotent_and_status_reports(local_services: LocalServices):
+    pids = (local_services.kafka.pid(), local_services.source.pid(), local_services.dest.pid())
+    local_services.up()
+    assert (local_services.kafka.pid(), local_services.source.pid(), local_services.dest.pid()) == pids
+    out = subprocess.run(
+        [sys.executable, "-m", "cdc", "--home", str(local_services.home), "status"],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_DIR,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert f"127.0.0.1:{local_services.ports.kafka}" in out.stdout
+    assert out.stdout.count("running pid=") == 3
+
+
+def test_port_in_use_is_a_clear_error(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        server = PostgresServer(name="source", home=tmp_path, port=port, dbname="x", password="p")
+        with pytest.raises(ServiceError, match=f"port {port} is already in use"):
+            server.start()
+
+
+def test_broker_logs_to_file(local_services: LocalServices):
+    log = (local_services.home / "logs" / "server.log").read_text()
+    assert "Kafka Server started" in log
