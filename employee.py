@@ -1,0 +1,204 @@
+"""The data model: an employee row and the change event that carries it through Kafka.
+
+Parsing is strict: every field is checked for type, range and length (matching the columns of
+``setup_db.sql``), and a problem raises ``InvalidEventError`` naming the field. Unknown JSON keys
+are ignored, so a newer producer can add fields without breaking an older consumer.
+
+Event JSON (topic ``bf_employee_cdc``, key = emp_id as UTF-8 text)::
+
+    {"action_id": 1042, "action": "UPDATE", "emp_id": 7, "first_name": "Ada",
+     "last_name": "Lovelace", "dob": "1815-12-10", "city": "London", "salary": 120000,
+     "txid": 88123, "captured_at": "2026-11-24T10:00:00.123456+00:00"}
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+from cdc.errors import BadMessageError
+
+ACTIONS = ("INSERT", "UPDATE", "DELETE", "SNAPSHOT")
+TEXT_MAX = 100  # VARCHAR(100) in both schemas
+INT4_MAX = 2**31 - 1
+INT8_MAX = 2**63 - 1
+XID8_MAX = 2**64 - 1
+SALARY_MAX = INT4_MAX
+
+
+class InvalidEventError(BadMessageError):
+    """A message that is not a valid change event. ``field`` names the culprit, if one."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _int(data: Mapping[str, Any], name: str, lo: int, hi: int, *, required: bool) -> int | None:
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise InvalidEventError(f"{name} is missing", name)
+        return None
+    # bool is an int subclass in Python; true/false is never a valid id or salary.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidEventError(f"{name} must be an integer, got {type(value).__name__}", name)
+    if not lo <= value <= hi:
+        raise InvalidEventError(f"{name}={value} is out of range {lo}..{hi}", name)
+    return value
+
+
+def _text(data: Mapping[str, Any], name: str) -> str | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidEventError(f"{name} must be a string, got {type(value).__name__}", name)
+    if len(value) > TEXT_MAX:
+        raise InvalidEventError(f"{name} is {len(value)} characters, at most {TEXT_MAX} allowed", name)
+    if "\x00" in value:
+        raise InvalidEventError(f"{name} contains a NUL character", name)
+    return value
+
+
+def _date(data: Mapping[str, Any], name: str) -> date | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        value = value.date()
+    if isinstance(value, date):
+        parsed = value
+    elif isinstance(value, str):
+        try:
+            parsed = date.fromisoformat(value)
+        except ValueError:
+            raise InvalidEventError(f"{name}={value!r} is not an ISO date (YYYY-MM-DD)", name) from None
+        if len(value) != 10:
+            raise InvalidEventError(f"{name}={value!r} is not an ISO date (YYYY-MM-DD)", name)
+    else:
+        raise InvalidEventError(f"{name} must be an ISO date string, got {type(value).__name__}", name)
+    return parsed
+
+
+def _timestamp(data: Mapping[str, Any], name: str) -> datetime | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        parsed = value
+    elif isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise InvalidEventError(f"{name}={value!r} is not an ISO timestamp", name) from None
+    else:
+        raise InvalidEventError(f"{name} must be an ISO timestamp string, got {type(value).__name__}", name)
+    if parsed.tzinfo is None:
+        raise InvalidEventError(f"{name}={value!r} has no time zone", name)
+    return parsed
+
+
+@dataclass(frozen=True, slots=True)
+class Employee:
+    """One row of ``employees`` (source and destination have the same columns)."""
+
+    emp_id: int
+    first_name: str | None = None
+    last_name: str | None = None
+    dob: date | None = None
+    city: str | None = None
+    salary: int | None = None
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> Employee:
+        return cls(
+            emp_id=_int(data, "emp_id", 1, INT4_MAX, required=True),  # type: ignore[arg-type]
+            first_name=_text(data, "first_name"),
+            last_name=_text(data, "last_name"),
+            dob=_date(data, "dob"),
+            city=_text(data, "city"),
+            salary=_int(data, "salary", 0, SALARY_MAX, required=False),
+        )
+
+    def as_tuple(self) -> tuple[Any, ...]:
+        return (self.emp_id, self.first_name, self.last_name, self.dob, self.city, self.salary)
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeEvent:
+    """One captured change: the action and the full row image (OLD for DELETE, NEW otherwise)."""
+
+    action_id: int
+    action: str
+    employee: Employee
+    txid: int | None = None
+    captured_at: datetime | None = None
+
+    @property
+    def emp_id(self) -> int:
+        return self.employee.emp_id
+
+    @property
+    def is_delete(self) -> bool:
+        return self.action == "DELETE"
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> ChangeEvent:
+        """Validate a dict (a decoded JSON object or a database row) into an event."""
+        if not isinstance(data, Mapping):
+            raise InvalidEventError(f"event must be a JSON object, got {type(data).__name__}")
+        action_id = _int(data, "action_id", 1, INT8_MAX, required=True)
+        action = data.get("action")
+        if action is None:
+            raise InvalidEventError("action is missing", "action")
+        if action not in ACTIONS:
+            raise InvalidEventError(f"action={action!r} is not one of {', '.join(ACTIONS)}", "action")
+        return cls(
+            action_id=action_id,  # type: ignore[arg-type]
+            action=action,
+            employee=Employee.from_mapping(data),
+            txid=_int(data, "txid", 0, XID8_MAX, required=False),
+            captured_at=_timestamp(data, "captured_at"),
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes | str | None) -> ChangeEvent:
+        """Decode a Kafka message value. Raises InvalidEventError for anything that is not an event."""
+        if raw is None:
+            raise InvalidEventError("message has no value (tombstone)")
+        if isinstance(raw, bytes):
+            try:
+                raw = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidEventError(f"value is not UTF-8: {exc.reason} at byte {exc.start}") from None
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise InvalidEventError(f"value is not JSON: {exc}") from None
+        return cls.from_mapping(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        e = self.employee
+        return {
+            "action_id": self.action_id,
+            "action": self.action,
+            "emp_id": e.emp_id,
+            "first_name": e.first_name,
+            "last_name": e.last_name,
+            "dob": e.dob.isoformat() if e.dob else None,
+            "city": e.city,
+            "salary": e.salary,
+            "txid": self.txid,
+            "captured_at": self.captured_at.isoformat() if self.captured_at else None,
+        }
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+    def key(self) -> bytes:
+        """The Kafka key: emp_id as UTF-8 text, so every change of one employee shares a partition."""
+        return str(self.employee.emp_id).encode("ascii")
