@@ -26,7 +26,6 @@ TEXT_MAX = 100  # VARCHAR(100) in both schemas
 INT4_MAX = 2**31 - 1
 INT8_MAX = 2**63 - 1
 XID8_MAX = 2**64 - 1
-SALARY_MAX = INT4_MAX
 
 
 class InvalidEventError(BadMessageError):
@@ -121,7 +120,7 @@ class Employee:
             last_name=_text(data, "last_name"),
             dob=_date(data, "dob"),
             city=_text(data, "city"),
-            salary=_int(data, "salary", 0, SALARY_MAX, required=False),
+            salary=_int(data, "salary", -INT4_MAX - 1, INT4_MAX, required=False),
         )
 
     def as_tuple(self) -> tuple[Any, ...]:
