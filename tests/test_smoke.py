@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import psycopg2
 import pytest
@@ -13,15 +16,13 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from cdc.errors import ServiceError
 from cdc.kafka import consumer_config, producer_config
-from cdc.services import PROJECT_DIR, LocalServices, PostgresServer
+from cdc.services import PROJECT_DIR, LocalServices, Ports, PostgresServer
 
 pytestmark = pytest.mark.integration
 
 
 def _drain(consumer: Consumer, want: int, timeout: float = 30.0) -> list:
     got = []
-    import time
-
     deadline = time.monotonic() + timeout
     while len(got) < want and time.monotonic() < deadline:
         msg = consumer.poll(0.5)
@@ -126,3 +127,54 @@ def test_port_in_use_is_a_clear_error(tmp_path):
 def test_broker_logs_to_file(local_services: LocalServices):
     log = (local_services.home / "logs" / "server.log").read_text()
     assert "Kafka Server started" in log
+
+
+def _our_processes(home) -> list[str]:
+    """Command lines of running processes that use ``home`` (broker or PostgreSQL)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(home) in cmdline and ("java" in cmdline or "postgres" in cmdline):
+            found.append(cmdline)
+    return found
+
+
+def test_cli_up_status_down_leaves_nothing_behind(tmp_path):
+    ports = Ports.free()
+    env = {
+        **os.environ,
+        "CDC_KAFKA_PORT": str(ports.kafka),
+        "CDC_KAFKA_CONTROLLER_PORT": str(ports.controller),
+        "CDC_SOURCE_PG_PORT": str(ports.source_pg),
+        "CDC_DEST_PG_PORT": str(ports.dest_pg),
+    }
+    home, env_file = tmp_path / "home", tmp_path / ".env"
+    env_file.write_text("LOG_LEVEL=DEBUG\n")
+    cli = [sys.executable, "-m", "cdc", "--home", str(home), "--env-file", str(env_file)]
+
+    def run(*args):
+        return subprocess.run(
+            [*cli, *args], env=env, capture_output=True, text=True, cwd=PROJECT_DIR, check=False
+        )
+
+    try:
+        up = run("up")
+        assert up.returncode == 0, up.stderr
+        written = env_file.read_text()
+        assert "LOG_LEVEL=DEBUG" in written  # the user's own lines are kept
+        assert f"KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:{ports.kafka}" in written
+        assert f"@127.0.0.1:{ports.dest_pg}/" in written
+        assert _our_processes(home)
+        status = run("status")
+        assert status.returncode == 0 and status.stdout.count("running pid=") == 3
+    finally:
+        down = run("down")
+    assert down.returncode == 0, down.stderr
+    assert _our_processes(home) == []
+    status = run("status")
+    assert status.returncode == 1 and status.stdout.count("stopped") == 3
