@@ -132,12 +132,15 @@ class EventsReport:
 
     def lines(self) -> list[str]:
         outcomes = ", ".join(f"{k} {self.outcomes.get(k, 0)}" for k in ("applied", "stale", "dlq"))
-        return [
+        lines = [
             f"events: outbox {self.outbox_rows}, processed_events {self.processed_rows}"
-            f" ({outcomes}; {self.extra_dlq} dead-lettered ids not from the outbox) ({self.seconds:.1f}s)",
+            f" ({outcomes}) ({self.seconds:.1f}s)",
             self.missing.describe("events not processed", "action_id"),
             self.extra.describe("processed but not in the outbox", "action_id"),
         ]
+        if self.extra_dlq:
+            lines.append(f"dead-lettered action_ids not from the outbox (poison messages): {self.extra_dlq}")
+        return lines
 
 
 @dataclass(frozen=True)
