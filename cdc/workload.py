@@ -597,7 +597,10 @@ class Workload:
         alive = [w.name for w in self._threads if w.is_alive()]
         self.elapsed = time.monotonic() - self.started
         if self._error is not None:
-            raise CDCError(f"workload stopped on an unexpected error: {self._error}") from self._error
+            first = str(self._error).strip().splitlines()[:1]
+            raise CDCError(
+                f"workload stopped on an unexpected error: {type(self._error).__name__}: {''.join(first)}"
+            ) from self._error
         if alive:
             raise CDCError(f"workload writers did not stop within {timeout:.0f}s: {', '.join(alive)}")
         return self.stats.get_stats()

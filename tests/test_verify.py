@@ -269,6 +269,7 @@ def test_events_check_finds_unprocessed_and_unknown_action_ids(settings, clean_s
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert f"events not processed: 2 action_id: {action_ids[4]}, {action_ids[5]}" in proc.stdout
     assert "result: DIFFERENT: 2 events not processed, 0 unknown events" in proc.stdout
+    assert "dead-lettered action_ids not from the outbox (poison messages): 1" in proc.stdout
 
     _sql(
         clean_dest,
