@@ -380,8 +380,8 @@ class LagProbe:
                 low, high = self._consumer.get_watermark_offsets(
                     TopicPartition(topic, tp.partition), timeout=KAFKA_TIMEOUT, cached=False
                 )
-                # No commit yet: everything still in the partition is unread.
-                start = tp.offset if tp.offset >= 0 else low
+                # No commit yet, or one behind the retention: the group would start at the low mark.
+                start = max(tp.offset, low)
                 lag[tp.partition] = max(0, high - start)
             return lag
         except KafkaException as exc:

@@ -117,6 +117,13 @@ RETURNING emp_id
 """
 
 
+# Rows one operation changes (at most), where that is more than one.
+ROWS_PER_OPERATION = {"bulk_insert": (5, 30), "update_range": (2, 10), "transfer": (2, 2)}
+OPERATIONS = ("insert", "bulk_insert", "update", "update_range", "transfer", "delete", "reuse", "id_change")
+# Transfers wait on row locks; a long transaction must not hold its writer up, so it has none.
+LONG_OPERATIONS = ("insert", "update", "delete", "reuse", "id_change")
+
+
 @dataclass(frozen=True)
 class Mix:
     """Relative weights of the operations, and the shape of transactions."""
@@ -130,20 +137,17 @@ class Mix:
     reuse: int = 6  # INSERT with the emp_id of a deleted row
     id_change: int = 4  # UPDATE employees SET emp_id = nextval(...)
     max_statements: int = 5  # an ordinary transaction holds 1..max_statements operations
-    long_every: int = 20  # about one transaction in this many also opens a long one
+    long_every: int = 20  # about one transaction in this many also opens a long one (0: never)
     long_span: int = 8  # a long transaction stays open while its writer commits this many
 
     def __post_init__(self) -> None:
         weights = [getattr(self, op) for op in OPERATIONS]
         if min(weights) < 0 or sum(weights) == 0:
             raise ConfigError(f"workload mix needs non-negative weights, not all 0: {weights}")
-        if self.max_statements < 1 or self.long_every < 1 or self.long_span < 1:
-            raise ConfigError("workload mix: max_statements, long_every and long_span must be at least 1")
-
-
-OPERATIONS = ("insert", "bulk_insert", "update", "update_range", "transfer", "delete", "reuse", "id_change")
-# A long transaction never waits on locks (see TRANSFER_SQL), so it has no transfers.
-LONG_OPERATIONS = ("insert", "update", "delete", "reuse", "id_change")
+        if self.max_statements < 1 or self.long_every < 0 or self.long_span < 1:
+            raise ConfigError(
+                "workload mix: max_statements and long_span must be at least 1, long_every >= 0"
+            )
 
 
 def check_local(url: str) -> None:
@@ -276,7 +280,7 @@ class _Writer(threading.Thread):
                 self._pace()
                 if self.wl.stopping():
                     break
-                if self.long is None and self.rng.randrange(self.wl.mix.long_every) == 0:
+                if self.long is None and self.wl.long_every and self.rng.randrange(self.wl.long_every) == 0:
                     self._open_long()
                 elif self.long is not None:
                     self._step_long()
@@ -300,11 +304,12 @@ class _Writer(threading.Thread):
         statements = self.rng.randint(1, self.wl.mix.max_statements)
         assert self.conn is not None
         with self._attempt(self.conn, long=False):
+            done = 0
             with self.conn.cursor() as cur:
-                for _ in range(statements):
-                    if not self._operation(cur, tx, self.wl.operations):
-                        break
-            self._commit(self.conn, tx)
+                while done < statements and self._operation(cur, tx, self.wl.operations):
+                    done += 1
+            if done:
+                self._commit(self.conn, tx)
 
     def _open_long(self) -> None:
         tx = _Tx()
@@ -365,7 +370,7 @@ class _Writer(threading.Thread):
             if long:
                 self.long = None
             if reason == "connection":
-                self.conn = None  # the loop reconnects both connections
+                self._close()  # the loop reconnects both connections
                 return
             with contextlib.suppress(psycopg2.Error):
                 conn.rollback()
@@ -376,9 +381,7 @@ class _Writer(threading.Thread):
     def _operation(self, cur: psycopg2.extensions.cursor, tx: _Tx, ops: tuple[str, ...]) -> bool:
         """One weighted-random operation. False when the change budget is spent."""
         op = self.rng.choices(ops, weights=[getattr(self.wl.mix, o) for o in ops])[0]
-        wanted = {"bulk_insert": self.rng.randint(5, 30), "update_range": self.rng.randint(2, 10)}.get(op, 1)
-        if op == "transfer":
-            wanted = 2
+        wanted = self.rng.randint(*ROWS_PER_OPERATION.get(op, (1, 1)))
         granted = self.wl.shared.take(wanted)
         if granted == 0:
             return False
@@ -527,7 +530,8 @@ class Workload:
         self.max_changes = max_changes
         self.mix = mix or Mix()
         self.operations = tuple(op for op in OPERATIONS if getattr(self.mix, op))
-        self.long_operations = tuple(op for op in LONG_OPERATIONS if getattr(self.mix, op)) or ("insert",)
+        self.long_operations = tuple(op for op in LONG_OPERATIONS if getattr(self.mix, op))
+        self.long_every = self.mix.long_every if self.long_operations else 0
         self.stats = Stats("workload")
         self.stop_event = threading.Event()
         self.started = 0.0
