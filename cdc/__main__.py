@@ -124,7 +124,9 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cdc", description=__doc__.splitlines()[0])
     parser.add_argument("--home", default=str(PROJECT_DIR / ".cdc"), help="folder for service data and logs")
-    parser.add_argument("--env-file", default=str(PROJECT_DIR / ".env"), help=".env file to write (up)")
+    parser.add_argument(
+        "--env-file", default=str(PROJECT_DIR / ".env"), help=".env file to read (and, for up, to write)"
+    )
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("prepare", help="resolve the Kafka jars and find the PostgreSQL binaries").set_defaults(
@@ -143,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait",
         type=_non_negative,
         metavar="SECONDS",
-        help="first wait until the producer has published the whole outbox and the consumer lag is 0",
+        help="first wait until the producer has published the whole outbox and the consumer lag is 0;"
+        " not caught up in time: exit 1",
     )
     verify_cmd.add_argument(
         "--events",

@@ -227,7 +227,7 @@ def test_wait_returns_once_the_consumer_group_commits_the_high_watermarks(settin
                 TopicPartition(
                     settings.cdc_topic,
                     p,
-                    group.get_watermark_offsets(TopicPartition(settings.cdc_topic, p))[1],
+                    group.get_watermark_offsets(TopicPartition(settings.cdc_topic, p), timeout=10)[1],
                 )
                 for p in range(settings.topic_partitions)
             ]
