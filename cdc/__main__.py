@@ -1,6 +1,7 @@
 """``python -m cdc COMMAND``: local services and operator tools.
 
-Commands: up, down, status (local services without Docker).
+Commands: up, down, status (local services without Docker); verify (reconcile the destination
+with the source) and workload (a realistic write load on the source), the operator tools.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -23,8 +25,11 @@ from cdc.services import (
     write_dotenv,
 )
 from cdc.settings import load_settings
+from cdc.verify import DEFAULT_LIMIT, verify
+from cdc.workload import Workload
 
 EXIT_OK = 0
+EXIT_DIFFERENT = 1
 EXIT_ERROR = 2
 
 log = logging.getLogger("cdc")
@@ -73,10 +78,55 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK if services.all_running() else 1
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Exit 0 when identical (and caught up, and events accounted for), 1 when not, 2 on errors."""
+    settings = load_settings(dotenv_path=args.env_file)
+    result = verify(settings, wait=args.wait, events=args.events, limit=args.limit)
+    for line in result.lines():
+        print(line)
+    return EXIT_OK if result.ok else EXIT_DIFFERENT
+
+
+def cmd_workload(args: argparse.Namespace) -> int:
+    settings = load_settings(dotenv_path=args.env_file)
+    workload = Workload(
+        settings.source_db_url,
+        rate=args.rate,
+        writers=args.writers,
+        seed=args.seed,
+        max_changes=args.max_changes,
+        allow_remote=args.allow_remote,
+    )
+    # SIGTERM stops it like Ctrl-C: writers finish their transaction, the summary is printed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: workload.stop_event.set())
+    try:
+        workload.run(args.duration)
+    except KeyboardInterrupt:
+        workload.stop()
+    print(workload.summary())
+    return EXIT_OK
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cdc", description=__doc__.splitlines()[0])
     parser.add_argument("--home", default=str(PROJECT_DIR / ".cdc"), help="folder for service data and logs")
-    parser.add_argument("--env-file", default=str(PROJECT_DIR / ".env"), help=".env file to write (up)")
+    parser.add_argument(
+        "--env-file", default=str(PROJECT_DIR / ".env"), help=".env file to read (and, for up, to write)"
+    )
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("prepare", help="resolve the Kafka jars and find the PostgreSQL binaries").set_defaults(
@@ -87,6 +137,44 @@ def build_parser() -> argparse.ArgumentParser:
     ).set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop all local services").set_defaults(func=cmd_down)
     sub.add_parser("status", help="say what runs where (exit 1 unless all run)").set_defaults(func=cmd_status)
+    verify_cmd = sub.add_parser(
+        "verify",
+        help="compare destination employees with the source (exit 0 identical, 1 different, 2 error)",
+    )
+    verify_cmd.add_argument(
+        "--wait",
+        type=_non_negative,
+        metavar="SECONDS",
+        help="first wait until the producer has published the whole outbox and the consumer lag is 0;"
+        " not caught up in time: exit 1",
+    )
+    verify_cmd.add_argument(
+        "--events",
+        action="store_true",
+        help="also check that every outbox action_id has its row in processed_events",
+    )
+    verify_cmd.add_argument(
+        "--limit", type=_positive_int, default=DEFAULT_LIMIT, help="ids listed per kind of difference"
+    )
+    verify_cmd.set_defaults(func=cmd_verify)
+    load = sub.add_parser(
+        "workload", help="write a realistic INSERT/UPDATE/DELETE load into the source employees"
+    )
+    load.add_argument(
+        "--rate", type=_non_negative, default=100.0, help="changes per second, all writers (0: no limit)"
+    )
+    load.add_argument(
+        "--duration", type=_non_negative, default=10.0, metavar="SECONDS", help="stop after this long"
+    )
+    load.add_argument(
+        "--writers", type=_positive_int, default=4, help="concurrent writers, one connection each"
+    )
+    load.add_argument("--seed", type=int, help="random seed (printed in the summary, to replay a run)")
+    load.add_argument("--max-changes", type=_positive_int, help="stop after this many changes")
+    load.add_argument(
+        "--allow-remote", action="store_true", help="allow a SOURCE_DB_URL that is not on this machine"
+    )
+    load.set_defaults(func=cmd_workload)
     return parser
 
 
