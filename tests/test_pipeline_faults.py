@@ -1,0 +1,296 @@
+"""The whole pipeline under faults: no change lost, none applied twice, destination = source.
+
+Each test runs the real daemons (``producer.py``, ``consumer_final.py``) as subprocesses against
+private services, drives the workload generator (concurrent writers, long transactions that
+commit out of order, emp_id changes, re-used ids), injects its faults while the load runs, then
+stops the load and checks, in the manner of Kafka's transactions_test.py:
+
+- the pipeline catches up (outbox fully published, consumer lag 0);
+- ``verify``: the destination ``employees`` equals the source, row by row;
+- every action_id of ``emp_records_cdc`` has exactly one ``processed_events`` row
+  (applied, stale or dlq), and the sink decided on nothing else;
+- nothing reached the dead-letter topic (except, in the poison test, exactly the poison);
+- the daemons stop cleanly on SIGTERM (exit 0).
+
+Random choices use a seed printed at the start of each test; set CDC_FAULT_SEED to replay one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg2
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, ConsumerGroupTopicPartitions
+from daemons import Daemon
+
+from cdc.kafka import admin_client, base_config, ensure_topics
+from cdc.services import LocalServices
+from cdc.settings import Settings, load_settings
+from cdc.verify import verify
+from cdc.workload import Workload
+
+pytestmark = [pytest.mark.integration, pytest.mark.daemon, pytest.mark.fault]
+
+LOAD_RATE = 150  # changes per second, all writers together
+LOAD_WRITERS = 4
+CATCH_UP_TIMEOUT = 180.0
+
+
+def _scalar(url: str, query: str) -> int:
+    with contextlib.closing(psycopg2.connect(url)) as conn, conn.cursor() as cur:
+        cur.execute(query)
+        return cur.fetchone()[0]
+
+
+class Pipeline:
+    """Producer, consumers, workload and checks for one test."""
+
+    def __init__(self, services: LocalServices, settings: Settings, workdir: Path, seed: int) -> None:
+        self.services = services
+        self.settings = settings
+        self.workdir = workdir
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.producer = Daemon("producer.py", settings, workdir / "producer")
+        self.consumers: list[Daemon] = []
+        self.workload: Workload | None = None
+
+    def add_consumer(self) -> Daemon:
+        daemon = Daemon("consumer_final.py", self.settings, self.workdir / f"consumer{len(self.consumers) + 1}")
+        self.consumers.append(daemon)
+        return daemon.start()
+
+    def start(self, consumers: int = 1) -> None:
+        self.producer.start()
+        for _ in range(consumers):
+            self.add_consumer()
+        self.workload = Workload(
+            self.settings.source_db_url, rate=LOAD_RATE, writers=LOAD_WRITERS, seed=self.seed
+        )
+        self.workload.start()
+
+    def pause(self, lo: float, hi: float) -> None:
+        time.sleep(self.rng.uniform(lo, hi))
+
+    def stop_load(self) -> dict:
+        assert self.workload is not None
+        self.workload.stop()
+        stats = self.workload.stats.get_stats()
+        assert stats.get("changes", 0) > 0, "the workload wrote nothing"
+        return stats
+
+    def daemons(self) -> list[Daemon]:
+        return [self.producer, *self.consumers]
+
+    def logs(self) -> str:
+        return "\n".join(f"----- {d.logfile}\n{d.log()[-4000:]}" for d in self.daemons())
+
+    def check(self, *, dlq_expected: int = 0, dlq_decisions: int = 0) -> None:
+        """Catch up, then every guarantee of the module docstring.
+
+        ``dlq_expected`` messages must be on the DLQ; ``dlq_decisions`` of them carry an action_id
+        that is not from the outbox (injected poison) and so add to ``processed_events``.
+        """
+        assert self.producer.running(), f"the producer died:\n{self.logs()}"
+        assert any(c.running() for c in self.consumers), f"no consumer left:\n{self.logs()}"
+        result = verify(self.settings, wait=CATCH_UP_TIMEOUT, events=True)
+        assert result.ok, f"seed={self.seed}\n" + "\n".join(result.lines()) + "\n" + self.logs()
+        assert result.rows is not None and result.rows.source_rows > 0
+        outbox = _scalar(self.settings.source_db_url, "SELECT count(*) FROM emp_records_cdc")
+        decided = _scalar(self.settings.dest_db_url, "SELECT count(*) FROM processed_events")
+        assert decided == outbox + dlq_decisions, f"seed={self.seed}: {decided} decisions for {outbox} changes"
+        assert dlq_count(self.settings) == dlq_expected, f"seed={self.seed}\n{self.logs()}"
+
+    def stop_all(self) -> None:
+        codes = {d.script + str(i): d.stop() for i, d in enumerate(self.daemons()) if d.running()}
+        assert set(codes.values()) <= {0}, f"exit codes {codes}\n{self.logs()}"
+
+    def kill_all(self) -> None:
+        if self.workload is not None:
+            self.workload.stop()
+        for d in self.daemons():
+            d.kill()
+
+
+def dlq_count(settings: Settings) -> int:
+    consumer = Consumer({**base_config(settings), "group.id": f"probe-{uuid.uuid4().hex}"})
+    try:
+        md = consumer.list_topics(settings.cdc_dlq_topic, timeout=10).topics[settings.cdc_dlq_topic]
+        total = 0
+        for p in md.partitions:
+            lo, hi = consumer.get_watermark_offsets(TopicPartition(settings.cdc_dlq_topic, p), timeout=10)
+            total += hi - lo
+        return total
+    finally:
+        consumer.close()
+
+
+def reset_group_to_earliest(settings: Settings) -> None:
+    """What `kafka-consumer-groups --reset-offsets --to-earliest` does, for a stopped group."""
+    admin: AdminClient = admin_client(settings)
+    probe = Consumer({**base_config(settings), "group.id": f"probe-{uuid.uuid4().hex}"})
+    try:
+        md = probe.list_topics(settings.cdc_topic, timeout=10).topics[settings.cdc_topic]
+        earliest = []
+        for p in md.partitions:
+            lo, _ = probe.get_watermark_offsets(TopicPartition(settings.cdc_topic, p), timeout=10)
+            earliest.append(TopicPartition(settings.cdc_topic, p, lo))
+    finally:
+        probe.close()
+    request = ConsumerGroupTopicPartitions(settings.consumer_group_id, earliest)
+    for future in admin.alter_consumer_group_offsets([request]).values():
+        future.result(timeout=30)
+
+
+@pytest.fixture
+def pipeline(local_services: LocalServices, tmp_path: Path) -> Iterator[Pipeline]:
+    seed = int(os.environ.get("CDC_FAULT_SEED") or random.randrange(1_000_000))
+    print(f"CDC_FAULT_SEED={seed}")
+    tag = uuid.uuid4().hex[:8]
+    settings = load_settings(
+        env=local_services.env(),
+        dotenv_path=None,
+        cdc_topic=f"cdc_fault_{tag}",
+        cdc_dlq_topic=f"cdc_fault_{tag}_dlq",
+        consumer_group_id=f"cdc_fault_group_{tag}",
+        topic_partitions=3,
+    )
+    ensure_topics(settings, admin_client(settings))
+    for url, statement in (
+        (
+            settings.source_db_url,
+            "TRUNCATE employees, emp_records_cdc RESTART IDENTITY;"
+            " UPDATE cdc_producer_state SET last_txid = '0', last_action_id = 0, published_total = 0;",
+        ),
+        (settings.dest_db_url, "TRUNCATE employees, processed_events, emp_versions;"),
+    ):
+        with contextlib.closing(psycopg2.connect(url)) as conn, conn.cursor() as cur:
+            cur.execute(statement)
+            conn.commit()
+    p = Pipeline(local_services, settings, tmp_path, seed)
+    try:
+        yield p
+    finally:
+        p.kill_all()
+        # Whatever a test stopped comes back for the next one.
+        local_services.up(apply_schema=False)
+
+
+def test_consumer_sigkill_five_times_then_replay(pipeline: Pipeline):
+    pipeline.start()
+    consumer = pipeline.consumers[0]
+    for _ in range(5):
+        pipeline.pause(1.5, 4.0)
+        consumer.kill()
+        consumer.start()
+    pipeline.pause(1.0, 3.0)
+    pipeline.stop_load()
+    pipeline.check()
+
+    # Replay: the whole topic again from offset 0 changes nothing.
+    decided = _scalar(pipeline.settings.dest_db_url, "SELECT count(*) FROM processed_events")
+    assert consumer.stop() == 0
+    reset_group_to_earliest(pipeline.settings)
+    consumer.start()
+    pipeline.check()
+    assert _scalar(pipeline.settings.dest_db_url, "SELECT count(*) FROM processed_events") == decided
+    pipeline.stop_all()
+
+
+def test_producer_sigkill_five_times(pipeline: Pipeline):
+    pipeline.start()
+    for _ in range(5):
+        pipeline.pause(1.5, 4.0)
+        pipeline.producer.kill()
+        pipeline.producer.start()
+    pipeline.pause(1.0, 3.0)
+    pipeline.stop_load()
+    pipeline.check()
+    pipeline.stop_all()
+
+
+def test_broker_hard_kill_and_clean_restart(pipeline: Pipeline):
+    kafka = pipeline.services.kafka
+    pipeline.start()
+    pipeline.pause(3.0, 6.0)
+    kafka.stop(hard=True)
+    pipeline.pause(3.0, 6.0)
+    kafka.start()
+    pipeline.pause(3.0, 6.0)
+    kafka.stop()  # clean: SIGTERM, controlled shutdown
+    pipeline.pause(1.0, 3.0)
+    kafka.start()
+    pipeline.pause(2.0, 4.0)
+    pipeline.stop_load()
+    pipeline.check()
+    pipeline.stop_all()
+
+
+def test_destination_immediate_stop_and_source_restart(pipeline: Pipeline):
+    services = pipeline.services
+    pipeline.start()
+    pipeline.pause(3.0, 5.0)
+    services.dest.stop(mode="immediate")  # a crash: no checkpoint, in-flight transactions lost
+    pipeline.pause(5.0, 8.0)
+    services.dest.start()
+    pipeline.pause(3.0, 5.0)
+    services.source.stop(mode="fast")
+    pipeline.pause(1.0, 3.0)
+    services.source.start()
+    pipeline.pause(3.0, 5.0)
+    pipeline.stop_load()
+    pipeline.check()
+    pipeline.stop_all()
+
+
+def test_consumer_added_mid_stream_and_one_killed(pipeline: Pipeline):
+    pipeline.start(consumers=1)
+    pipeline.pause(2.0, 4.0)
+    pipeline.add_consumer()
+    pipeline.pause(3.0, 5.0)
+    pipeline.consumers[0].kill()  # the survivor takes its partitions over
+    pipeline.pause(3.0, 5.0)
+    pipeline.stop_load()
+    pipeline.check()
+    pipeline.stop_all()
+
+
+POISON = [
+    b"\xff\xfe not utf-8",
+    b"{not json",
+    b"[1, 2, 3]",
+    b'{"action": "INSERT", "emp_id": 1}',
+    b'{"action_id": 990000001, "action": "UPSERT", "emp_id": 1}',
+    b'{"action_id": 990000002, "action": "INSERT", "emp_id": "one"}',
+    b'{"action_id": 990000003, "action": "INSERT", "emp_id": 1, "first_name": "' + b"x" * 101 + b'"}',
+    b'{"action_id": 990000004, "action": "UPDATE", "emp_id": 1, "salary": 99999999999}',
+    b'{"action_id": 990000005, "action": "INSERT", "emp_id": 1, "dob": "1990-02-30"}',
+]
+
+
+def test_poison_messages_mid_stream_go_to_the_dlq_and_nothing_else(pipeline: Pipeline):
+    pipeline.start()
+    pipeline.pause(2.0, 4.0)
+    producer = Producer(base_config(pipeline.settings))
+    for i, value in enumerate(POISON):
+        producer.produce(pipeline.settings.cdc_topic, key=str(i).encode(), value=value)
+        producer.poll(0)
+    assert producer.flush(30) == 0
+    pipeline.pause(2.0, 4.0)
+    pipeline.stop_load()
+    # Poison with a parseable action_id is recorded as a dlq decision too.
+    parseable = sum(1 for v in POISON if b'"action_id"' in v)
+    pipeline.check(dlq_expected=len(POISON), dlq_decisions=parseable)
+    dlq_decided = _scalar(
+        pipeline.settings.dest_db_url, "SELECT count(*) FROM processed_events WHERE outcome = 'dlq'"
+    )
+    assert dlq_decided == parseable
+    pipeline.stop_all()
