@@ -55,7 +55,9 @@ def expected_events(url: str) -> list[dict]:
         " txid::text::bigint, captured_at FROM emp_records_cdc ORDER BY txid, action_id",
     )
     keys = ("action_id", "action", "emp_id", "first_name", "last_name", "dob", "city", "salary", "txid")
-    return [{**dict(zip(keys, r[:9])), "captured_at": r[9].astimezone(UTC).isoformat()} for r in rows]
+    return [
+        {**dict(zip(keys, r[:9], strict=True)), "captured_at": r[9].astimezone(UTC).isoformat()} for r in rows
+    ]
 
 
 def caught_up(url: str) -> bool:
