@@ -18,7 +18,6 @@ from psycopg2 import sql
 from test_producer_support import (
     Producers,
     connect,
-    cpu_seconds,
     cursor_row,
     execute,
     insert_employees,
@@ -29,6 +28,7 @@ from test_producer_support import (
     wait_until,
 )
 
+from cdc.stats import process_cpu_seconds
 from employee import ChangeEvent, InvalidEventError
 
 pytestmark = [pytest.mark.integration, pytest.mark.daemon]
@@ -121,9 +121,9 @@ def test_idle_is_quiet_and_notify_wakes_it_at_once(settings, clean_source, produ
     proc = producers.start(producer_env(settings, POLL_INTERVAL=30, STATS_INTERVAL=10))
     proc.wait_for_log("active: holding the producer lock")
     time.sleep(1)
-    cpu_before, t0 = cpu_seconds(proc.pid), time.monotonic()
+    cpu_before, t0 = process_cpu_seconds(proc.pid), time.monotonic()
     time.sleep(5)
-    idle_cpu = (cpu_seconds(proc.pid) - cpu_before) / (time.monotonic() - t0)
+    idle_cpu = (process_cpu_seconds(proc.pid) - cpu_before) / (time.monotonic() - t0)
     print(f"idle CPU: {idle_cpu * 100:.2f}% of one core")
     assert idle_cpu < 0.03
 

@@ -220,9 +220,3 @@ def insert_employees(url: str, count: int, city: str = "Paris") -> None:
         " FROM generate_series(1, %s) AS g",
         (city, count),
     )
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time used by a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
