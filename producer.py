@@ -21,6 +21,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -51,7 +52,31 @@ from cdc.stats import Stats
 from employee import ChangeEvent, InvalidEventError
 
 log = logging.getLogger("producer")
-rdkafka_log = logging.getLogger("producer.rdkafka")
+kafka_log = logging.getLogger("producer.kafka")
+
+# librdkafka repeats a connection error on every reconnect attempt: say it once per this long.
+REPEAT_QUIET_SECONDS = 30.0
+
+
+class _RepeatFilter(logging.Filter):
+    """Drop a message like one let through less than REPEAT_QUIET_SECONDS ago (numbers ignored)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        text = re.sub(r"\d+", "#", record.getMessage())
+        if now - self._seen.get(text, -REPEAT_QUIET_SECONDS) < REPEAT_QUIET_SECONDS:
+            return False
+        if len(self._seen) > 1000:
+            self._seen.clear()
+        self._seen[text] = now
+        return True
+
+
+kafka_log.addFilter(_RepeatFilter())
 
 # Seconds per flush() call while waiting for acknowledgements, and between "still waiting" lines.
 FLUSH_STEP = 1.0
@@ -102,7 +127,7 @@ class KafkaPublisher:
     def __init__(self, settings: Settings) -> None:
         self.topic = settings.cdc_topic
         self._config = producer_config(
-            settings, on_delivery=self._on_delivery, error_cb=self._on_error, logger=rdkafka_log
+            settings, on_delivery=self._on_delivery, error_cb=self._on_error, logger=kafka_log
         )
         self._producer = Producer(self._config)
         self._errors: list[KafkaError] = []
@@ -117,9 +142,10 @@ class KafkaPublisher:
             self._fatal = err
             log.error("kafka producer fatal error: %s; it will be recreated", err.str())
         elif err.code() == KafkaError._ALL_BROKERS_DOWN:
-            log.warning("waiting for Kafka: all brokers are down")
+            kafka_log.warning("waiting for Kafka: all brokers are down")
         else:
-            log.warning("kafka: %s", err.str())
+            # Transport errors are retried by librdkafka and already in its own log lines.
+            kafka_log.debug("kafka: %s", err.str())
 
     def publish(self, messages: Iterable[tuple[bytes, bytes]]) -> int:
         """Produce and flush; return when all are acknowledged, else raise DeliveryError."""
@@ -211,7 +237,7 @@ class ChangeProducer:
         return False
 
     def _wait_for_kafka(self) -> bool:
-        admin = AdminClient({**base_config(self.settings), "logger": rdkafka_log})
+        admin = AdminClient({**base_config(self.settings), "logger": kafka_log})
         while self.stop.running:
             try:
                 wait_for_broker(admin, timeout=KAFKA_WAIT_STEP)

@@ -367,3 +367,13 @@ def test_unreachable_service_at_start_is_a_waiting_line(settings, producers, ser
     proc.signal(signal.SIGTERM)
     assert proc.wait(30) == 0, proc.log()
     assert "final published=0" in proc.log()
+
+
+def test_full_local_queue_is_waited_out_not_dropped(settings, clean_source, producers):
+    # A 50-message local queue against 1000-message batches: produce() hits BufferError often.
+    insert_employees(clean_source, 3000)
+    env = producer_env(settings, KAFKA_QUEUE_BUFFERING_MAX_MESSAGES=50, PRODUCER_BATCH_SIZE=1000)
+    proc = producers.start(env, "--once")
+    assert proc.wait(60) == 0, proc.log()
+    records = read_topic(settings, want=3000)
+    assert sorted(r.action_id for r in records) == list(range(1, 3001))

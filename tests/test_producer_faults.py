@@ -223,3 +223,19 @@ def test_second_signal_exits_at_once(private, producers, local_services):
     proc = producers.start(env, "--once")
     assert proc.wait(60) == 0, proc.log()
     assert {r.action_id for r in read_topic(private, want=10)} == set(range(1, 11))
+
+
+def test_failed_delivery_keeps_the_cursor_and_is_retried(private, producers, local_services):
+    url = private.source_db_url
+    # Deliveries time out after 2 s while the broker is down: the batch must be reported failed.
+    proc = producers.start(producer_env(private, KAFKA_MESSAGE_TIMEOUT_MS=2000, RETRY_BACKOFF_MAX=1))
+    proc.wait_for_log("active: holding the producer lock")
+    local_services.kafka.stop(hard=True)
+    insert_employees(url, 20)
+    proc.wait_for_log(r"batch not published: 20 of 20 messages not delivered: .*; retrying", timeout=30)
+    assert cursor_row(url)[1:] == (0, 0)
+    local_services.kafka.start()
+    wait_until(lambda: caught_up(url), 60, "the retried batch to be published")
+    assert {r.action_id for r in read_topic(private, want=20)} == set(range(1, 21))
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, proc.log()
