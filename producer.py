@@ -434,34 +434,36 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Settings come from the environment and .env (see .env.example); flags override them. "
         "Exit codes: 0 stopped cleanly, 1 error, 2 bad settings or missing schema, 3 forced by a second signal.",
     )
-    parser.add_argument("--env-file", default=".env", help="dotenv file to read (default: .env)")
-    parser.add_argument("--bootstrap-servers", dest="kafka_bootstrap_servers", help="KAFKA_BOOTSTRAP_SERVERS")
-    parser.add_argument("--topic", dest="cdc_topic", help="CDC_TOPIC (default bf_employee_cdc)")
-    parser.add_argument("--dlq-topic", dest="cdc_dlq_topic", help="CDC_DLQ_TOPIC, created if missing")
     parser.add_argument(
-        "--partitions", dest="topic_partitions", type=int, help="CDC_TOPIC_PARTITIONS (default 6)"
+        "--env-file", default=".env", metavar="PATH", help="dotenv file to read (default: .env)"
     )
-    parser.add_argument(
-        "--batch-size", dest="producer_batch_size", type=int, help="PRODUCER_BATCH_SIZE (1000)"
-    )
-    parser.add_argument(
-        "--poll-interval", type=float, help="POLL_INTERVAL: seconds between polls without NOTIFY"
-    )
-    parser.add_argument("--stats-interval", type=float, help="STATS_INTERVAL: seconds between stats lines")
-    parser.add_argument(
-        "--horizon-warn-seconds",
-        type=float,
-        help="HORIZON_WARN_SECONDS: warn when delivery is held this long",
-    )
+    # (flag, settings field, type, metavar, help): each flag overrides one setting.
+    for flag, field, kind, metavar, text in (
+        ("--bootstrap-servers", "kafka_bootstrap_servers", str, "HOST:PORT", "KAFKA_BOOTSTRAP_SERVERS"),
+        ("--topic", "cdc_topic", str, "NAME", "CDC_TOPIC (default bf_employee_cdc)"),
+        ("--dlq-topic", "cdc_dlq_topic", str, "NAME", "CDC_DLQ_TOPIC, created if missing"),
+        ("--partitions", "topic_partitions", int, "N", "CDC_TOPIC_PARTITIONS for topics it creates (6)"),
+        ("--batch-size", "producer_batch_size", int, "N", "PRODUCER_BATCH_SIZE: rows per batch (1000)"),
+        ("--poll-interval", "poll_interval", float, "SECONDS", "POLL_INTERVAL: poll without NOTIFY (1.0)"),
+        ("--stats-interval", "stats_interval", float, "SECONDS", "STATS_INTERVAL: between stats lines (10)"),
+        (
+            "--horizon-warn-seconds",
+            "horizon_warn_seconds",
+            float,
+            "SECONDS",
+            "HORIZON_WARN_SECONDS: warn when an open transaction holds delivery this long (30)",
+        ),
+        ("--metrics-port", "metrics_port", int, "PORT", "METRICS_PORT: serve /metrics and /health (0 = off)"),
+        ("--log-level", "log_level", str.upper, "LEVEL", "LOG_LEVEL: DEBUG, INFO, WARNING, ERROR"),
+        ("--log-format", "log_format", str.lower, "FORMAT", "LOG_FORMAT: text or json"),
+    ):
+        parser.add_argument(flag, dest=field, type=kind, metavar=metavar, help=text)
     parser.add_argument(
         "--prune",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="CDC_PRUNE: delete published emp_records_cdc rows",
     )
-    parser.add_argument("--metrics-port", type=int, help="METRICS_PORT: serve /metrics and /health (0 = off)")
-    parser.add_argument("--log-level", help="LOG_LEVEL: DEBUG, INFO, WARNING, ERROR")
-    parser.add_argument("--log-format", help="LOG_FORMAT: text or json")
     parser.add_argument(
         "--snapshot",
         action="store_true",
