@@ -292,7 +292,8 @@ class Leadership:
             self._conn.poll()
         except psycopg2.Error as exc:
             self.close()
-            raise LeadershipLost(f"the lock connection failed: {str(exc).strip()}") from exc
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise LeadershipLost(f"the lock connection failed: {reason}") from exc
         notified = bool(self._conn.notifies)
         self._conn.notifies.clear()
         return notified

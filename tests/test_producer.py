@@ -28,6 +28,10 @@ from test_producer_support import (
     wait_until,
 )
 
+from cdc.capture import LOCK_CLASS, LOCK_ID, Cursor, Leadership, Outbox
+from cdc.db import Database
+from cdc.errors import LeadershipLost
+from cdc.kafka import admin_client
 from cdc.stats import process_cpu_seconds
 from employee import ChangeEvent, InvalidEventError
 
@@ -377,3 +381,68 @@ def test_full_local_queue_is_waited_out_not_dropped(settings, clean_source, prod
     assert proc.wait(60) == 0, proc.log()
     records = read_topic(settings, want=3000)
     assert sorted(r.action_id for r in records) == list(range(1, 3001))
+
+
+def test_creates_missing_topics_with_the_configured_partitions(settings, clean_source, producers):
+    topic, dlq = f"{settings.cdc_topic}_new", f"{settings.cdc_topic}_new_dlq"
+    env = producer_env(settings, CDC_TOPIC=topic, CDC_DLQ_TOPIC=dlq, CDC_TOPIC_PARTITIONS=4)
+    proc = producers.start(env, "--once")
+    assert proc.wait(60) == 0, proc.log()
+    topics = admin_client(settings).list_topics(timeout=10).topics
+    assert len(topics[topic].partitions) == 4 and len(topics[dlq].partitions) == 4
+
+
+def test_a_producer_that_loses_its_lock_session_stands_by(settings, clean_source, producers):
+    env = producer_env(settings, POLL_INTERVAL=0.2)
+    first = producers.start(env)
+    first.wait_for_log("active: holding the producer lock")
+    second = producers.start(env)
+    second.wait_for_log("standby: another producer holds the lock")
+    # Cut the first one's lock session (as a network failure or an admin would): the lock is free.
+    execute(
+        clean_source,
+        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s"
+        " AND objid = %s AND granted",
+        (LOCK_CLASS, LOCK_ID),
+    )
+    first.wait_for_log("no longer the active producer", timeout=30)
+    # Exactly one of them is active again, and the stream goes on without a gap.
+    wait_until(
+        lambda: "active: holding" in second.log() or first.log().count("active: holding") == 2,
+        30,
+        "a new active producer",
+    )
+    insert_employees(clean_source, 500)
+    wait_until(lambda: caught_up(clean_source), 30, "the new active producer to publish")
+    records = read_topic(settings, want=500)
+    assert sorted(r.action_id for r in records) == list(range(1, 501))
+    holders = query(
+        clean_source,
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s AND objid = %s AND granted",
+        (LOCK_CLASS, LOCK_ID),
+    )
+    assert holders == [(1,)]
+
+
+def test_cursor_update_is_fenced_by_the_lock(clean_source):
+    insert_employees(clean_source, 3)
+    db = Database(clean_source)
+    outbox = Outbox(db)
+    leader = Leadership(clean_source, "emp_records_cdc")
+    try:
+        rows = outbox.fetch(Cursor(), 10)
+        last = Cursor(rows[-1]["txid"], rows[-1]["action_id"])
+        # A session that does not hold the lock cannot move the cursor.
+        with connect(clean_source) as other, pytest.raises(LeadershipLost):
+            outbox.advance(last, 3, lock_pid=other.get_backend_pid(), prune=False)
+        assert leader.try_acquire()
+        assert leader.pid is not None
+        outbox.advance(last, 3, lock_pid=leader.pid, prune=False)
+        assert outbox.load_cursor() == last
+        # Nor can anyone move it backwards.
+        with pytest.raises(LeadershipLost):
+            outbox.advance(Cursor(last.txid, last.action_id - 1), 1, lock_pid=leader.pid, prune=False)
+        assert cursor_row(clean_source) == (last.txid, last.action_id, 3)
+    finally:
+        leader.close()
+        db.close()
