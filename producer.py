@@ -16,7 +16,6 @@ Run ``python producer.py --help`` for the flags; settings come from the environm
 from __future__ import annotations
 
 import argparse
-import contextlib
 import fcntl
 import json
 import logging
@@ -227,14 +226,16 @@ class ChangeProducer:
                 self.outbox.check_schema()
                 return True
             except TransientError as exc:
-                check_connect_error(exc, self.db.url)
                 attempt += 1
-                delay = backoff_delay(attempt, self.settings.retry_backoff_max)
-                log.warning(
-                    "waiting for source PostgreSQL at %s: %s (retry in %.1fs)", self.db.url, exc, delay
-                )
-                self.stop.wait(delay)
+                self._wait_after_source_error(exc, attempt)
         return False
+
+    def _wait_after_source_error(self, exc: TransientError, attempt: int) -> None:
+        """Stop at once on an error no wait can fix (ConfigError), else log and back off."""
+        check_connect_error(exc, self.db.url)
+        delay = backoff_delay(attempt, self.settings.retry_backoff_max)
+        log.warning("waiting for source PostgreSQL at %s: %s (retry in %.1fs)", self.db.url, exc, delay)
+        self.stop.wait(delay)
 
     def _wait_for_kafka(self) -> bool:
         admin = AdminClient({**base_config(self.settings), "logger": kafka_log})
@@ -281,13 +282,8 @@ class ChangeProducer:
                     )
                     return True
             except TransientError as exc:
-                check_connect_error(exc, self.db.url)
                 attempt += 1
-                delay = backoff_delay(attempt, self.settings.retry_backoff_max)
-                log.warning(
-                    "waiting for source PostgreSQL at %s: %s (retry in %.1fs)", self.db.url, exc, delay
-                )
-                self.stop.wait(delay)
+                self._wait_after_source_error(exc, attempt)
                 continue
             if not announced:
                 log.info("standby: another producer holds the lock; taking over when it goes")
@@ -362,10 +358,11 @@ class ChangeProducer:
         return len(rows)
 
     def _check_leadership(self) -> None:
-        with contextlib.suppress(LeadershipLost):
+        """After a failed batch: if the lock connection died too, the lock must be taken again."""
+        try:
             self.leader.check()
-        if not self.leader.held:
-            self._lose_leadership(LeadershipLost("the lock connection failed"))
+        except LeadershipLost as exc:
+            self._lose_leadership(exc)
 
     def _lose_leadership(self, exc: LeadershipLost) -> None:
         log.warning("no longer the active producer: %s; trying to take the lock again", exc)
