@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 from psycopg2 import sql
 
 from cdc.db import CONNECT_TIMEOUT, KEEPALIVES, Database, classify
-from cdc.errors import ConfigError, LeadershipLost, SchemaMissingError, TransientError
+from cdc.errors import CDCError, ConfigError, LeadershipLost, SchemaMissingError, TransientError
 from cdc.settings import redact_url
 
 log = logging.getLogger(__name__)
@@ -217,16 +218,25 @@ class Outbox:
     def snapshot(self, channel: str) -> tuple[int, int | None, int | None]:
         """Queue every current employee as a SNAPSHOT event. Returns (rows, first action_id, last).
 
-        The SHARE lock waits for writers in flight and holds new ones off for the copy, so no
-        concurrent change can get a lower action_id than the snapshot row that predates it.
+        The SHARE lock waits for writers in flight and holds new ones off during the copy: the
+        copy sees every change that took a lower action_id, and every later change gets a higher
+        one, so the sink's version guard never lets the copy overwrite a newer change.
         """
-        with self.db.connection() as conn, conn.cursor() as cur:
-            cur.execute("SELECT set_config('lock_timeout', %s, true)", (SNAPSHOT_LOCK_TIMEOUT,))
-            cur.execute("SELECT set_config('statement_timeout', '0', true)")
-            cur.execute("LOCK TABLE employees IN SHARE MODE")
-            cur.execute(_SNAPSHOT)
-            count, first, last = cur.fetchone()
-            cur.execute("SELECT pg_notify(%s, '')", (channel,))
+        try:
+            with self.db.connection() as conn, conn.cursor() as cur:
+                cur.execute("SELECT set_config('lock_timeout', %s, true)", (SNAPSHOT_LOCK_TIMEOUT,))
+                cur.execute("SELECT set_config('statement_timeout', '0', true)")
+                cur.execute("LOCK TABLE employees IN SHARE MODE")
+                cur.execute(_SNAPSHOT)
+                count, first, last = cur.fetchone()
+                cur.execute("SELECT pg_notify(%s, '')", (channel,))
+        except TransientError as exc:
+            if isinstance(exc.__cause__, psycopg2.errors.LockNotAvailable):
+                raise CDCError(
+                    f"snapshot: employees could not be locked within {SNAPSHOT_LOCK_TIMEOUT} (a long "
+                    "transaction is writing to it); nothing was queued, try again"
+                ) from exc
+            raise
         return count, first, last
 
 

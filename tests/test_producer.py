@@ -446,3 +446,14 @@ def test_cursor_update_is_fenced_by_the_lock(clean_source):
     finally:
         leader.close()
         db.close()
+
+
+def test_snapshot_gives_up_clearly_behind_a_long_writer(settings, clean_source, producers):
+    insert_employees(clean_source, 5)
+    with connect(clean_source) as writer, writer.cursor() as cur:
+        cur.execute("UPDATE employees SET salary = 1 WHERE emp_id = 1")  # open, holding a row lock
+        proc = producers.start(producer_env(settings), "--snapshot", "--once")
+        assert proc.wait(60) == 1, proc.log()
+        writer.rollback()
+    assert "snapshot: employees could not be locked within 10s" in proc.log()
+    assert query(clean_source, "SELECT count(*) FROM emp_records_cdc WHERE action = 'SNAPSHOT'") == [(0,)]
