@@ -271,11 +271,12 @@ def test_prune_deletes_what_is_published(settings, clean_source, producers):
     assert sorted(r.action_id for r in records) == list(range(1, 311))
 
 
-def test_sigterm_finishes_the_batch_and_stores_the_cursor(settings, clean_source, producers):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_finishes_the_batch_and_stores_the_cursor(settings, clean_source, producers, sig):
     insert_employees(clean_source, 20_000)
     proc = producers.start(producer_env(settings, PRODUCER_BATCH_SIZE=500))
     wait_until(lambda: cursor_row(clean_source)[2] >= 2000, 60, "some batches")
-    proc.signal(signal.SIGTERM)
+    proc.signal(sig)
     assert proc.wait(30) == 0, proc.log()
     published = cursor_row(clean_source)[2]
     assert f"final published={published} " in proc.log()
