@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: help venv deps up down status test test-unit lint format clean bench-verify
+.PHONY: help venv deps up down status test test-unit lint format clean bench bench-verify bench-producer bench-consumer
 
 help:
 	@echo "make test    - install everything, start private services, run the whole test suite"
@@ -12,7 +12,9 @@ help:
 	@echo "make status  - say what runs where"
 	@echo "make down    - stop the local services"
 	@echo "make lint    - ruff check and format check"
+	@echo "make bench   - all benchmarks below (private services; results in bench-results/)"
 	@echo "make bench-verify - time and peak memory of verify on 1M rows (private PostgreSQL servers)"
+	@echo "make bench-producer - producer throughput on a 100k backlog and idle CPU (private services)"
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +51,9 @@ lint: venv
 format: venv
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
+
+bench-producer: deps
+	$(PY) bench/bench_producer.py
 
 clean: down
 	rm -rf .cdc

@@ -31,3 +31,7 @@ class BadMessageError(CDCError):
 
 class DeliveryError(CDCError):
     """Kafka reported a failed delivery; whatever depended on it must not be committed."""
+
+
+class LeadershipLost(CDCError):
+    """The producer no longer holds its advisory lock; another instance may be active."""

@@ -1,0 +1,330 @@
+"""The source side of the producer: the gap-safe outbox query, the durable cursor, leadership.
+
+Rows of ``emp_records_cdc`` are read in ``(txid, action_id)`` order and only behind the xid
+horizon (``txid < pg_snapshot_xmin(pg_current_snapshot())``): every transaction below it has
+ended, so no row can appear behind the cursor later. xid8 values are cast with
+``txid::text::bigint`` (exact below 2**63, i.e. for the next two billion xid epochs).
+
+One producer is active at a time: it holds a session advisory lock on a dedicated connection,
+which also LISTENs for the trigger's NOTIFY. The cursor only moves while that lock is held.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+from psycopg2 import sql
+
+from cdc.db import CONNECT_TIMEOUT, KEEPALIVES, Database, classify
+from cdc.errors import CDCError, ConfigError, LeadershipLost, SchemaMissingError, TransientError
+from cdc.settings import redact_url
+
+log = logging.getLogger(__name__)
+
+# The advisory lock (two-int form): "CDCP" namespace, producer number 1 (state row 'default').
+LOCK_CLASS = 0x43444350
+LOCK_ID = 1
+STATE_NAME = "default"
+# A snapshot must not queue behind a long writer for ever: it would block every new writer.
+SNAPSHOT_LOCK_TIMEOUT = "10s"
+# Connection errors that no wait will fix: say so at once instead of retrying.
+_FATAL_CONNECT = ("authentication failed", "does not exist", "no pg_hba.conf entry", "no password supplied")
+
+COLUMNS = (
+    "action_id",
+    "action",
+    "emp_id",
+    "first_name",
+    "last_name",
+    "dob",
+    "city",
+    "salary",
+    "txid",
+    "captured_at",
+)
+
+# dob as text: a date psycopg2 cannot hold (BC, infinity, year > 9999) must not stop the stream.
+_FETCH = """
+SELECT action_id, action, emp_id, first_name, last_name, dob::text, city, salary,
+       txid::text::bigint AS txid, captured_at
+  FROM emp_records_cdc
+ WHERE (txid, action_id) > (%(txid)s::text::xid8, %(action_id)s)
+   AND txid < pg_snapshot_xmin(pg_current_snapshot())
+ ORDER BY emp_records_cdc.txid, action_id  -- qualified: "txid" alone is the bigint output column
+ LIMIT %(limit)s
+"""
+
+# The UPDATE is fenced: it applies only while this producer's lock connection holds the lock,
+# and the cursor never moves backwards.
+_ADVANCE = """
+UPDATE cdc_producer_state
+   SET last_txid = %(txid)s::text::xid8, last_action_id = %(action_id)s,
+       published_total = published_total + %(count)s, updated_at = now()
+ WHERE name = %(name)s
+   AND (last_txid, last_action_id) < (%(txid)s::text::xid8, %(action_id)s)
+   AND EXISTS (SELECT 1 FROM pg_locks
+                WHERE locktype = 'advisory' AND classid = %(lock_class)s AND objid = %(lock_id)s
+                  AND objsubid = 2 AND pid = %(pid)s AND granted)
+"""
+
+# The outbox is a queue: its statistics lag behind (a fresh backlog has none), and a planner
+# that guesses few rows picks a full scan and a sort per batch. The (txid, action_id) index is
+# always right for the fetch and the prune, so say so for their transaction.
+_INDEX_ONLY = "SET LOCAL enable_seqscan = off; SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off"
+
+_PRUNE = """
+DELETE FROM emp_records_cdc WHERE (txid, action_id) <= (%(txid)s::text::xid8, %(action_id)s)
+"""
+
+_BACKLOG = """
+WITH h AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin)
+SELECT count(*),
+       count(*) FILTER (WHERE txid >= h.xmin),
+       extract(epoch FROM clock_timestamp() - min(captured_at) FILTER (WHERE txid >= h.xmin))
+  FROM emp_records_cdc, h
+ WHERE (txid, action_id) > (%(txid)s::text::xid8, %(action_id)s)
+"""
+
+# The oldest transaction that has a transaction id: it is the one holding the xid horizon.
+_HORIZON_HOLDER = """
+SELECT pid, backend_xid::text, extract(epoch FROM clock_timestamp() - xact_start), state,
+       left(regexp_replace(query, '\\s+', ' ', 'g'), 120)
+  FROM pg_stat_activity
+ WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()
+ ORDER BY age(backend_xid) DESC
+ LIMIT 1
+"""
+
+_SNAPSHOT = """
+WITH ins AS (
+    INSERT INTO emp_records_cdc (emp_id, first_name, last_name, dob, city, salary, action)
+    SELECT emp_id, first_name, last_name, dob, city, salary, 'SNAPSHOT' FROM employees ORDER BY emp_id
+    RETURNING action_id
+)
+SELECT count(*), min(action_id), max(action_id) FROM ins
+"""
+
+
+@dataclass(frozen=True, order=True)
+class Cursor:
+    """The position of the last published row, in the order rows are read."""
+
+    txid: int = 0
+    action_id: int = 0
+
+
+@dataclass(frozen=True)
+class Backlog:
+    rows: int  # not yet published, readable or not
+    held_back: int  # committed, but behind an open transaction's xid: not readable yet
+    held_for: float  # seconds the oldest held-back row has waited
+
+
+def check_connect_error(exc: BaseException, url: str) -> None:
+    """Raise ConfigError if a connection failure is one that waiting cannot fix."""
+    text = str(exc.__cause__ or exc)
+    if any(marker in text for marker in _FATAL_CONNECT):
+        first = text.strip().splitlines()[0] if text.strip() else text
+        raise ConfigError(f"cannot connect to {url}: {first}") from None
+
+
+class Outbox:
+    """SQL on ``emp_records_cdc`` and the cursor row, through the connection pool."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def check_schema(self) -> None:
+        """Fail with a clear line if setup_db.sql has not been applied; make sure the cursor row exists."""
+        with self.db.connection() as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT t FROM unnest(%s::text[]) AS t WHERE to_regclass(t) IS NULL",
+                (["employees", "emp_records_cdc", "cdc_producer_state"],),
+            )
+            missing = [r[0] for r in cur.fetchall()]
+            if missing:
+                raise SchemaMissingError(
+                    f"source database {self.db.url} has no CDC schema (missing: {', '.join(missing)}); "
+                    "apply setup_db.sql (psql -f setup_db.sql) or run `make up`"
+                )
+            cur.execute(
+                "INSERT INTO cdc_producer_state (name) VALUES (%s) ON CONFLICT (name) DO NOTHING",
+                (STATE_NAME,),
+            )
+
+    def load_cursor(self) -> Cursor:
+        with self.db.connection() as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT last_txid::text::bigint, last_action_id FROM cdc_producer_state WHERE name = %s",
+                (STATE_NAME,),
+            )
+            row = cur.fetchone()
+        if row is None:
+            raise SchemaMissingError(f"cdc_producer_state has no row {STATE_NAME!r}; apply setup_db.sql")
+        return Cursor(*row)
+
+    def fetch(self, after: Cursor, limit: int) -> list[dict[str, Any]]:
+        """The next rows after ``after`` whose transactions have all ended, in cursor order."""
+        with self.db.connection() as conn, conn.cursor() as cur:
+            cur.execute(_INDEX_ONLY)
+            cur.execute(_FETCH, {"txid": after.txid, "action_id": after.action_id, "limit": limit})
+            return [dict(zip(COLUMNS, row, strict=True)) for row in cur.fetchall()]
+
+    def advance(self, to: Cursor, count: int, *, lock_pid: int, prune: bool) -> int:
+        """Store the cursor (and prune behind it) in one transaction. Returns rows pruned."""
+        params = {
+            "txid": to.txid,
+            "action_id": to.action_id,
+            "count": count,
+            "name": STATE_NAME,
+            "lock_class": LOCK_CLASS,
+            "lock_id": LOCK_ID,
+            "pid": lock_pid,
+        }
+        with self.db.connection() as conn, conn.cursor() as cur:
+            cur.execute(_ADVANCE, params)
+            if cur.rowcount != 1:
+                raise LeadershipLost(
+                    "cursor not stored: this producer no longer holds the lock (or another moved the cursor)"
+                )
+            if not prune:
+                return 0
+            cur.execute(_INDEX_ONLY)
+            cur.execute(_PRUNE, params)
+            return cur.rowcount
+
+    def backlog(self, after: Cursor) -> Backlog:
+        with self.db.connection() as conn, conn.cursor() as cur:
+            cur.execute(_BACKLOG, {"txid": after.txid, "action_id": after.action_id})
+            rows, held, held_for = cur.fetchone()
+        return Backlog(rows=rows, held_back=held, held_for=float(held_for or 0.0))
+
+    def horizon_holder(self) -> dict[str, Any] | None:
+        """The open transaction holding the horizon back: pid, xid, age, state, query."""
+        with self.db.connection() as conn, conn.cursor() as cur:
+            cur.execute(_HORIZON_HOLDER)
+            row = cur.fetchone()
+        if row is None:
+            return None
+        return dict(zip(("pid", "xid", "age_s", "state", "query"), row, strict=True))
+
+    def snapshot(self, channel: str) -> tuple[int, int | None, int | None]:
+        """Queue every current employee as a SNAPSHOT event. Returns (rows, first action_id, last).
+
+        The SHARE lock waits for writers in flight and holds new ones off during the copy: the
+        copy sees every change that took a lower action_id, and every later change gets a higher
+        one, so the sink's version guard never lets the copy overwrite a newer change.
+        """
+        try:
+            with self.db.connection() as conn, conn.cursor() as cur:
+                cur.execute("SELECT set_config('lock_timeout', %s, true)", (SNAPSHOT_LOCK_TIMEOUT,))
+                cur.execute("SELECT set_config('statement_timeout', '0', true)")
+                cur.execute("LOCK TABLE employees IN SHARE MODE")
+                cur.execute(_SNAPSHOT)
+                count, first, last = cur.fetchone()
+                cur.execute("SELECT pg_notify(%s, '')", (channel,))
+        except TransientError as exc:
+            if isinstance(exc.__cause__, psycopg2.errors.LockNotAvailable):
+                raise CDCError(
+                    f"snapshot: employees could not be locked within {SNAPSHOT_LOCK_TIMEOUT} (a long "
+                    "transaction is writing to it); nothing was queued, try again"
+                ) from exc
+            raise
+        return count, first, last
+
+
+class Leadership:
+    """A dedicated connection holding the producer's advisory lock and LISTENing on the channel."""
+
+    def __init__(self, dsn: str, channel: str, *, application_name: str = "cdc-producer-lock") -> None:
+        self.dsn = dsn
+        self.channel = channel
+        self.application_name = application_name
+        self._conn: psycopg2.extensions.connection | None = None
+        self.pid: int | None = None  # backend pid of the lock connection while the lock is held
+
+    @property
+    def held(self) -> bool:
+        return self.pid is not None and self._conn is not None and self._conn.closed == 0
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free. True if this process holds it now."""
+        if self.held:
+            return True
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = psycopg2.connect(
+                    self.dsn,
+                    connect_timeout=CONNECT_TIMEOUT,
+                    application_name=self.application_name,
+                    **KEEPALIVES,
+                )
+                self._conn.autocommit = True
+            with self._conn.cursor() as cur:
+                cur.execute("SELECT pg_try_advisory_lock(%s, %s), pg_backend_pid()", (LOCK_CLASS, LOCK_ID))
+                got, pid = cur.fetchone()
+                if not got:
+                    return False
+                cur.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+        except psycopg2.Error as exc:
+            self.close()
+            raise (classify(exc) or TransientError(str(exc).strip())) from exc
+        self.pid = pid
+        return True
+
+    def wait(self, timeout: float, wakeup_fd: int | None = None) -> bool:
+        """Sleep until a NOTIFY, a signal (``wakeup_fd`` readable) or ``timeout``. True if notified.
+
+        A closed lock connection means the lock is gone: LeadershipLost.
+        """
+        if not self.held:
+            raise LeadershipLost("the lock connection is closed")
+        assert self._conn is not None
+        fds = [self._conn] if wakeup_fd is None else [self._conn, wakeup_fd]
+        ready, _, _ = select.select(fds, [], [], timeout)
+        if wakeup_fd is not None and wakeup_fd in ready:
+            _drain(wakeup_fd)
+        return self.check() if self._conn in ready else False
+
+    def check(self) -> bool:
+        """Read pending notifications without blocking. True if any; LeadershipLost if the connection died."""
+        if not self.held:
+            raise LeadershipLost("the lock connection is closed")
+        assert self._conn is not None
+        try:
+            self._conn.poll()
+        except psycopg2.Error as exc:
+            self.close()
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise LeadershipLost(f"the lock connection failed: {reason}") from exc
+        notified = bool(self._conn.notifies)
+        self._conn.notifies.clear()
+        return notified
+
+    def close(self) -> None:
+        """Drop the connection; the server releases the lock with the session."""
+        self.pid = None
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except psycopg2.Error:
+                log.debug("closing the lock connection failed", exc_info=True)
+            self._conn = None
+
+    def __repr__(self) -> str:
+        return f"Leadership({redact_url(self.dsn)}, pid={self.pid})"
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass

@@ -1,0 +1,495 @@
+"""producer.py: publish every change captured in ``emp_records_cdc`` to Kafka, missing none.
+
+One batch at a time:
+
+1. read the next rows after the cursor, behind the xid horizon (``cdc/capture.py``);
+2. produce each as a change event keyed by emp_id (``employee.py``), ``poll(0)`` after each;
+3. flush: every delivery report must be a success, otherwise the batch is read and sent again;
+4. store the new cursor in the source database (and prune behind it), fenced by the advisory lock.
+
+Then sleep until a NOTIFY from the trigger, a signal, or the poll interval. A crash between 2
+and 4 re-publishes that one batch; the sink absorbs the duplicates.
+
+Run ``python producer.py --help`` for the flags; settings come from the environment and ``.env``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Iterable
+from datetime import UTC
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka.admin import AdminClient
+
+from cdc.capture import Cursor, Leadership, Outbox, check_connect_error
+from cdc.daemon import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, StopSignal, backoff_delay
+from cdc.db import Database
+from cdc.errors import (
+    CDCError,
+    ConfigError,
+    DeliveryError,
+    LeadershipLost,
+    SchemaMissingError,
+    ServiceError,
+    TransientError,
+)
+from cdc.kafka import base_config, ensure_topics, producer_config, wait_for_broker
+from cdc.logs import configure_logging
+from cdc.metrics import MetricsServer
+from cdc.settings import Settings, load_settings
+from cdc.stats import Stats
+from employee import ChangeEvent, InvalidEventError
+
+log = logging.getLogger("producer")
+kafka_log = logging.getLogger("producer.kafka")
+
+# librdkafka repeats a connection error on every reconnect attempt: say it once per this long.
+REPEAT_QUIET_SECONDS = 30.0
+
+
+class _RepeatFilter(logging.Filter):
+    """Drop a message like one let through less than REPEAT_QUIET_SECONDS ago (numbers ignored)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        text = re.sub(r"\d+", "#", record.getMessage())
+        if now - self._seen.get(text, -REPEAT_QUIET_SECONDS) < REPEAT_QUIET_SECONDS:
+            return False
+        if len(self._seen) > 1000:
+            self._seen.clear()
+        self._seen[text] = now
+        return True
+
+
+kafka_log.addFilter(_RepeatFilter())
+
+# Seconds per flush() call while waiting for acknowledgements, and between "still waiting" lines.
+FLUSH_STEP = 1.0
+WAITING_NOTE_EVERY = 10.0
+# Seconds per attempt to reach Kafka at start-up (a "waiting for Kafka" line each time).
+KAFKA_WAIT_STEP = 5.0
+# Seconds between attempts of a standby to take the lock.
+STANDBY_RETRY = 1.0
+STATS_KEYS = [
+    "published",
+    "batches",
+    "invalid",
+    "retries",
+    "cursor_txid",
+    "cursor_action_id",
+    "backlog",
+    "held_back",
+    "held_back_s",
+]
+FINAL_KEYS = ["published", "batches", "invalid", "retries", "pruned", "cursor_txid", "cursor_action_id"]
+
+
+def encode_row(row: dict[str, Any]) -> tuple[bytes, bytes, bool]:
+    """Key, value and validity of one outbox row, as DESIGN.md "Event" says.
+
+    A row that fails validation is logged and published as it is, so the consumer dead-letters
+    it: one bad row never blocks the changes behind it.
+    """
+    if row["captured_at"] is not None:
+        row = {**row, "captured_at": row["captured_at"].astimezone(UTC)}
+    try:
+        event = ChangeEvent.from_mapping(row)
+    except InvalidEventError as exc:
+        log.warning(
+            "invalid source row action_id=%s field=%s: %s; published as is for the consumer to dead-letter",
+            row.get("action_id"),
+            exc.field,
+            exc,
+        )
+        raw = {**row, "captured_at": row["captured_at"].isoformat() if row["captured_at"] else None}
+        return str(row["emp_id"]).encode(), json.dumps(raw, ensure_ascii=False, default=str).encode(), False
+    return event.key(), event.to_json(), True
+
+
+class KafkaPublisher:
+    """An idempotent Kafka producer that publishes a batch and confirms every delivery."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.topic = settings.cdc_topic
+        self._config = producer_config(
+            settings, on_delivery=self._on_delivery, error_cb=self._on_error, logger=kafka_log
+        )
+        self._producer = Producer(self._config)
+        self._errors: list[KafkaError] = []
+        self._fatal: KafkaError | None = None
+
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self._errors.append(err)
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self._fatal = err
+            log.error("kafka producer fatal error: %s; it will be recreated", err.str())
+        elif err.code() == KafkaError._ALL_BROKERS_DOWN:
+            kafka_log.warning("waiting for Kafka: all brokers are down")
+        else:
+            # Transport errors are retried by librdkafka and already in its own log lines.
+            kafka_log.debug("kafka: %s", err.str())
+
+    def publish(self, messages: Iterable[tuple[bytes, bytes]]) -> int:
+        """Produce and flush; return when all are acknowledged, else raise DeliveryError."""
+        self._errors.clear()
+        count = 0
+        for key, value in messages:
+            while True:
+                try:
+                    self._producer.produce(self.topic, value=value, key=key)
+                    break
+                except BufferError:
+                    # The local queue is full: serve delivery reports to make room, then retry.
+                    self._producer.poll(0.1)
+            self._producer.poll(0)
+            count += 1
+        self._flush(count)
+        if self._fatal is not None:
+            fatal, self._fatal = self._fatal, None
+            self._producer = Producer(self._config)
+            raise DeliveryError(f"kafka producer failed: {fatal.str()}")
+        if self._errors:
+            first = self._errors[0]
+            raise DeliveryError(f"{len(self._errors)} of {count} messages not delivered: {first.str()}")
+        return count
+
+    def _flush(self, count: int) -> None:
+        started = time.monotonic()
+        next_note = started + WAITING_NOTE_EVERY
+        while (remaining := self._producer.flush(FLUSH_STEP)) > 0 and self._fatal is None:
+            if time.monotonic() >= next_note:
+                next_note += WAITING_NOTE_EVERY
+                log.warning(
+                    "waiting for Kafka to acknowledge %d of %d messages (%.0fs so far)",
+                    remaining,
+                    count,
+                    time.monotonic() - started,
+                )
+
+    def close(self) -> None:
+        self._producer.flush(FLUSH_STEP)
+
+
+class ChangeProducer:
+    """The producer daemon: leadership, the batch loop, stats, and an orderly shutdown."""
+
+    def __init__(
+        self, settings: Settings, *, stop: StopSignal, snapshot: bool = False, once: bool = False
+    ) -> None:
+        self.settings = settings
+        self.stop = stop
+        self.snapshot = snapshot
+        self.once = once
+        self.stats = Stats("producer")
+        for gauge in ("cursor_txid", "cursor_action_id", "backlog", "held_back", "held_back_s", "active"):
+            self.stats.set(gauge, 0)
+        self.db = Database(
+            settings.source_db_url,
+            minconn=settings.db_pool_min,
+            maxconn=settings.db_pool_max,
+            statement_timeout_ms=settings.statement_timeout_ms,
+            application_name="cdc-producer",
+        )
+        self.outbox = Outbox(self.db)
+        self.leader = Leadership(settings.source_db_url, settings.notify_channel)
+        self.publisher: KafkaPublisher | None = None
+        self.metrics: MetricsServer | None = None
+        self.cursor = Cursor()
+        self._wakeup_fd: int | None = None
+        self._next_tick = 0.0
+        self._next_horizon_warning = 0.0
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    def _wait_for_source(self) -> bool:
+        """Check the schema, retrying while the server is unreachable. False if stopped meanwhile."""
+        attempt = 0
+        while self.stop.running:
+            try:
+                self.outbox.check_schema()
+                return True
+            except TransientError as exc:
+                attempt += 1
+                self._wait_after_source_error(exc, attempt)
+        return False
+
+    def _wait_after_source_error(self, exc: TransientError, attempt: int) -> None:
+        """Stop at once on an error no wait can fix (ConfigError), else log and back off."""
+        check_connect_error(exc, self.db.url)
+        delay = backoff_delay(attempt, self.settings.retry_backoff_max)
+        log.warning("waiting for source PostgreSQL at %s: %s (retry in %.1fs)", self.db.url, exc, delay)
+        self.stop.wait(delay)
+
+    def _wait_for_kafka(self) -> bool:
+        admin = AdminClient({**base_config(self.settings), "logger": kafka_log})
+        while self.stop.running:
+            try:
+                wait_for_broker(admin, timeout=KAFKA_WAIT_STEP)
+            except ServiceError as exc:
+                cause = exc.__cause__.args[0] if isinstance(exc.__cause__, KafkaException) else exc
+                reason = cause.str() if isinstance(cause, KafkaError) else str(cause)
+                log.warning("waiting for Kafka at %s: %s", self.settings.kafka_bootstrap_servers, reason)
+                continue
+            ensure_topics(self.settings, admin)
+            return True
+        return False
+
+    def _take_snapshot(self) -> None:
+        count, first, last = self.outbox.snapshot(self.settings.notify_channel)
+        log.info("snapshot queued rows=%d action_ids=%s..%s", count, first, last)
+
+    def _install_wakeup(self) -> None:
+        """Let a signal wake the idle select() at once (the handler itself only flips a flag)."""
+        r, w = os.pipe()
+        for fd in (r, w):
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        self._wakeup_fd = r
+
+    # -- leadership ---------------------------------------------------------------------------
+
+    def _lead(self) -> bool:
+        """Become the active producer (waiting as a standby if needed). False if stopped first."""
+        announced = False
+        attempt = 0
+        while self.stop.running:
+            try:
+                if self.leader.try_acquire():
+                    self.cursor = self.outbox.load_cursor()
+                    self._set_cursor_stats()
+                    self.stats.set("active", 1)
+                    log.info(
+                        "active: holding the producer lock; cursor txid=%d action_id=%d",
+                        self.cursor.txid,
+                        self.cursor.action_id,
+                    )
+                    return True
+            except TransientError as exc:
+                attempt += 1
+                self._wait_after_source_error(exc, attempt)
+                continue
+            if not announced:
+                log.info("standby: another producer holds the lock; taking over when it goes")
+                announced = True
+            self.stats.set("active", 0)
+            self.stop.wait(STANDBY_RETRY)
+        return False
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.stop.install()
+        self._install_wakeup()
+        if not self._wait_for_source():
+            return self._finish()
+        if self.snapshot:
+            self._take_snapshot()
+        if not self._wait_for_kafka():
+            return self._finish()
+        self.publisher = KafkaPublisher(self.settings)
+        if self.settings.metrics_port:
+            self.metrics = MetricsServer(self.stats, self.settings.metrics_port)
+            self.metrics.start()
+        attempt = 0
+        while self.stop.running:
+            if not self.leader.held and not self._lead():
+                break
+            try:
+                published = self._step()
+                attempt = 0
+                self._tick()
+                if published >= self.settings.producer_batch_size:
+                    continue
+                if self.once:
+                    log.info("caught up (--once): stopping")
+                    break
+                self.leader.wait(self.settings.poll_interval, self._wakeup_fd)
+                self._tick()
+            except (TransientError, DeliveryError) as exc:
+                attempt += 1
+                delay = backoff_delay(attempt, self.settings.retry_backoff_max)
+                self.stats.incr("retries")
+                log.warning("batch not published: %s; retrying in %.1fs", exc, delay)
+                self._check_leadership()
+                self.stop.wait(delay)
+            except LeadershipLost as exc:
+                self._lose_leadership(exc)
+        return self._finish()
+
+    def _step(self) -> int:
+        """Publish one batch and store the cursor. Returns the number of rows published."""
+        rows = self.outbox.fetch(self.cursor, self.settings.producer_batch_size)
+        if not rows:
+            return 0
+        assert self.publisher is not None and self.leader.pid is not None
+        encoded = [encode_row(row) for row in rows]
+        self.publisher.publish((key, value) for key, value, _ in encoded)
+        acked_at = time.time()
+        last = rows[-1]
+        new = Cursor(last["txid"], last["action_id"])
+        pruned = self.outbox.advance(new, len(rows), lock_pid=self.leader.pid, prune=self.settings.prune)
+        self.cursor = new
+        self.stats.incr("published", len(rows))
+        self.stats.incr("batches")
+        self.stats.incr("pruned", pruned)
+        self.stats.incr("invalid", sum(1 for *_, ok in encoded if not ok))
+        for row in rows:
+            if row["captured_at"] is not None:
+                self.stats.observe("capture_to_ack", acked_at - row["captured_at"].timestamp())
+        self._set_cursor_stats()
+        log.debug("batch rows=%d cursor txid=%d action_id=%d", len(rows), new.txid, new.action_id)
+        return len(rows)
+
+    def _check_leadership(self) -> None:
+        """After a failed batch: if the lock connection died too, the lock must be taken again."""
+        try:
+            self.leader.check()
+        except LeadershipLost as exc:
+            self._lose_leadership(exc)
+
+    def _lose_leadership(self, exc: LeadershipLost) -> None:
+        log.warning("no longer the active producer: %s; trying to take the lock again", exc)
+        self.leader.close()
+        self.stats.set("active", 0)
+
+    def _set_cursor_stats(self) -> None:
+        self.stats.set("cursor_txid", self.cursor.txid)
+        self.stats.set("cursor_action_id", self.cursor.action_id)
+
+    def _tick(self) -> None:
+        """Every STATS_INTERVAL: refresh backlog gauges, warn about a held horizon, log the stats line."""
+        now = time.monotonic()
+        if now < self._next_tick:
+            return
+        self._next_tick = now + self.settings.stats_interval
+        try:
+            backlog = self.outbox.backlog(self.cursor)
+        except TransientError as exc:
+            log.debug("backlog not measured: %s", exc)
+            return
+        self.stats.set("backlog", backlog.rows)
+        self.stats.set("held_back", backlog.held_back)
+        self.stats.set("held_back_s", round(backlog.held_for, 1))
+        warn_after = self.settings.horizon_warn_seconds
+        if backlog.held_back and backlog.held_for > warn_after and now >= self._next_horizon_warning:
+            self._next_horizon_warning = now + max(warn_after, self.settings.stats_interval)
+            self._warn_horizon(backlog.held_back, backlog.held_for)
+        self.stats.log_if_due(log, 0, STATS_KEYS, "published")
+
+    def _warn_horizon(self, held: int, held_for: float) -> None:
+        try:
+            holder = self.outbox.horizon_holder()
+        except TransientError:
+            holder = None
+        if holder is None:
+            log.warning("delivery held back %.0fs rows=%d by an open transaction", held_for, held)
+            return
+        log.warning(
+            "delivery held back %.0fs rows=%d by an open transaction: pid=%s xid=%s age=%.0fs state=%s query=%r",
+            held_for,
+            held,
+            holder["pid"],
+            holder["xid"],
+            holder["age_s"] or 0.0,
+            holder["state"],
+            holder["query"],
+        )
+
+    def _finish(self) -> int:
+        """Shutdown in a fixed order: the batch is done and its cursor stored; flush, unlock, report."""
+        if self.publisher is not None:
+            self.publisher.close()
+        self.leader.close()
+        if self.metrics is not None:
+            self.metrics.stop()
+        self.db.close()
+        log.info("final %s uptime_s=%s", self.stats.line(FINAL_KEYS), self.stats.get_stats()["uptime_s"])
+        return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="producer.py",
+        description="Publish every change captured in emp_records_cdc to Kafka (gap-safe, at least once).",
+        epilog="Settings come from the environment and .env (see .env.example); flags override them. "
+        "Exit codes: 0 stopped cleanly, 1 error, 2 bad settings or missing schema, 3 forced by a second signal.",
+    )
+    parser.add_argument(
+        "--env-file", default=".env", metavar="PATH", help="dotenv file to read (default: .env)"
+    )
+    # (flag, settings field, type, metavar, help): each flag overrides one setting.
+    for flag, field, kind, metavar, text in (
+        ("--bootstrap-servers", "kafka_bootstrap_servers", str, "HOST:PORT", "KAFKA_BOOTSTRAP_SERVERS"),
+        ("--topic", "cdc_topic", str, "NAME", "CDC_TOPIC (default bf_employee_cdc)"),
+        ("--dlq-topic", "cdc_dlq_topic", str, "NAME", "CDC_DLQ_TOPIC, created if missing"),
+        ("--partitions", "topic_partitions", int, "N", "CDC_TOPIC_PARTITIONS for topics it creates (6)"),
+        ("--batch-size", "producer_batch_size", int, "N", "PRODUCER_BATCH_SIZE: rows per batch (1000)"),
+        ("--poll-interval", "poll_interval", float, "SECONDS", "POLL_INTERVAL: poll without NOTIFY (1.0)"),
+        ("--stats-interval", "stats_interval", float, "SECONDS", "STATS_INTERVAL: between stats lines (10)"),
+        (
+            "--horizon-warn-seconds",
+            "horizon_warn_seconds",
+            float,
+            "SECONDS",
+            "HORIZON_WARN_SECONDS: warn when an open transaction holds delivery this long (30)",
+        ),
+        ("--metrics-port", "metrics_port", int, "PORT", "METRICS_PORT: serve /metrics and /health (0 = off)"),
+        ("--log-level", "log_level", str.upper, "LEVEL", "LOG_LEVEL: DEBUG, INFO, WARNING, ERROR"),
+        ("--log-format", "log_format", str.lower, "FORMAT", "LOG_FORMAT: text or json"),
+    ):
+        parser.add_argument(flag, dest=field, type=kind, metavar=metavar, help=text)
+    parser.add_argument(
+        "--prune",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="CDC_PRUNE: delete published emp_records_cdc rows",
+    )
+    parser.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="first queue every current employees row as a SNAPSHOT event (backfill), then run",
+    )
+    parser.add_argument("--once", action="store_true", help="stop when everything readable is published")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    env_file, snapshot, once = args.pop("env_file"), args.pop("snapshot"), args.pop("once")
+    try:
+        settings = load_settings(dotenv_path=env_file, **args)
+        configure_logging(settings.log_level, settings.log_format)
+        daemon = ChangeProducer(settings, stop=StopSignal(), snapshot=snapshot, once=once)
+    except ConfigError as exc:
+        print(f"producer: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    log.info("starting %s", settings.describe())
+    try:
+        return daemon.run()
+    except (ConfigError, SchemaMissingError) as exc:
+        log.error("%s", exc)
+        return EXIT_CONFIG
+    except CDCError as exc:
+        log.error("stopped: %s", exc)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
