@@ -31,3 +31,7 @@ class BadMessageError(CDCError):
 
 class DeliveryError(CDCError):
     """Kafka reported a failed delivery; whatever depended on it must not be committed."""
+
+
+class HaltError(CDCError):
+    """The consumer must stop: going on would skip a message or dead-letter the whole stream."""
