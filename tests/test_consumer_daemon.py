@@ -1,0 +1,311 @@
+"""consumer_final.py as a real subprocess: signals, kill -9, a destination outage, two consumers."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from consumer_helpers import (
+    committed_offsets,
+    count_processed,
+    dest_rows,
+    end_offsets,
+    event,
+    expected_state,
+    outcomes,
+    produce,
+    query,
+    wait_until,
+    workload,
+)
+
+from cdc.kafka import admin_client, ensure_topics
+from cdc.services import PROJECT_DIR
+from cdc.settings import load_settings
+
+pytestmark = [pytest.mark.integration, pytest.mark.daemon]
+
+
+class Daemon:
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self._out = log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "consumer_final.py", "--env-file", str(log.with_suffix(".none")), *args],
+            cwd=PROJECT_DIR,
+            env=env,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+        )
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_log(self, pattern: str, timeout: float = 60) -> None:
+        wait_until(lambda: re.search(pattern, self.text()) is not None, timeout, f"log line {pattern!r}")
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 60) -> int:
+        code = self.proc.wait(timeout)
+        self._out.close()
+        return code
+
+
+@pytest.fixture
+def daemons(tmp_path):
+    """Start consumer_final.py subprocesses; every one is killed at the end, whatever happens."""
+    started: list[Daemon] = []
+
+    def start(env: dict[str, str], *args: str) -> Daemon:
+        d = Daemon(list(args), env, tmp_path / f"consumer-{len(started)}.log")
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        if d.proc.poll() is None:
+            d.proc.kill()
+        d.proc.wait(30)
+
+
+def _env(settings, **extra: object) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "CDC_", "CONSUMER_"))}
+    env.update(
+        SOURCE_DB_URL=settings.source_db_url,
+        DEST_DB_URL=settings.dest_db_url,
+        KAFKA_BOOTSTRAP_SERVERS=settings.kafka_bootstrap_servers,
+        CDC_TOPIC=settings.cdc_topic,
+        CDC_DLQ_TOPIC=settings.cdc_dlq_topic,
+        CONSUMER_GROUP_ID=settings.consumer_group_id,
+        CONSUME_TIMEOUT="0.2",
+        STATS_INTERVAL="0.5",
+        # A killed member leaves the group in seconds, not the default 45 s.
+        KAFKA_SESSION_TIMEOUT_MS="6000",
+        KAFKA_HEARTBEAT_INTERVAL_MS="1000",
+    )
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+@pytest.fixture
+def private(local_services):
+    """Settings on the private services (which fault tests stop and freeze), with a clean destination."""
+    tag = uuid.uuid4().hex[:10]
+    s = load_settings(
+        env=local_services.env(),
+        dotenv_path=None,
+        cdc_topic=f"cdc_fault_{tag}",
+        cdc_dlq_topic=f"cdc_fault_{tag}_dlq",
+        consumer_group_id=f"cdc_fault_group_{tag}",
+        topic_partitions=3,
+    )
+    ensure_topics(s, admin_client(s))
+    query(s.dest_db_url, "TRUNCATE employees, processed_events, emp_versions")
+    return s
+
+
+def _max_stat(text: str, key: str) -> int:
+    return max((int(v) for v in re.findall(rf"\b{key}=(\d+)", text)), default=0)
+
+
+def test_bad_settings_give_one_line_and_exit_code_2(settings, daemons):
+    d = daemons(_env(settings, CONSUMER_BATCH_SIZE="lots"))
+    assert d.wait() == 2
+    out = d.text().strip()
+    assert out.count("\n") == 0 and "Traceback" not in out
+    assert "CONSUMER_BATCH_SIZE='lots' is not valid" in out
+
+
+def test_a_destination_without_the_schema_stops_with_exit_code_2(settings, daemons):
+    # The source database has employees but none of the sink's tables.
+    d = daemons(_env(settings, DEST_DB_URL=settings.source_db_url))
+    assert d.wait() == 2
+    out = d.text()
+    assert "Traceback" not in out
+    assert "processed_events" in out and "setup_db_with_idempotency.sql" in out
+    assert ":postgres@" not in out  # the password is masked
+
+
+def test_sigterm_finishes_commits_and_reports(settings, clean_dest, daemons):
+    events = workload(300, emps=50)
+    produce(settings, events)
+    d = daemons(_env(settings, METRICS_PORT="0"))
+    wait_until(lambda: count_processed(clean_dest) == 300, 60, "300 events decided")
+    d.wait_log(r"stats consumed=300 .*e2e_latency_p99_ms=")
+    d.signal(signal.SIGTERM)
+    assert d.wait() == 0
+    out = d.text()
+    assert "SIGTERM received" in out
+    assert re.search(r"final statistics: consumed=300 .*duplicates=0 .*dlq=0 .*rate=", out)
+    assert dest_rows(clean_dest) == expected_state(events)
+    assert committed_offsets(settings) == end_offsets(settings)
+
+
+def test_show_and_replay_the_dlq_from_the_command_line(settings, clean_dest, daemons):
+    produce(settings, [event(1, "INSERT", 1), (b"2", b"oops")])
+    d = daemons(_env(settings))
+    wait_until(
+        lambda: end_offsets(settings, settings.cdc_dlq_topic) != {0: 0, 1: 0, 2: 0}, 60, "a dead letter"
+    )
+    d.signal(signal.SIGTERM)
+    assert d.wait() == 0
+
+    show = subprocess.run(
+        [sys.executable, "consumer_final.py", "--show-dlq"], cwd=PROJECT_DIR, env=_env(settings),
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    [line] = show.stdout.splitlines()
+    record = json.loads(line)
+    assert record["value"] == "oops" and record["key"] == "2"
+    assert record["headers"]["cdc.error.class"] == "InvalidEventError"
+    assert record["headers"]["cdc.original.topic"] == settings.cdc_topic
+
+    replay = subprocess.run(
+        [sys.executable, "consumer_final.py", "--replay-dlq"], cwd=PROJECT_DIR, env=_env(settings),
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert "replayed 1 message(s)" in replay.stderr
+    assert sum(end_offsets(settings).values()) == 3  # the dead letter is back in the main topic
+
+
+@pytest.mark.fault
+def test_kill_9_during_a_20k_stream_applies_every_event_exactly_once(private, local_services, daemons):
+    s = private
+    events = workload(20_000, emps=3000, seed=11)
+    produce(s, events)
+    env = _env(s, CONSUMER_BATCH_SIZE="500", KAFKA_GROUP_INSTANCE_ID="kill-test")
+    url = s.dest_db_url
+
+    # 1. Between the database commit and the offset commit: freeze the broker so the offset
+    #    commit hangs after a batch was committed to the destination, then kill -9.
+    first = daemons(env)
+    wait_until(lambda: count_processed(url) >= 3000, 120, "3000 events decided")
+    broker = local_services.kafka.pid()
+    os.kill(broker, signal.SIGSTOP)
+    try:
+        stable = [-1]
+
+        def settled() -> bool:
+            n = count_processed(url)
+            done, stable[0] = n == stable[0], n
+            return done
+
+        wait_until(settled, 30, "the consumer to block on its offset commit", interval=1.0)
+        first.proc.kill()
+        first.wait()
+    finally:
+        os.kill(broker, signal.SIGCONT)
+    committed = committed_offsets(s)
+    applied_to = dict(query(url, 'SELECT "partition", max("offset") + 1 FROM processed_events GROUP BY 1'))
+    assert any(applied_to.get(p, 0) > max(o, 0) for p, o in committed.items()), (applied_to, committed)
+
+    # 2. At random points.
+    rnd = random.Random(5)
+    for _ in range(3):
+        d = daemons(env)
+        before = count_processed(url)
+        wait_until(lambda b=before: count_processed(url) > b, 120, "progress after a restart")
+        time.sleep(rnd.uniform(0.0, 1.5))
+        d.proc.kill()
+        d.wait()
+
+    # 3. To the end, then a clean stop.
+    last = daemons(env)
+    wait_until(lambda: count_processed(url) == 20_000, 180, "all 20k events decided")
+    last.signal(signal.SIGTERM)
+    assert last.wait() == 0
+
+    assert dest_rows(url) == expected_state(events)
+    assert Counter(outcomes(url).values()) == {"applied": 20_000}
+    assert committed_offsets(s) == end_offsets(s)
+    # Re-delivered events were seen, and absorbed as duplicates.
+    logs = "".join(p.read_text(errors="replace") for p in last.log.parent.glob("consumer-*.log"))
+    assert _max_stat(logs, "duplicates") > 0
+
+
+@pytest.mark.fault
+def test_destination_down_for_30s_nothing_dead_lettered_and_the_consumer_stays(
+    private, local_services, daemons
+):
+    s = private
+    events = workload(4000, emps=500, seed=3)
+    url = s.dest_db_url
+    stop = threading.Event()
+
+    def trickle() -> None:
+        for i in range(0, len(events), 50):
+            if stop.is_set():
+                return
+            produce(s, events[i : i + 50])
+            time.sleep(0.4)
+
+    feeder = threading.Thread(target=trickle, daemon=True)
+    # A consumer that stopped polling for 10 s would be thrown out of the group.
+    d = daemons(_env(s, KAFKA_MAX_POLL_INTERVAL_MS="10000", RETRY_BACKOFF_MAX="4"))
+    feeder.start()
+    try:
+        wait_until(lambda: count_processed(url) >= 300, 60, "300 events decided")
+        local_services.dest.stop(mode="immediate")
+        try:
+            time.sleep(30)
+            assert d.proc.poll() is None
+        finally:
+            local_services.dest.start()
+        wait_until(lambda: count_processed(url) == len(events), 120, "every event decided")
+    finally:
+        stop.set()
+        feeder.join(60)
+    d.signal(signal.SIGTERM)
+    assert d.wait() == 0
+
+    out = d.text()
+    assert "transient error" in out and "partitions resumed" in out
+    assert out.count("partitions assigned") == 1
+    assert "partitions revoked" not in out and "partitions lost" not in out
+    assert end_offsets(s, s.cdc_dlq_topic) == {0: 0, 1: 0, 2: 0}
+    assert dest_rows(url) == expected_state(events)
+    assert Counter(outcomes(url).values()) == {"applied": len(events)}
+
+
+@pytest.mark.fault
+def test_two_consumers_one_killed_mid_stream_nothing_lost_or_double_applied(settings, clean_dest, daemons):
+    s = settings
+    events = workload(10_000, emps=2000, seed=9)
+    url = clean_dest
+    feeder = threading.Thread(
+        target=lambda: [
+            produce(s, events[i : i + 500]) or time.sleep(0.3) for i in range(0, len(events), 500)
+        ],
+        daemon=True,
+    )
+    env = _env(s, CONSUMER_BATCH_SIZE="200")
+    a = daemons(env)
+    feeder.start()
+    a.wait_log("partitions assigned")
+    wait_until(lambda: count_processed(url) >= 1000, 60, "1000 events decided")
+    b = daemons(env)
+    b.wait_log("partitions assigned")
+    a.wait_log("partitions revoked")  # a gave some partitions to b, committing first
+    a.proc.kill()
+    a.wait()
+    feeder.join(120)
+    wait_until(lambda: count_processed(url) == len(events), 120, "every event decided")
+    b.signal(signal.SIGTERM)
+    assert b.wait() == 0
+
+    assert dest_rows(url) == expected_state(events)
+    assert Counter(outcomes(url).values()) == {"applied": len(events)}
+    assert committed_offsets(s) == end_offsets(s)
