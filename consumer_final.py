@@ -284,6 +284,7 @@ class ProductionCDCConsumer:
         for msg in batch:
             key = (msg.topic(), msg.partition())
             self._uncommitted[key] = max(self._uncommitted.get(key, 0), msg.offset() + 1)
+        log.debug("batch applied messages=%d, committing offsets %s", len(batch), self._uncommitted)
         self._commit_pending()
 
     def _apply(self, batch: list[Message]) -> None:
