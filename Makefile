@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: help venv deps up down status test test-unit lint format clean
+.PHONY: help venv deps up down status test test-unit lint format clean bench-consumer
 
 help:
 	@echo "make test    - install everything, start private services, run the whole test suite"
@@ -12,6 +12,7 @@ help:
 	@echo "make status  - say what runs where"
 	@echo "make down    - stop the local services"
 	@echo "make lint    - ruff check and format check"
+	@echo "make bench-consumer - consumer throughput on a 100k-event backlog (private services)"
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,3 +52,6 @@ format: venv
 
 clean: down
 	rm -rf .cdc
+
+bench-consumer: deps
+	$(PY) bench/bench_consumer.py

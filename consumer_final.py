@@ -302,6 +302,9 @@ class ProductionCDCConsumer:
         by_position = {(m.topic(), m.partition(), m.offset()): m for m in batch}
 
         with self.db.connection() as conn, conn.cursor() as cur:
+            # Offsets move once this commit returns, so it must survive a server crash even
+            # where the server runs with synchronous_commit = off (as `make up` does).
+            cur.execute("SET LOCAL synchronous_commit = on")
             cur.execute("SAVEPOINT batch")
             try:
                 result = sink.apply_events(cur, items, idempotency=self.enable_idempotency)

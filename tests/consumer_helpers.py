@@ -33,9 +33,13 @@ def event(action_id: int, action: str, emp_id: int, **fields: object) -> ChangeE
     )
 
 
-def produce(settings: Settings, items: Iterable[ChangeEvent | tuple[bytes | None, bytes | None]]) -> int:
+def produce(
+    settings: Settings,
+    items: Iterable[ChangeEvent | tuple[bytes | None, bytes | None]],
+    producer: Producer | None = None,
+) -> int:
     """Produce events (or raw (key, value) pairs) in order; fail unless every one is acknowledged."""
-    producer = Producer(producer_config(settings))
+    producer = producer or Producer(producer_config(settings))
     errors: list[str] = []
 
     def report(err, msg):

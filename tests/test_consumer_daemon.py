@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from confluent_kafka import Producer
 from consumer_helpers import (
     committed_offsets,
     count_processed,
@@ -31,7 +32,7 @@ from consumer_helpers import (
     workload,
 )
 
-from cdc.kafka import admin_client, ensure_topics
+from cdc.kafka import admin_client, ensure_topics, producer_config
 from cdc.services import PROJECT_DIR
 from cdc.settings import load_settings
 
@@ -277,11 +278,12 @@ def test_destination_down_for_30s_nothing_dead_lettered_and_the_consumer_stays(
     stop = threading.Event()
 
     def trickle() -> None:
-        for i in range(0, len(events), 50):
+        producer = Producer(producer_config(s))
+        for i in range(0, len(events), 100):
             if stop.is_set():
                 return
-            produce(s, events[i : i + 50])
-            time.sleep(0.4)
+            produce(s, events[i : i + 100], producer)
+            time.sleep(0.25)
 
     feeder = threading.Thread(target=trickle, daemon=True)
     # A consumer that stopped polling for 10 s would be thrown out of the group.
@@ -316,12 +318,14 @@ def test_two_consumers_one_killed_mid_stream_nothing_lost_or_double_applied(sett
     s = settings
     events = workload(10_000, emps=2000, seed=9)
     url = clean_dest
-    feeder = threading.Thread(
-        target=lambda: [
-            produce(s, events[i : i + 500]) or time.sleep(0.3) for i in range(0, len(events), 500)
-        ],
-        daemon=True,
-    )
+
+    def feed() -> None:
+        producer = Producer(producer_config(s))
+        for i in range(0, len(events), 500):
+            produce(s, events[i : i + 500], producer)
+            time.sleep(0.3)
+
+    feeder = threading.Thread(target=feed, daemon=True)
     env = _env(s, CONSUMER_BATCH_SIZE="200")
     a = daemons(env)
     feeder.start()
