@@ -15,6 +15,7 @@ help:
 	@echo "make bench   - all benchmarks below (private services; results in bench-results/)"
 	@echo "make bench-verify - time and peak memory of verify on 1M rows (private PostgreSQL servers)"
 	@echo "make bench-producer - producer throughput on a 100k backlog and idle CPU (private services)"
+	@echo "make bench-consumer - consumer throughput on a 100k-event backlog (private services)"
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,12 +53,17 @@ format: venv
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-bench-producer: deps
-	$(PY) bench/bench_producer.py
-
 clean: down
 	rm -rf .cdc
 
-# verify on 1M rows in two private PostgreSQL servers; results in bench-results/verify.json.
+# Benchmarks start their own private services; results in bench-results/.
+bench: bench-producer bench-consumer bench-verify
+
+bench-producer: deps
+	$(PY) bench/bench_producer.py
+
+bench-consumer: deps
+	$(PY) bench/bench_consumer.py
+
 bench-verify: deps
 	PYTHONPATH=. $(PY) bench/bench_verify.py

@@ -35,3 +35,7 @@ class DeliveryError(CDCError):
 
 class LeadershipLost(CDCError):
     """The producer no longer holds its advisory lock; another instance may be active."""
+
+
+class HaltError(CDCError):
+    """The consumer must stop: going on would skip a message or dead-letter the whole stream."""

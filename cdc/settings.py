@@ -60,6 +60,9 @@ class Settings:
     metrics_port: int = 0
     log_level: str = "INFO"
     log_format: str = "text"
+    # Consumer DLQ circuit breaker: stop when at least this share of the last window messages failed.
+    dlq_breaker_window: int = 100
+    dlq_breaker_ratio: float = 0.9
 
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict that is safe to log: passwords in URLs and secrets masked."""
@@ -113,6 +116,8 @@ _ENV_FIELDS: dict[str, tuple[str, Any]] = {
     "METRICS_PORT": ("metrics_port", int),
     "LOG_LEVEL": ("log_level", lambda v: v.strip().upper()),
     "LOG_FORMAT": ("log_format", lambda v: v.strip().lower()),
+    "DLQ_BREAKER_WINDOW": ("dlq_breaker_window", int),
+    "DLQ_BREAKER_RATIO": ("dlq_breaker_ratio", float),
 }
 
 ENV_NAMES = tuple(_ENV_FIELDS)
@@ -237,3 +242,7 @@ def validate(s: Settings) -> None:
         raise bad("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
     if s.log_format not in LOG_FORMATS:
         raise bad("log_format", f"must be one of {', '.join(LOG_FORMATS)}")
+    if s.dlq_breaker_window < 0:
+        raise bad("dlq_breaker_window", "must not be negative (0 turns the breaker off)")
+    if not 0 < s.dlq_breaker_ratio <= 1:
+        raise bad("dlq_breaker_ratio", "must be greater than 0 and at most 1")

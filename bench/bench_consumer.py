@@ -1,0 +1,150 @@
+"""Consumer throughput on a backlog: ``make bench-consumer`` (or ``python bench/bench_consumer.py``).
+
+Starts a private Kafka broker and PostgreSQL servers on free ports under a temporary folder (it
+never touches the services of ``make up``), produces N change events to a fresh topic, then
+times ``ProductionCDCConsumer`` from start until every event is decided in ``processed_events``.
+Prints one line per batch size and writes ``bench-results/consumer.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import random
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import psycopg2
+from confluent_kafka import Producer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cdc.kafka import admin_client, ensure_topics, producer_config
+from cdc.services import PROJECT_DIR, LocalServices, Ports
+from cdc.settings import Settings, load_settings
+from consumer_final import ProductionCDCConsumer
+from employee import ChangeEvent, Employee
+
+
+def events(n: int, emps: int, seed: int = 1) -> list[ChangeEvent]:
+    """INSERT the first time an emp_id shows up, then mostly UPDATEs and some DELETEs."""
+    rnd = random.Random(seed)
+    alive: set[int] = set()
+    now = datetime.now(UTC)
+    out = []
+    for action_id in range(1, n + 1):
+        emp_id = rnd.randint(1, emps)
+        if emp_id not in alive:
+            action = "INSERT"
+            alive.add(emp_id)
+        elif rnd.random() < 0.05:
+            action = "DELETE"
+            alive.discard(emp_id)
+        else:
+            action = "UPDATE"
+        employee = Employee(emp_id, f"First{emp_id}", f"Last{action_id}", date(1980, 1, 1), "Oslo", action_id)
+        out.append(ChangeEvent(action_id, action, employee, txid=action_id, captured_at=now))
+    return out
+
+
+def produce(settings: Settings, stream: list[ChangeEvent]) -> None:
+    producer = Producer(producer_config(settings))
+    for ev in stream:
+        while True:
+            try:
+                producer.produce(settings.cdc_topic, key=ev.key(), value=ev.to_json())
+                break
+            except BufferError:
+                producer.poll(0.1)
+        producer.poll(0)
+    if producer.flush(120):
+        raise SystemExit("bench: the producer could not deliver the backlog")
+
+
+def processed(url: str) -> int:
+    with contextlib.closing(psycopg2.connect(url)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM processed_events")
+        return cur.fetchone()[0]
+
+
+def run_once(env: dict[str, str], n: int, batch_size: int, partitions: int) -> dict[str, float]:
+    tag = uuid.uuid4().hex[:8]
+    settings = load_settings(
+        env={**env, "LOG_LEVEL": "WARNING"},
+        dotenv_path=None,
+        cdc_topic=f"bench_{tag}",
+        cdc_dlq_topic=f"bench_{tag}_dlq",
+        consumer_group_id=f"bench_{tag}",
+        topic_partitions=partitions,
+        consumer_batch_size=batch_size,
+        consume_timeout=0.2,
+        stats_interval=3600.0,
+    )
+    ensure_topics(settings, admin_client(settings))
+    with contextlib.closing(psycopg2.connect(settings.dest_db_url)) as conn, conn.cursor() as cur:
+        cur.execute("TRUNCATE employees, processed_events, emp_versions")
+        conn.commit()
+    produce(settings, events(n, emps=max(1, n // 10)))
+
+    consumer = ProductionCDCConsumer(settings=settings)
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    started = time.monotonic()
+    thread.start()
+    while processed(settings.dest_db_url) < n:
+        if not thread.is_alive():
+            raise SystemExit("bench: the consumer stopped early")
+        time.sleep(0.1)
+    elapsed = time.monotonic() - started
+    stats = consumer.stats.get_stats()
+    consumer.stop()
+    thread.join(60)
+    return {
+        "events": n,
+        "batch_size": batch_size,
+        "partitions": partitions,
+        "seconds": round(elapsed, 2),
+        "events_per_s": round(n / elapsed),
+        "batch_latency_p50_ms": stats.get("batch_latency_p50_ms", 0),
+        "batch_latency_p99_ms": stats.get("batch_latency_p99_ms", 0),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--events", type=int, default=100_000)
+    p.add_argument("--batch-sizes", default="500,2000", help="comma-separated CONSUMER_BATCH_SIZE values")
+    p.add_argument("--partitions", type=int, default=6)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="cdc-bench-") as home:
+        services = LocalServices(home=Path(home), ports=Ports.free())
+        try:
+            services.up()
+            for size in (int(s) for s in args.batch_sizes.split(",")):
+                r = run_once(services.env(), args.events, size, args.partitions)
+                results.append(r)
+                print(
+                    f"consumer: {r['events']} events, batch {r['batch_size']}, {r['partitions']} partitions: "
+                    f"{r['seconds']} s = {r['events_per_s']} events/s "
+                    f"(batch p50 {r['batch_latency_p50_ms']} ms, p99 {r['batch_latency_p99_ms']} ms)",
+                    flush=True,
+                )
+        finally:
+            services.down()
+    out = PROJECT_DIR / "bench-results"
+    out.mkdir(exist_ok=True)
+    (out / "consumer.json").write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

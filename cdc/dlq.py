@@ -1,0 +1,279 @@
+"""The dead-letter topic: writing failed messages with their story, reading them, replaying them.
+
+A dead letter keeps the original key and value bytes untouched; the why travels in headers:
+
+=========================  ==========================================================
+``cdc.original.topic``     topic the message was consumed from
+``cdc.original.partition`` its partition (decimal text)
+``cdc.original.offset``    its offset (decimal text)
+``cdc.error.class``        exception class, e.g. ``InvalidEventError``, ``CheckViolation``
+``cdc.error.message``      the error, one line
+``cdc.attempts``           how many times the sink tried it (1 for an invalid message)
+``cdc.failed.at``          UTC time of the decision, ISO 8601
+``cdc.consumer.group``     the consumer group that gave up
+=========================  ==========================================================
+
+A replayed message carries ``cdc.replayed.from`` (``<dlq topic>/<partition>/<offset>``), which
+lets the sink reconsider an action_id it had recorded as ``dlq``.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
+
+from cdc.errors import DeliveryError, HaltError
+from cdc.kafka import consumer_config, producer_config
+from cdc.settings import Settings
+
+log = logging.getLogger(__name__)
+
+H_TOPIC = "cdc.original.topic"
+H_PARTITION = "cdc.original.partition"
+H_OFFSET = "cdc.original.offset"
+H_ERROR_CLASS = "cdc.error.class"
+H_ERROR_MESSAGE = "cdc.error.message"
+H_ATTEMPTS = "cdc.attempts"
+H_FAILED_AT = "cdc.failed.at"
+H_GROUP = "cdc.consumer.group"
+H_REPLAYED_FROM = "cdc.replayed.from"
+
+FLUSH_TIMEOUT = 30.0
+ERROR_MESSAGE_MAX = 1000  # characters kept of an error message in a header
+READ_IDLE_TIMEOUT = 30.0  # a partition read to its end offset should never stall this long
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    message: Message
+    error_class: str
+    error: str
+    attempts: int
+
+    def where(self) -> str:
+        m = self.message
+        return f"topic={m.topic()} partition={m.partition()} offset={m.offset()}"
+
+
+def is_replayed(message: Message) -> bool:
+    return any(k == H_REPLAYED_FROM for k, _ in message.headers() or ())
+
+
+def headers_of(letter: DeadLetter, group: str) -> list[tuple[str, bytes]]:
+    m = letter.message
+    return [
+        (H_TOPIC, m.topic().encode()),
+        (H_PARTITION, str(m.partition()).encode()),
+        (H_OFFSET, str(m.offset()).encode()),
+        (H_ERROR_CLASS, letter.error_class.encode()),
+        (H_ERROR_MESSAGE, letter.error[:ERROR_MESSAGE_MAX].encode("utf-8", "replace")),
+        (H_ATTEMPTS, str(letter.attempts).encode()),
+        (H_FAILED_AT, datetime.now(UTC).isoformat().encode()),
+        (H_GROUP, group.encode()),
+    ]
+
+
+class _Deliveries:
+    """Collects delivery reports and keeps the first error (quixstreams style)."""
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.error: KafkaError | None = None
+
+    def __call__(self, err: KafkaError | None, msg: Message) -> None:
+        self.pending -= 1
+        if err is not None and self.error is None:
+            self.error = err
+
+    def wait(self, producer: Producer, what: str) -> None:
+        remaining = producer.flush(FLUSH_TIMEOUT)
+        if self.error is not None:
+            raise DeliveryError(f"{what}: {self.error.str()}")
+        if remaining or self.pending:
+            raise DeliveryError(
+                f"{what}: {max(remaining, self.pending)} message(s) not acknowledged in {FLUSH_TIMEOUT:.0f}s"
+            )
+
+
+class DeadLetterQueue:
+    """Writes dead letters and waits for every acknowledgement before the caller commits."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.topic = settings.cdc_dlq_topic
+        self.group = settings.consumer_group_id
+        self._producer = Producer(producer_config(settings, **{"client.id": f"{self.group}-dlq"}))
+
+    def send(self, letters: Sequence[DeadLetter]) -> None:
+        """Produce and flush; raises DeliveryError unless Kafka acknowledged every letter."""
+        deliveries = _Deliveries()
+        for letter in letters:
+            deliveries.pending += 1
+            self._producer.produce(
+                self.topic,
+                key=letter.message.key(),
+                value=letter.message.value(),
+                headers=headers_of(letter, self.group),
+                on_delivery=deliveries,
+            )
+            self._producer.poll(0)
+        deliveries.wait(self._producer, f"dead-letter topic {self.topic}")
+
+    def close(self) -> None:
+        self._producer.flush(FLUSH_TIMEOUT)
+
+
+class CircuitBreaker:
+    """Trips when at least ``ratio`` of the last ``window`` messages were dead-lettered.
+
+    A stream where nearly everything fails means a bug, a schema change or a wrong topic, not
+    bad messages: dead-lettering it all would empty the topic into the DLQ.
+    """
+
+    def __init__(self, window: int, ratio: float) -> None:
+        self.window = window
+        self.ratio = ratio
+        self._recent: deque[bool] = deque(maxlen=window or 1)
+
+    def check(self, failed: int, total: int) -> None:
+        """Raise HaltError if recording this batch (``failed`` of ``total``) would trip."""
+        if not self.window:
+            return
+        recent = (list(self._recent) + [False] * (total - failed) + [True] * failed)[-self.window :]
+        if len(recent) == self.window and sum(recent) >= self.ratio * self.window:
+            raise HaltError(
+                f"DLQ circuit breaker open: {sum(recent)} of the last {self.window} messages failed "
+                f"(DLQ_BREAKER_RATIO={self.ratio}); stopping instead of dead-lettering the stream. "
+                "Check the errors above, fix the cause, restart"
+            )
+
+    def record(self, failed: int, total: int) -> None:
+        self._recent.extend([False] * (total - failed) + [True] * failed)
+
+
+def _headers_dict(message: Message) -> dict[str, str]:
+    return {k: (v or b"").decode("utf-8", "replace") for k, v in message.headers() or ()}
+
+
+def _assign(consumer: Consumer, topic: str, *, from_committed: bool) -> dict[int, int]:
+    """Assign every partition of ``topic`` (from the group's committed offsets, or from the
+    beginning). Returns the end offset of each partition that has something left to read."""
+    meta = consumer.list_topics(topic, timeout=10).topics[topic]
+    if meta.error is not None:
+        raise DeliveryError(f"topic {topic}: {meta.error.str()}")
+    parts = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(meta.partitions)]
+    if from_committed:
+        parts = consumer.committed(parts, timeout=10)
+    todo = {}
+    for tp in parts:
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=10)
+        start = tp.offset if tp.offset >= 0 else low
+        if tp.offset < 0:
+            tp.offset = OFFSET_BEGINNING
+        if start < high:
+            todo[tp.partition] = high
+    consumer.assign(parts)
+    return todo
+
+
+def _read_until(consumer: Consumer, ends: dict[int, int], limit: int | None) -> Iterator[Message]:
+    """Messages up to the end offsets taken at start (later arrivals wait for the next run)."""
+    todo = dict(ends)
+    count = 0
+    idle_deadline = time.monotonic() + READ_IDLE_TIMEOUT
+    while todo and (limit is None or count < limit):
+        msg = consumer.poll(0.5)
+        if msg is None:
+            if time.monotonic() > idle_deadline:
+                log.warning("dlq: nothing more arrived for %.0fs, stopping early", READ_IDLE_TIMEOUT)
+                return
+            continue
+        if msg.error():
+            log.warning("dlq read error: %s", msg.error().str())
+            continue
+        idle_deadline = time.monotonic() + READ_IDLE_TIMEOUT
+        end = todo.get(msg.partition())
+        if end is None or msg.offset() >= end:
+            continue
+        if msg.offset() + 1 >= end:
+            del todo[msg.partition()]
+        count += 1
+        yield msg
+
+
+def replay(
+    settings: Settings, *, limit: int | None = None, on_message: Callable[[Message], None] | None = None
+) -> int:
+    """Republish DLQ messages to the topic they came from; returns how many.
+
+    Reads with its own group (``<CONSUMER_GROUP_ID>.dlq-replay``) from where the last replay
+    stopped, up to the end of the DLQ as it is now, and commits only after Kafka acknowledged
+    every republished message: a crash replays a few twice, which the sink absorbs.
+    """
+    group = f"{settings.consumer_group_id}.dlq-replay"
+    consumer = Consumer(consumer_config(settings, **{"group.id": group}))
+    producer = Producer(producer_config(settings, **{"client.id": group}))
+    deliveries = _Deliveries()
+    count = 0
+    try:
+        ends = _assign(consumer, settings.cdc_dlq_topic, from_committed=True)
+        last: dict[int, int] = {}
+        for msg in _read_until(consumer, ends, limit):
+            headers = _headers_dict(msg)
+            target = headers.get(H_TOPIC) or settings.cdc_topic
+            source = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
+            deliveries.pending += 1
+            producer.produce(
+                target,
+                key=msg.key(),
+                value=msg.value(),
+                headers=[(H_REPLAYED_FROM, source.encode())],
+                on_delivery=deliveries,
+            )
+            producer.poll(0)
+            last[msg.partition()] = msg.offset()
+            count += 1
+            if on_message is not None:
+                on_message(msg)
+        deliveries.wait(producer, f"replay of {settings.cdc_dlq_topic}")
+        if last:
+            consumer.commit(
+                offsets=[TopicPartition(settings.cdc_dlq_topic, p, o + 1) for p, o in last.items()],
+                asynchronous=False,
+            )
+    finally:
+        consumer.close()
+    log.info("replayed %d message(s) from %s", count, settings.cdc_dlq_topic)
+    return count
+
+
+def show(settings: Settings, *, limit: int | None = None) -> Iterator[dict[str, object]]:
+    """Every DLQ message from the beginning as a dict (key/value as text, or base64 if binary)."""
+    consumer = Consumer(consumer_config(settings, **{"group.id": f"{settings.consumer_group_id}.dlq-show"}))
+    try:
+        ends = _assign(consumer, settings.cdc_dlq_topic, from_committed=False)
+        for msg in _read_until(consumer, ends, limit):
+            yield {
+                "partition": msg.partition(),
+                "offset": msg.offset(),
+                "key": _text(msg.key()),
+                "value": _text(msg.value()),
+                "headers": _headers_dict(msg),
+            }
+    finally:
+        consumer.close()
+
+
+def _text(raw: bytes | None) -> str | None:
+    if raw is None:
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "base64:" + base64.b64encode(raw).decode()

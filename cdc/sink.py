@@ -1,0 +1,251 @@
+"""The destination side in SQL: apply a batch of change events in the caller's transaction.
+
+Steps (all set-based, one statement each, whatever the batch size):
+
+1. ``processed_events``: record the new action_ids (``ON CONFLICT DO NOTHING RETURNING``); the
+   ids it does not return were decided before and are duplicates. A dead-lettered id comes back
+   to life only when the operator replays it from the DLQ.
+2. ``emp_versions``: the version guard. The newest event per emp_id wins only if its action_id
+   is above the last one applied to that emp_id, deletes included (the row stays as a tombstone).
+3. ``employees``: the winners are written, deletes and upserts each in one statement.
+4. ``processed_events``: events that lost the guard are marked ``stale``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg2.extensions
+
+from employee import ACTIONS, INT4_MAX, INT8_MAX, ChangeEvent
+
+TABLES = ("employees", "processed_events", "emp_versions")
+
+_RECORD = """
+INSERT INTO processed_events AS p (action_id, emp_id, action, outcome, topic, "partition", "offset")
+SELECT t.action_id, t.emp_id, t.action, %(outcome)s, t.topic, t.part, t.off
+  FROM unnest(%(action_id)s::bigint[], %(emp_id)s::int[], %(action)s::text[],
+              %(topic)s::text[], %(part)s::int[], %(off)s::bigint[])
+       AS t(action_id, emp_id, action, topic, part, off)
+ON CONFLICT (action_id) DO UPDATE
+   SET emp_id = EXCLUDED.emp_id, action = EXCLUDED.action, outcome = EXCLUDED.outcome,
+       topic = EXCLUDED.topic, "partition" = EXCLUDED."partition", "offset" = EXCLUDED."offset",
+       processed_at = now()
+ WHERE p.outcome = 'dlq' AND p.action_id = ANY(%(replayed)s::bigint[])
+RETURNING action_id
+"""
+
+# `before` reads the versions as they were when the statement started, so it tells which
+# events of the batch were already behind the stored version.
+_GUARD = """
+WITH incoming AS (
+    SELECT * FROM unnest(%(emp_id)s::int[], %(action_id)s::bigint[], %(deleted)s::bool[])
+             AS t(emp_id, action_id, deleted)
+), before AS (
+    SELECT v.emp_id, v.last_action_id FROM emp_versions v JOIN incoming i USING (emp_id)
+), won AS (
+    INSERT INTO emp_versions AS v (emp_id, last_action_id, deleted)
+    SELECT emp_id, action_id, deleted FROM incoming
+    ON CONFLICT (emp_id) DO UPDATE
+       SET last_action_id = EXCLUDED.last_action_id, deleted = EXCLUDED.deleted, updated_at = now()
+     WHERE v.last_action_id < EXCLUDED.last_action_id
+    RETURNING emp_id
+)
+SELECT i.emp_id, b.last_action_id, w.emp_id IS NOT NULL
+  FROM incoming i LEFT JOIN before b USING (emp_id) LEFT JOIN won w USING (emp_id)
+"""
+
+_DELETE = "DELETE FROM employees WHERE emp_id = ANY(%(emp_id)s::int[])"
+
+_UPSERT = """
+INSERT INTO employees (emp_id, first_name, last_name, dob, city, salary)
+SELECT * FROM unnest(%(emp_id)s::int[], %(first_name)s::text[], %(last_name)s::text[],
+                     %(dob)s::date[], %(city)s::text[], %(salary)s::int[])
+ON CONFLICT (emp_id) DO UPDATE
+   SET first_name = EXCLUDED.first_name, last_name = EXCLUDED.last_name, dob = EXCLUDED.dob,
+       city = EXCLUDED.city, salary = EXCLUDED.salary
+"""
+
+_MARK_STALE = "UPDATE processed_events SET outcome = 'stale' WHERE action_id = ANY(%(action_id)s::bigint[])"
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """A decoded event and the Kafka position it came from."""
+
+    event: ChangeEvent
+    topic: str
+    partition: int
+    offset: int
+    replayed: bool = False  # republished from the DLQ by the operator
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    """What ``processed_events`` keeps about one message (emp_id and action may be unknown)."""
+
+    action_id: int
+    emp_id: int | None
+    action: str | None
+    topic: str
+    partition: int
+    offset: int
+    replayed: bool = False
+
+
+@dataclass
+class ApplyResult:
+    applied: Counter[str] = field(default_factory=Counter)  # by action
+    stale: int = 0
+    duplicates: int = 0
+    decided: list[ChangeEvent] = field(default_factory=list)  # applied or stale, for latency
+
+    def add(self, other: ApplyResult) -> None:
+        self.applied.update(other.applied)
+        self.stale += other.stale
+        self.duplicates += other.duplicates
+        self.decided.extend(other.decided)
+
+
+def missing_tables(cur: psycopg2.extensions.cursor) -> list[str]:
+    cur.execute("SELECT t FROM unnest(%s::text[]) AS t WHERE to_regclass(t) IS NULL", (list(TABLES),))
+    return [row[0] for row in cur.fetchall()]
+
+
+def apply_events(
+    cur: psycopg2.extensions.cursor, items: Sequence[Delivered], *, idempotency: bool
+) -> ApplyResult:
+    """Apply ``items`` in the open transaction of ``cur``. Errors are left to the caller."""
+    result = ApplyResult()
+    fresh: dict[int, Delivered] = {}
+    for item in items:
+        if item.event.action_id in fresh:
+            result.duplicates += 1  # the same event twice in one batch (a producer re-send)
+        else:
+            fresh[item.event.action_id] = item
+    if idempotency and fresh:
+        records = _record_params(
+            [_record_of(i) for i in fresh.values()], outcome="applied", replayed=_replayed(fresh.values())
+        )
+        cur.execute(_RECORD, records)
+        new_ids = {row[0] for row in cur.fetchall()}
+        result.duplicates += len(fresh) - len(new_ids)
+        fresh = {a: i for a, i in fresh.items() if a in new_ids}
+    if not fresh:
+        return result
+
+    newest: dict[int, ChangeEvent] = {}
+    for item in fresh.values():
+        ev = item.event
+        if ev.emp_id not in newest or ev.action_id > newest[ev.emp_id].action_id:
+            newest[ev.emp_id] = ev
+    # Sorted by emp_id so concurrent batches lock version rows in the same order.
+    heads = [newest[e] for e in sorted(newest)]
+    cur.execute(
+        _GUARD,
+        {
+            "emp_id": [ev.emp_id for ev in heads],
+            "action_id": [ev.action_id for ev in heads],
+            "deleted": [ev.is_delete for ev in heads],
+        },
+    )
+    guard = {emp_id: (before, won) for emp_id, before, won in cur.fetchall()}
+
+    winners = [ev for ev in heads if guard[ev.emp_id][1]]
+    deletes = [ev.emp_id for ev in winners if ev.is_delete]
+    rows = [ev.employee for ev in winners if not ev.is_delete]
+    if deletes:
+        cur.execute(_DELETE, {"emp_id": deletes})
+    if rows:
+        cur.execute(
+            _UPSERT,
+            {
+                "emp_id": [r.emp_id for r in rows],
+                "first_name": [r.first_name for r in rows],
+                "last_name": [r.last_name for r in rows],
+                "dob": [r.dob for r in rows],
+                "city": [r.city for r in rows],
+                "salary": [r.salary for r in rows],
+            },
+        )
+
+    stale_ids = []
+    seen: dict[int, int] = {}  # newest action_id delivered so far in this batch, per emp_id
+    for item in fresh.values():
+        ev = item.event
+        before, won = guard[ev.emp_id]
+        newer_seen = seen.get(ev.emp_id, 0) > ev.action_id
+        seen[ev.emp_id] = max(seen.get(ev.emp_id, 0), ev.action_id)
+        # An event of a winning emp_id counts as applied (and superseded within the batch)
+        # unless it was behind the stored version or delivered after a newer one.
+        if won and not newer_seen and (before is None or ev.action_id > before):
+            result.applied[ev.action] += 1
+        else:
+            stale_ids.append(ev.action_id)
+        result.decided.append(ev)
+    result.stale = len(stale_ids)
+    if idempotency and stale_ids:
+        cur.execute(_MARK_STALE, {"action_id": stale_ids})
+    return result
+
+
+def record_dead(cur: psycopg2.extensions.cursor, records: Sequence[EventRecord]) -> set[int]:
+    """Record dead-lettered ids as ``dlq``. Returns the ids not recorded before (or replayed)."""
+    if not records:
+        return set()
+    cur.execute(
+        _RECORD, _record_params(records, outcome="dlq", replayed=[r.action_id for r in records if r.replayed])
+    )
+    return {row[0] for row in cur.fetchall()}
+
+
+def salvage_ids(value: bytes | None) -> tuple[int, int | None, str | None] | None:
+    """(action_id, emp_id, action) from an invalid message, when its action_id is usable."""
+    try:
+        data = json.loads(value or b"")
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    action_id = data.get("action_id")
+    if not _is_int(action_id, 1, INT8_MAX):
+        return None
+    emp_id = data.get("emp_id")
+    action = data.get("action")
+    return (
+        action_id,
+        emp_id if _is_int(emp_id, 1, INT4_MAX) else None,
+        action if action in ACTIONS else None,
+    )
+
+
+def _is_int(value: Any, lo: int, hi: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def _record_of(item: Delivered) -> EventRecord:
+    ev = item.event
+    return EventRecord(
+        ev.action_id, ev.emp_id, ev.action, item.topic, item.partition, item.offset, item.replayed
+    )
+
+
+def _replayed(items: Iterable[Delivered]) -> list[int]:
+    return [i.event.action_id for i in items if i.replayed]
+
+
+def _record_params(records: Sequence[EventRecord], *, outcome: str, replayed: list[int]) -> dict[str, Any]:
+    return {
+        "outcome": outcome,
+        "action_id": [r.action_id for r in records],
+        "emp_id": [r.emp_id for r in records],
+        "action": [r.action for r in records],
+        "topic": [r.topic for r in records],
+        "part": [r.partition for r in records],
+        "off": [r.offset for r in records],
+        "replayed": replayed,
+    }

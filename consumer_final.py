@@ -1,0 +1,540 @@
+"""The sink daemon: apply CDC events from Kafka to the destination PostgreSQL, exactly once.
+
+    python consumer_final.py                  # run until SIGINT/SIGTERM
+    python consumer_final.py --replay-dlq     # republish the dead-letter topic, then exit
+    python consumer_final.py --show-dlq       # print the dead-letter topic with its headers
+
+Each turn of the loop (``ProductionCDCConsumer.run``):
+
+1. ``consume()`` up to CONSUMER_BATCH_SIZE messages; decode and validate each (``employee.py``).
+   An invalid message is a dead letter at once.
+2. One destination transaction: dedupe, version guard, write (``cdc/sink.py``). A data error
+   in the set-based path replays the batch one message per savepoint to find the culprit, which
+   is retried up to MAX_ATTEMPTS times, then dead-lettered; the rest of the batch applies.
+3. Dead letters are produced to the DLQ and acknowledged, and their action_ids recorded as
+   ``dlq`` in the same transaction, before it commits: a crash in between re-sends a dead
+   letter at worst, never loses one.
+4. Commit the transaction, then the offsets (last + 1 per partition) synchronously.
+
+A transient error (database down, deadlock, DLQ unreachable) rolls the batch back; the
+partitions are paused and the consumer keeps polling, so it stays in its group while it waits
+with capped exponential backoff, then retries the same batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import psycopg2
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from cdc import dlq as dlq_module
+from cdc import sink
+from cdc.daemon import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, StopSignal, backoff_delay
+from cdc.db import Database, classify
+from cdc.dlq import CircuitBreaker, DeadLetter, DeadLetterQueue
+from cdc.errors import (
+    BadMessageError,
+    CDCError,
+    ConfigError,
+    DeliveryError,
+    HaltError,
+    SchemaMissingError,
+    ServiceError,
+    TransientError,
+)
+from cdc.kafka import admin_client, consumer_config, ensure_topics
+from cdc.logs import configure_logging
+from cdc.metrics import MetricsServer
+from cdc.settings import Settings, load_settings, validate
+from cdc.stats import Stats
+from employee import ACTIONS, ChangeEvent, InvalidEventError
+
+log = logging.getLogger("consumer")
+
+STATS_KEYS = [
+    "consumed",
+    *(f"applied_{a.lower()}" for a in ACTIONS),
+    "duplicates",
+    "stale",
+    "dlq",
+    "retries",
+    "batches",
+    "batch_latency_p50_ms",
+    "batch_latency_p99_ms",
+    "e2e_latency_p50_ms",
+    "e2e_latency_p99_ms",
+]
+# While waiting on a sick database, poll at least this often to stay in the group.
+WAIT_POLL = 0.5
+# Commit errors that mean "these partitions are not ours any more": drop, the new owner re-reads.
+_GONE = {KafkaError.ILLEGAL_GENERATION, KafkaError.UNKNOWN_MEMBER_ID, KafkaError.REBALANCE_IN_PROGRESS}
+
+TP = tuple[str, int]
+
+
+class ProductionCDCConsumer:
+    """Consume ``CDC_TOPIC`` and apply it to ``DEST_DB_URL``; see the module docstring.
+
+    ``enable_dlq=False``: a message that cannot be applied stops the consumer (HaltError)
+    instead of going to the DLQ; its offset is not committed. ``enable_idempotency=False``:
+    no ``processed_events`` bookkeeping; the version guard still keeps state correct.
+    """
+
+    def __init__(
+        self,
+        *,
+        group_id: str | None = None,
+        enable_dlq: bool = True,
+        enable_idempotency: bool = True,
+        settings: Settings | None = None,
+        batch_size: int | None = None,
+    ) -> None:
+        base = settings if settings is not None else load_settings()
+        overrides = {"consumer_group_id": group_id, "consumer_batch_size": batch_size}
+        self.settings = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+        validate(self.settings)
+        self.enable_dlq = enable_dlq
+        self.enable_idempotency = enable_idempotency
+        self.stats = Stats("consumer")
+        self.signal = StopSignal()
+        s = self.settings
+        self.db = Database(
+            s.dest_db_url,
+            minconn=s.db_pool_min,
+            maxconn=s.db_pool_max,
+            statement_timeout_ms=s.statement_timeout_ms,
+            application_name=f"cdc-consumer {s.consumer_group_id}",
+        )
+        self.breaker = CircuitBreaker(s.dlq_breaker_window, s.dlq_breaker_ratio)
+        self._consumer: Consumer | None = None
+        self._dlq: DeadLetterQueue | None = None
+        self._metrics: MetricsServer | None = None
+        self._owned: set[TP] = set()
+        self._paused = False
+        self._uncommitted: dict[TP, int] = {}  # applied in the database, offset not yet committed
+        self._healthy = True
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask ``run()`` to finish the current batch, commit and return."""
+        self.signal.stop()
+
+    @property
+    def running(self) -> bool:
+        return self.signal.running
+
+    def run(self) -> None:
+        """Consume until stopped. Raises HaltError / SchemaMissingError / CDCError on a fatal problem."""
+        if threading.current_thread() is threading.main_thread():
+            self.signal.install()
+        s = self.settings
+        log.info(
+            "starting consumer dlq=%s idempotency=%s %s",
+            self.enable_dlq,
+            self.enable_idempotency,
+            s.describe(),
+        )
+        try:
+            self._open()
+            while self.running:
+                self._commit_pending()
+                messages = self._consumer.consume(s.consumer_batch_size, s.consume_timeout)
+                batch = self._usable(messages)
+                if batch:
+                    self._process(batch)
+                self.stats.log_if_due(log, s.stats_interval, STATS_KEYS, "consumed")
+        except BaseException:
+            self._healthy = False
+            raise
+        finally:
+            self._close()
+
+    def _open(self) -> None:
+        s = self.settings
+        self._check_schema()
+        ensure_topics(s, admin_client(s))
+        if self.enable_dlq:
+            self._dlq = DeadLetterQueue(s)
+        if s.metrics_port:
+            self._metrics = MetricsServer(self.stats, s.metrics_port, health=lambda: self._healthy)
+            self._metrics.start()
+        self._consumer = Consumer(
+            consumer_config(s, **{"client.id": f"cdc-consumer-{s.consumer_group_id}"}),
+            logger=logging.getLogger("consumer.kafka"),
+        )
+        self._consumer.subscribe(
+            [s.cdc_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+
+    def _check_schema(self) -> None:
+        """Wait for the database if it is down; stop at once if the schema is missing."""
+        attempt = 0
+        while True:
+            try:
+                with self.db.connection() as conn, conn.cursor() as cur:
+                    missing = sink.missing_tables(cur)
+                break
+            except TransientError as exc:
+                attempt += 1
+                delay = backoff_delay(attempt, self.settings.retry_backoff_max)
+                log.warning("destination %s not reachable (%s), retrying in %.1fs", self.db.url, exc, delay)
+                if self.signal.wait(delay):
+                    raise HaltError("stopped while waiting for the destination database") from exc
+        if missing:
+            raise SchemaMissingError(
+                f"destination {self.db.url} has no table {', '.join(missing)}: "
+                "apply setup_db_with_idempotency.sql (or run `make up`)"
+            )
+
+    def _close(self) -> None:
+        """Fixed order: commit what was applied, leave the group, flush the DLQ, close the pool."""
+        if self._consumer is not None:
+            self._commit_pending()
+            self._consumer.close()  # leaves the group; revoke callbacks commit nothing new
+            self._consumer = None
+        if self._dlq is not None:
+            self._dlq.close()
+            self._dlq = None
+        self.db.close()
+        if self._metrics is not None:
+            self._metrics.stop()
+        uptime = time.monotonic() - self.stats.started
+        rate = self.stats.get("consumed") / uptime if uptime > 0 else 0.0
+        log.info(
+            "final statistics: %s",
+            self.stats.line(STATS_KEYS, {"uptime_s": round(uptime, 1), "rate": f"{rate:.1f}/s"}),
+        )
+
+    # -- rebalance callbacks (run inside consume()) ----------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._owned.update((tp.topic, tp.partition) for tp in partitions)
+        log.info("partitions assigned: %s", _names(partitions))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        gone = {(tp.topic, tp.partition) for tp in partitions}
+        # Everything applied so far is committed before another consumer takes over.
+        self._commit_pending(only=gone)
+        self._forget(gone)
+        log.info("partitions revoked: %s", _names(partitions))
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # The partitions already belong to someone else: committing now could move their offsets.
+        self._forget({(tp.topic, tp.partition) for tp in partitions})
+        log.warning("partitions lost (not committed; the new owner re-reads them): %s", _names(partitions))
+
+    def _forget(self, gone: set[TP]) -> None:
+        self._owned -= gone
+        for tp in gone:
+            self._uncommitted.pop(tp, None)
+
+    # -- the batch -------------------------------------------------------------------------
+
+    def _usable(self, messages: Sequence[Message]) -> list[Message]:
+        batch = []
+        for msg in messages:
+            err = msg.error()
+            if err is None:
+                batch.append(msg)
+            elif err.fatal():
+                raise HaltError(f"kafka fatal error: {err.str()}")
+            else:
+                log.warning("kafka: %s", err.str())
+        return batch
+
+    def _process(self, batch: list[Message]) -> None:
+        """Apply the batch, waiting out transient errors, then commit its offsets."""
+        attempt = 0
+        started = time.monotonic()
+        while True:
+            try:
+                self._apply(batch)
+                break
+            except (TransientError, DeliveryError) as exc:
+                attempt += 1
+                self.stats.incr("retries")
+                delay = backoff_delay(attempt, self.settings.retry_backoff_max)
+                log.warning(
+                    "transient error, batch of %d rolled back, retry %d in %.1fs: %s",
+                    len(batch),
+                    attempt,
+                    delay,
+                    exc,
+                )
+                self._wait_in_group(delay)
+                batch = [m for m in batch if (m.topic(), m.partition()) in self._owned]
+                if not self.running or not batch:
+                    return  # nothing committed: these messages are read again
+        if self._paused:
+            self._consumer.resume(self._consumer.assignment())
+            self._paused = False
+            log.info("destination back after %d retries, partitions resumed", attempt)
+        self.stats.incr("batches")
+        self.stats.observe("batch_latency", time.monotonic() - started)
+        for msg in batch:
+            key = (msg.topic(), msg.partition())
+            self._uncommitted[key] = max(self._uncommitted.get(key, 0), msg.offset() + 1)
+        log.debug("batch applied messages=%d, committing offsets %s", len(batch), self._uncommitted)
+        self._commit_pending()
+
+    def _apply(self, batch: list[Message]) -> None:
+        items: list[sink.Delivered] = []
+        dead: list[DeadLetter] = []
+        for msg in batch:
+            try:
+                event = ChangeEvent.from_json(msg.value())
+            except InvalidEventError as exc:
+                dead.append(DeadLetter(msg, type(exc).__name__, str(exc), attempts=1))
+                continue
+            items.append(
+                sink.Delivered(event, msg.topic(), msg.partition(), msg.offset(), dlq_module.is_replayed(msg))
+            )
+        by_position = {(m.topic(), m.partition(), m.offset()): m for m in batch}
+
+        with self.db.connection() as conn, conn.cursor() as cur:
+            # Offsets move once this commit returns, so it must survive a server crash even
+            # where the server runs with synchronous_commit = off (as `make up` does).
+            cur.execute("SET LOCAL synchronous_commit = on")
+            cur.execute("SAVEPOINT batch")
+            try:
+                result = sink.apply_events(cur, items, idempotency=self.enable_idempotency)
+            except psycopg2.Error as exc:
+                if not isinstance(classify(exc), BadMessageError):
+                    raise
+                cur.execute("ROLLBACK TO SAVEPOINT batch")
+                log.warning("batch of %d hit a data error (%s): applying one by one", len(items), exc.pgerror)
+                result, rejected = self._isolate(cur, items)
+                dead += [
+                    DeadLetter(by_position[(i.topic, i.partition, i.offset)], cls, text, attempts)
+                    for i, cls, text, attempts in rejected
+                ]
+            if dead:
+                dead = self._dead_letter(cur, dead, len(batch))
+        # Committed: from here on the batch counts.
+        self.breaker.record(len(dead), len(batch))
+        self.stats.incr("consumed", len(batch))
+        for action, n in result.applied.items():
+            self.stats.incr(f"applied_{action.lower()}", n)
+        self.stats.incr("duplicates", result.duplicates)
+        self.stats.incr("stale", result.stale)
+        self.stats.incr("dlq", len(dead))
+        now = datetime.now(UTC)
+        for ev in result.decided:
+            if ev.captured_at is not None:
+                self.stats.observe("e2e_latency", (now - ev.captured_at).total_seconds())
+
+    def _isolate(
+        self, cur: psycopg2.extensions.cursor, items: list[sink.Delivered]
+    ) -> tuple[sink.ApplyResult, list[tuple[sink.Delivered, str, str, int]]]:
+        """Apply one message per savepoint; a failing one is retried, then rejected."""
+        result = sink.ApplyResult()
+        rejected = []
+        for item in items:
+            for attempt in range(1, self.settings.max_attempts + 1):
+                cur.execute("SAVEPOINT one")
+                try:
+                    result.add(sink.apply_events(cur, [item], idempotency=self.enable_idempotency))
+                    cur.execute("RELEASE SAVEPOINT one")
+                    break
+                except psycopg2.Error as exc:
+                    if not isinstance(classify(exc), BadMessageError):
+                        raise
+                    cur.execute("ROLLBACK TO SAVEPOINT one")
+                    log.warning(
+                        "action_id=%d topic=%s partition=%d offset=%d attempt %d/%d failed: %s",
+                        item.event.action_id,
+                        item.topic,
+                        item.partition,
+                        item.offset,
+                        attempt,
+                        self.settings.max_attempts,
+                        (exc.pgerror or str(exc)).strip(),
+                    )
+                    if attempt == self.settings.max_attempts:
+                        rejected.append(
+                            (item, type(exc).__name__, (exc.pgerror or str(exc)).strip(), attempt)
+                        )
+                    else:
+                        self.stats.incr("retries")
+                        self.signal.wait(backoff_delay(attempt, 1.0))
+        return result, rejected
+
+    def _dead_letter(
+        self, cur: psycopg2.extensions.cursor, dead: list[DeadLetter], batch_size: int
+    ) -> list[DeadLetter]:
+        """Record and produce dead letters inside the open transaction. Returns those sent."""
+        first = dead[0]
+        if not self.enable_dlq:
+            raise HaltError(
+                f"message {first.where()} cannot be applied after {first.attempts} attempt(s) "
+                f"({first.error_class}: {first.error}) and the DLQ is off (--no-dlq): stopping "
+                "without committing its offset"
+            )
+        self.breaker.check(len(dead), batch_size)
+        if self.enable_idempotency:
+            records, unknown = [], []
+            for letter in dead:
+                m = letter.message
+                ids = sink.salvage_ids(m.value())
+                if ids is None:
+                    unknown.append(letter)
+                else:
+                    replayed = dlq_module.is_replayed(m)
+                    records.append(
+                        (letter, sink.EventRecord(*ids, m.topic(), m.partition(), m.offset(), replayed))
+                    )
+            new = sink.record_dead(cur, [r for _, r in records])
+            # An id already recorded as dlq was dead-lettered before a crash: not sent twice.
+            dead = unknown + [letter for letter, r in records if r.action_id in new]
+        for letter in dead:
+            log.warning(
+                "dead letter %s error=%s attempts=%d: %s",
+                letter.where(),
+                letter.error_class,
+                letter.attempts,
+                letter.error,
+            )
+        if dead:
+            self._dlq.send(dead)
+        return dead
+
+    def _wait_in_group(self, seconds: float) -> None:
+        """Sleep with the partitions paused, polling so the group keeps this member."""
+        deadline = time.monotonic() + seconds
+        while self.running:
+            self._pause_all()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            # Messages can only come from a partition assigned during the wait, before it was
+            # paused: rewind it so they are read again after the wait.
+            rewind: dict[TP, int] = {}
+            for msg in self._consumer.consume(100, min(WAIT_POLL, remaining)):
+                if msg.error() is None:
+                    rewind.setdefault((msg.topic(), msg.partition()), msg.offset())
+            for (topic, partition), offset in rewind.items():
+                self._consumer.seek(TopicPartition(topic, partition, offset))
+
+    def _pause_all(self) -> None:
+        assignment = self._consumer.assignment()
+        if assignment:
+            self._consumer.pause(assignment)
+        self._paused = True
+
+    def _commit_pending(self, only: set[TP] | None = None) -> None:
+        """Commit applied offsets synchronously; failures stay pending and are retried."""
+        todo = {tp: o for tp, o in self._uncommitted.items() if only is None or tp in only}
+        if not todo or self._consumer is None:
+            return
+        offsets = [TopicPartition(t, p, o) for (t, p), o in todo.items()]
+        try:
+            committed = self._consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            err = exc.args[0]
+            if err.code() in _GONE:
+                log.warning(
+                    "offset commit refused (%s): the partitions moved, their new owner re-reads", err.str()
+                )
+                for tp in todo:
+                    self._uncommitted.pop(tp, None)
+            else:
+                log.warning("offset commit failed (%s), will retry", err.str())
+            return
+        for tp in committed or []:
+            key = (tp.topic, tp.partition)
+            if tp.error is None and self._uncommitted.get(key) == tp.offset:
+                del self._uncommitted[key]
+            elif tp.error is not None:
+                log.warning(
+                    "offset commit of %s[%d] failed (%s), will retry", tp.topic, tp.partition, tp.error.str()
+                )
+
+
+def _names(partitions: list[TopicPartition]) -> str:
+    return ",".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "-"
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="consumer_final.py",
+        description="Apply CDC events from Kafka to the destination PostgreSQL (see USAGE.md).",
+    )
+    p.add_argument("--group-id", help="consumer group (CONSUMER_GROUP_ID)")
+    p.add_argument("--topic", help="topic to consume (CDC_TOPIC)")
+    p.add_argument("--dlq-topic", help="dead-letter topic (CDC_DLQ_TOPIC)")
+    p.add_argument("--no-dlq", action="store_true", help="stop on a message that cannot be applied")
+    p.add_argument("--no-idempotency", action="store_true", help="no processed_events bookkeeping")
+    p.add_argument("--batch-size", type=int, help="messages per transaction (CONSUMER_BATCH_SIZE)")
+    p.add_argument("--consume-timeout", type=float, help="seconds to wait for a batch (CONSUME_TIMEOUT)")
+    p.add_argument("--max-attempts", type=int, help="tries before a message is dead-lettered (MAX_ATTEMPTS)")
+    p.add_argument("--retry-backoff-max", type=float, help="longest transient retry wait (RETRY_BACKOFF_MAX)")
+    p.add_argument("--metrics-port", type=int, help="serve /metrics and /health (METRICS_PORT)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (LOG_LEVEL)")
+    p.add_argument("--env-file", default=".env", help="dotenv file to read (default: .env)")
+    tools = p.add_mutually_exclusive_group()
+    tools.add_argument(
+        "--replay-dlq", action="store_true", help="republish the DLQ to its original topic, then exit"
+    )
+    tools.add_argument(
+        "--show-dlq", action="store_true", help="print DLQ messages with headers as JSON lines, then exit"
+    )
+    p.add_argument("--limit", type=int, help="with --replay-dlq / --show-dlq: at most this many messages")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        settings = load_settings(
+            dotenv_path=args.env_file,
+            consumer_group_id=args.group_id,
+            cdc_topic=args.topic,
+            cdc_dlq_topic=args.dlq_topic,
+            consumer_batch_size=args.batch_size,
+            consume_timeout=args.consume_timeout,
+            max_attempts=args.max_attempts,
+            retry_backoff_max=args.retry_backoff_max,
+            metrics_port=args.metrics_port,
+            log_level=args.log_level.upper() if args.log_level else None,
+        )
+        if not settings.dest_db_url and not (args.replay_dlq or args.show_dlq):
+            raise ConfigError("DEST_DB_URL is not set (put it in .env or the environment, or run `make up`)")
+    except ConfigError as exc:
+        print(f"consumer_final.py: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        if args.replay_dlq:
+            dlq_module.replay(settings, limit=args.limit)
+            return EXIT_OK
+        if args.show_dlq:
+            for record in dlq_module.show(settings, limit=args.limit):
+                print(json.dumps(record, ensure_ascii=False), flush=True)
+            return EXIT_OK
+        ProductionCDCConsumer(
+            settings=settings, enable_dlq=not args.no_dlq, enable_idempotency=not args.no_idempotency
+        ).run()
+    except (ConfigError, SchemaMissingError) as exc:
+        log.error("%s", exc)
+        return EXIT_CONFIG
+    except (HaltError, ServiceError, DeliveryError, CDCError) as exc:
+        log.error("stopping: %s", exc)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

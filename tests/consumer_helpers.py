@@ -1,0 +1,217 @@
+"""Helpers of the consumer tests: events straight into Kafka, the destination's state, a runner."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, date, datetime
+
+import psycopg2
+from confluent_kafka import Consumer, Producer, TopicPartition
+from psycopg2 import sql
+
+from cdc import dlq
+from cdc.kafka import consumer_config, producer_config
+from cdc.settings import Settings
+from consumer_final import ProductionCDCConsumer
+from employee import ChangeEvent, Employee
+
+
+def event(action_id: int, action: str, emp_id: int, **fields: object) -> ChangeEvent:
+    values = {"first_name": f"First{emp_id}", "last_name": f"Last{action_id}", "city": "Oslo", "salary": 1000}
+    values.update(fields)
+    return ChangeEvent(
+        action_id=action_id,
+        action=action,
+        employee=Employee(emp_id=emp_id, **values),  # type: ignore[arg-type]
+        txid=action_id,
+        captured_at=datetime.now(UTC),
+    )
+
+
+def produce(
+    settings: Settings,
+    items: Iterable[ChangeEvent | tuple[bytes | None, bytes | None]],
+    producer: Producer | None = None,
+) -> int:
+    """Produce events (or raw (key, value) pairs) in order; fail unless every one is acknowledged."""
+    producer = producer or Producer(producer_config(settings))
+    errors: list[str] = []
+
+    def report(err, msg):
+        if err is not None:
+            errors.append(err.str())
+
+    n = 0
+    for item in items:
+        key, value = (item.key(), item.to_json()) if isinstance(item, ChangeEvent) else item
+        while True:
+            try:
+                producer.produce(settings.cdc_topic, key=key, value=value, on_delivery=report)
+                break
+            except BufferError:
+                producer.poll(0.1)
+        producer.poll(0)
+        n += 1
+    assert producer.flush(60) == 0
+    assert not errors, errors
+    return n
+
+
+def workload(n: int, *, emps: int, seed: int = 7, start: int = 1) -> list[ChangeEvent]:
+    """A realistic stream: per emp_id INSERT, then UPDATEs, DELETEs and re-INSERTs, ids increasing."""
+    rnd = random.Random(seed)
+    alive: set[int] = set()
+    out = []
+    for action_id in range(start, start + n):
+        emp_id = rnd.randint(1, emps)
+        if emp_id not in alive:
+            action = rnd.choice(("INSERT", "SNAPSHOT")) if rnd.random() < 0.2 else "INSERT"
+            alive.add(emp_id)
+        elif rnd.random() < 0.1:
+            action = "DELETE"
+            alive.discard(emp_id)
+        else:
+            action = "UPDATE"
+        out.append(
+            event(
+                action_id,
+                action,
+                emp_id,
+                salary=rnd.randint(0, 500_000),
+                city=rnd.choice(("Oslo", "Lima", "Kyiv", None)),
+                dob=date(1950 + rnd.randint(0, 50), rnd.randint(1, 12), rnd.randint(1, 28)),
+            )
+        )
+    return out
+
+
+def expected_state(events: Iterable[ChangeEvent]) -> dict[int, tuple]:
+    state: dict[int, tuple] = {}
+    for ev in sorted(events, key=lambda e: e.action_id):
+        if ev.is_delete:
+            state.pop(ev.emp_id, None)
+        else:
+            state[ev.emp_id] = ev.employee.as_tuple()
+    return state
+
+
+def query(url: str, sql: str, params: tuple = ()) -> list[tuple]:
+    with contextlib.closing(psycopg2.connect(url)) as conn, conn.cursor() as cur:
+        cur.execute(sql, params)
+        rows = cur.fetchall() if cur.description else []
+        conn.commit()
+        return rows
+
+
+def dest_rows(url: str) -> dict[int, tuple]:
+    rows = query(url, "SELECT emp_id, first_name, last_name, dob, city, salary FROM employees")
+    return {r[0]: tuple(r) for r in rows}
+
+
+def outcomes(url: str) -> dict[int, str]:
+    return dict(query(url, "SELECT action_id, outcome FROM processed_events"))
+
+
+def count_processed(url: str) -> int:
+    return query(url, "SELECT count(*) FROM processed_events")[0][0]
+
+
+def wait_until(cond: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def fast(settings: Settings, **changes: object) -> Settings:
+    """Test settings: short consume timeout so stop() is quick."""
+    return dataclasses.replace(settings, consume_timeout=0.2, **changes)
+
+
+class Running:
+    """A ProductionCDCConsumer running in a thread; stopped and joined on exit."""
+
+    def __init__(self, consumer: ProductionCDCConsumer) -> None:
+        self.consumer = consumer
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.consumer.run()
+        except Exception as exc:  # noqa: BLE001 - handed to the test thread
+            self.error = exc
+
+    def __enter__(self) -> Running:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.consumer.stop()
+        self.thread.join(60)
+        assert not self.thread.is_alive(), "consumer did not stop"
+
+    def wait(self, cond: Callable[[], bool], timeout: float = 60, what: str = "the consumer") -> None:
+        def check() -> bool:
+            if self.error is not None:
+                raise AssertionError(f"consumer failed: {self.error!r}") from self.error
+            return cond()
+
+        wait_until(check, timeout, what)
+
+    def wait_consumed(self, n: int, timeout: float = 60) -> None:
+        self.wait(lambda: self.consumer.stats.get("consumed") >= n, timeout, f"{n} messages consumed")
+
+
+def dlq_messages(settings: Settings) -> list[dict]:
+    return list(dlq.show(settings))
+
+
+def committed_offsets(settings: Settings, group: str | None = None) -> dict[int, int]:
+    c = Consumer(consumer_config(settings, **({"group.id": group} if group else {})))
+    try:
+        meta = c.list_topics(settings.cdc_topic, timeout=10).topics[settings.cdc_topic]
+        parts = [TopicPartition(settings.cdc_topic, p) for p in meta.partitions]
+        return {tp.partition: tp.offset for tp in c.committed(parts, timeout=10)}
+    finally:
+        c.close()
+
+
+def end_offsets(settings: Settings, topic: str | None = None) -> dict[int, int]:
+    topic = topic or settings.cdc_topic
+    c = Consumer(consumer_config(settings))
+    try:
+        meta = c.list_topics(topic, timeout=10).topics[topic]
+        return {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in meta.partitions}
+    finally:
+        c.close()
+
+
+@contextlib.contextmanager
+def dest_constraint(url: str, name: str, check: str) -> Iterator[None]:
+    """A CHECK on the destination employees that the event validator does not know about."""
+    add = sql.SQL("ALTER TABLE employees ADD CONSTRAINT {} CHECK ({}) NOT VALID").format(
+        sql.Identifier(name), sql.SQL(check)
+    )
+    with contextlib.closing(psycopg2.connect(url)) as conn:
+        run(conn, add)
+    try:
+        yield
+    finally:
+        with contextlib.closing(psycopg2.connect(url)) as conn:
+            run(
+                conn,
+                sql.SQL("ALTER TABLE employees DROP CONSTRAINT IF EXISTS {}").format(sql.Identifier(name)),
+            )
+
+
+def run(conn, statement) -> None:
+    with conn.cursor() as cur:
+        cur.execute(statement)
+    conn.commit()
