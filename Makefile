@@ -4,9 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: help venv deps up down status test test-unit lint format clean bench bench-verify bench-producer bench-consumer
+.PHONY: help venv deps up demo down status test test-unit lint format clean bench bench-verify bench-producer bench-consumer
 
 help:
+	@echo "make demo    - start local services, run producer + consumer under load, verify (DEMO_SECONDS=30)"
 	@echo "make test    - install everything, start private services, run the whole test suite"
 	@echo "make up      - start Kafka + source/destination PostgreSQL locally, write .env"
 	@echo "make status  - say what runs where"
@@ -32,6 +33,11 @@ deps: venv
 
 up: deps
 	@$(PY) -m cdc up
+
+# The whole pipeline on the local services under load for DEMO_SECONDS, then verified.
+DEMO_SECONDS ?= 30
+demo: up
+	@$(PY) -m cdc demo --duration $(DEMO_SECONDS)
 
 down: venv
 	@$(PY) -m cdc down

@@ -13,6 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
+from cdc.demo import run_demo
 from cdc.errors import CDCError
 from cdc.kafka import ensure_topics
 from cdc.logs import configure_logging
@@ -107,6 +108,14 @@ def cmd_workload(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    settings = load_settings(dotenv_path=args.env_file)
+    identical = run_demo(
+        settings, duration=args.duration, rate=args.rate, writers=args.writers, seed=args.seed
+    )
+    return EXIT_OK if identical else EXIT_DIFFERENT
+
+
 def _non_negative(text: str) -> float:
     value = float(text)
     if value < 0:
@@ -175,6 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-remote", action="store_true", help="allow a SOURCE_DB_URL that is not on this machine"
     )
     load.set_defaults(func=cmd_workload)
+    demo = sub.add_parser(
+        "demo", help="run producer, consumer and a workload on the local services, then verify"
+    )
+    demo.add_argument(
+        "--duration", type=_non_negative, default=30.0, metavar="SECONDS", help="length of the load"
+    )
+    demo.add_argument("--rate", type=_non_negative, default=200.0, help="changes per second, all writers")
+    demo.add_argument("--writers", type=_positive_int, default=4, help="concurrent writers")
+    demo.add_argument("--seed", type=int, help="workload random seed")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -192,8 +192,9 @@ class PostgresServer:
                 "listen_addresses = '127.0.0.1'\n"
                 f"unix_socket_directories = '{self.datadir}'\n"
                 "max_connections = 200\n"
+                # Speed for a throwaway dev server: these only matter if the machine itself
+                # crashes. synchronous_commit stays on, so a killed server loses no commit.
                 "fsync = off\n"
-                "synchronous_commit = off\n"
                 "full_page_writes = off\n"
                 "shared_buffers = 128MB\n"
             )

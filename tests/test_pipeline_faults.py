@@ -27,11 +27,11 @@ from pathlib import Path
 
 import psycopg2
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, ConsumerGroupTopicPartitions
-from daemons import Daemon
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from cdc.kafka import admin_client, base_config, ensure_topics
+from cdc.runner import Daemon
 from cdc.services import LocalServices
 from cdc.settings import Settings, load_settings
 from cdc.verify import verify
@@ -64,7 +64,9 @@ class Pipeline:
         self.workload: Workload | None = None
 
     def add_consumer(self) -> Daemon:
-        daemon = Daemon("consumer_final.py", self.settings, self.workdir / f"consumer{len(self.consumers) + 1}")
+        daemon = Daemon(
+            "consumer_final.py", self.settings, self.workdir / f"consumer{len(self.consumers) + 1}"
+        )
         self.consumers.append(daemon)
         return daemon.start()
 
@@ -106,7 +108,9 @@ class Pipeline:
         assert result.rows is not None and result.rows.source_rows > 0
         outbox = _scalar(self.settings.source_db_url, "SELECT count(*) FROM emp_records_cdc")
         decided = _scalar(self.settings.dest_db_url, "SELECT count(*) FROM processed_events")
-        assert decided == outbox + dlq_decisions, f"seed={self.seed}: {decided} decisions for {outbox} changes"
+        assert decided == outbox + dlq_decisions, (
+            f"seed={self.seed}: {decided} decisions for {outbox} changes"
+        )
         assert dlq_count(self.settings) == dlq_expected, f"seed={self.seed}\n{self.logs()}"
 
     def stop_all(self) -> None:

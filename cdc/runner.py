@@ -1,8 +1,8 @@
-"""Run the real daemons (producer.py, consumer_final.py) as subprocesses for tests.
+"""Run the real daemons (producer.py, consumer_final.py) as subprocesses: for ``make demo`` and tests.
 
-Each process gets the test services' settings through its environment, runs in a scratch
-folder (so no developer .env is picked up), and logs to a file that is printed when a test
-fails. Every process started here is killed at teardown, whatever happened.
+Each process gets its settings through its environment, runs in its own folder (so no stray
+.env is picked up) and logs to a file there. ``kill()`` is a crash (SIGKILL), ``stop()`` the
+clean path (SIGTERM, then wait for the exit code).
 """
 
 from __future__ import annotations
@@ -96,7 +96,11 @@ class Daemon:
         deadline = time.monotonic() + timeout
         while text not in self.log():
             if not self.running():
-                raise AssertionError(f"{self.script} exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+                raise AssertionError(
+                    f"{self.script} exited with {self.proc.returncode}:\n{self.log()[-3000:]}"
+                )
             if time.monotonic() > deadline:
-                raise AssertionError(f"{text!r} not in {self.script} log after {timeout}s:\n{self.log()[-3000:]}")
+                raise AssertionError(
+                    f"{text!r} not in {self.script} log after {timeout}s:\n{self.log()[-3000:]}"
+                )
             time.sleep(0.2)
