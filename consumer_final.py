@@ -48,7 +48,6 @@ from cdc.errors import (
     DeliveryError,
     HaltError,
     SchemaMissingError,
-    ServiceError,
     TransientError,
 )
 from cdc.kafka import admin_client, consumer_config, ensure_topics
@@ -75,7 +74,8 @@ STATS_KEYS = [
 ]
 # While waiting on a sick database, poll at least this often to stay in the group.
 WAIT_POLL = 0.5
-# Commit errors that mean "these partitions are not ours any more": drop, the new owner re-reads.
+# Commit errors that mean "these partitions may not be ours any more": drop the offsets; whoever
+# owns them next re-reads from the last commit and skips the duplicates.
 _GONE = {KafkaError.ILLEGAL_GENERATION, KafkaError.UNKNOWN_MEMBER_ID, KafkaError.REBALANCE_IN_PROGRESS}
 
 TP = tuple[str, int]
@@ -530,7 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, SchemaMissingError) as exc:
         log.error("%s", exc)
         return EXIT_CONFIG
-    except (HaltError, ServiceError, DeliveryError, CDCError) as exc:
+    except CDCError as exc:  # HaltError, ServiceError, ...
         log.error("stopping: %s", exc)
         return EXIT_ERROR
     return EXIT_OK

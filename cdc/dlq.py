@@ -27,7 +27,15 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from cdc.errors import DeliveryError, HaltError
 from cdc.kafka import consumer_config, producer_config
@@ -108,22 +116,45 @@ class DeadLetterQueue:
     def __init__(self, settings: Settings) -> None:
         self.topic = settings.cdc_dlq_topic
         self.group = settings.consumer_group_id
-        self._producer = Producer(producer_config(settings, **{"client.id": f"{self.group}-dlq"}))
+        self._settings = settings
+        self._producer = self._new_producer()
+
+    def _new_producer(self) -> Producer:
+        return Producer(
+            producer_config(self._settings, **{"client.id": f"{self.group}-dlq"}),
+            logger=logging.getLogger("dlq.kafka"),
+        )
 
     def send(self, letters: Sequence[DeadLetter]) -> None:
         """Produce and flush; raises DeliveryError unless Kafka acknowledged every letter."""
         deliveries = _Deliveries()
-        for letter in letters:
-            deliveries.pending += 1
-            self._producer.produce(
-                self.topic,
-                key=letter.message.key(),
-                value=letter.message.value(),
-                headers=headers_of(letter, self.group),
-                on_delivery=deliveries,
-            )
-            self._producer.poll(0)
-        deliveries.wait(self._producer, f"dead-letter topic {self.topic}")
+        try:
+            for letter in letters:
+                self._produce(letter, deliveries)
+            deliveries.wait(self._producer, f"dead-letter topic {self.topic}")
+        except KafkaException as exc:
+            raise DeliveryError(f"dead-letter topic {self.topic}: {exc.args[0].str()}") from exc
+        except DeliveryError:
+            if deliveries.error is not None and deliveries.error.fatal():
+                # An idempotent producer in a fatal state refuses everything: start a new one.
+                self._producer = self._new_producer()
+            raise
+
+    def _produce(self, letter: DeadLetter, deliveries: _Deliveries) -> None:
+        while True:
+            try:
+                self._producer.produce(
+                    self.topic,
+                    key=letter.message.key(),
+                    value=letter.message.value(),
+                    headers=headers_of(letter, self.group),
+                    on_delivery=deliveries,
+                )
+                break
+            except BufferError:
+                self._producer.poll(0.1)  # local queue full: let deliveries drain
+        deliveries.pending += 1
+        self._producer.poll(0)
 
     def close(self) -> None:
         self._producer.flush(FLUSH_TIMEOUT)
