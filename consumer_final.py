@@ -161,7 +161,8 @@ class ProductionCDCConsumer:
 
     def _open(self) -> None:
         s = self.settings
-        self._check_schema()
+        if not self._check_schema():
+            return  # stopped while waiting for the database
         ensure_topics(s, admin_client(s))
         if self.enable_dlq:
             self._dlq = DeadLetterQueue(s)
@@ -176,8 +177,8 @@ class ProductionCDCConsumer:
             [s.cdc_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
 
-    def _check_schema(self) -> None:
-        """Wait for the database if it is down; stop at once if the schema is missing."""
+    def _check_schema(self) -> bool:
+        """Wait for the database if it is down (False if stopped meanwhile); raise if the schema is missing."""
         attempt = 0
         while True:
             try:
@@ -189,12 +190,13 @@ class ProductionCDCConsumer:
                 delay = backoff_delay(attempt, self.settings.retry_backoff_max)
                 log.warning("destination %s not reachable (%s), retrying in %.1fs", self.db.url, exc, delay)
                 if self.signal.wait(delay):
-                    raise HaltError("stopped while waiting for the destination database") from exc
+                    return False
         if missing:
             raise SchemaMissingError(
                 f"destination {self.db.url} has no table {', '.join(missing)}: "
                 "apply setup_db_with_idempotency.sql (or run `make up`)"
             )
+        return True
 
     def _close(self) -> None:
         """Fixed order: commit what was applied, leave the group, flush the DLQ, close the pool."""
@@ -365,8 +367,9 @@ class ProductionCDCConsumer:
                             (item, type(exc).__name__, (exc.pgerror or str(exc)).strip(), attempt)
                         )
                     else:
+                        # At once: a pause per attempt could hold a batch with many bad rows
+                        # past max.poll.interval.ms.
                         self.stats.incr("retries")
-                        self.signal.wait(backoff_delay(attempt, 1.0))
         return result, rejected
 
     def _dead_letter(
