@@ -275,11 +275,13 @@ class ProductionCDCConsumer:
                 )
                 self._wait_in_group(delay)
                 batch = [m for m in batch if (m.topic(), m.partition()) in self._owned]
-                if not self.running or not batch:
+                if not self.running:
                     return  # nothing committed: these messages are read again
+                if not batch:
+                    self._resume()  # every partition of the batch moved to another consumer
+                    return
         if self._paused:
-            self._consumer.resume(self._consumer.assignment())
-            self._paused = False
+            self._resume()
             log.info("destination back after %d retries, partitions resumed", attempt)
         self.stats.incr("batches")
         self.stats.observe("batch_latency", time.monotonic() - started)
@@ -314,7 +316,11 @@ class ProductionCDCConsumer:
                 if not isinstance(classify(exc), BadMessageError):
                     raise
                 cur.execute("ROLLBACK TO SAVEPOINT batch")
-                log.warning("batch of %d hit a data error (%s): applying one by one", len(items), exc.pgerror)
+                log.warning(
+                    "batch of %d hit a data error (%s): applying one by one",
+                    len(items),
+                    (exc.pgerror or "").strip(),
+                )
                 result, rejected = self._isolate(cur, items)
                 dead += [
                     DeadLetter(by_position[(i.topic, i.partition, i.offset)], cls, text, attempts)
@@ -427,6 +433,10 @@ class ProductionCDCConsumer:
                     rewind.setdefault((msg.topic(), msg.partition()), msg.offset())
             for (topic, partition), offset in rewind.items():
                 self._consumer.seek(TopicPartition(topic, partition, offset))
+
+    def _resume(self) -> None:
+        self._consumer.resume(self._consumer.assignment())
+        self._paused = False
 
     def _pause_all(self) -> None:
         assignment = self._consumer.assignment()
