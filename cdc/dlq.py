@@ -23,7 +23,7 @@ import base64
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -141,23 +141,29 @@ class DeadLetterQueue:
             raise
 
     def _produce(self, letter: DeadLetter, deliveries: _Deliveries) -> None:
-        while True:
-            try:
-                self._producer.produce(
-                    self.topic,
-                    key=letter.message.key(),
-                    value=letter.message.value(),
-                    headers=headers_of(letter, self.group),
-                    on_delivery=deliveries,
-                )
-                break
-            except BufferError:
-                self._producer.poll(0.1)  # local queue full: let deliveries drain
-        deliveries.pending += 1
-        self._producer.poll(0)
+        m = letter.message
+        _produce(self._producer, deliveries, self.topic, m.key(), m.value(), headers_of(letter, self.group))
 
     def close(self) -> None:
         self._producer.flush(FLUSH_TIMEOUT)
+
+
+def _produce(
+    producer: Producer,
+    deliveries: _Deliveries,
+    topic: str,
+    key: bytes | None,
+    value: bytes | None,
+    headers: list[tuple[str, bytes]],
+) -> None:
+    while True:
+        try:
+            producer.produce(topic, key=key, value=value, headers=headers, on_delivery=deliveries)
+            break
+        except BufferError:
+            producer.poll(0.1)  # local queue full: let deliveries drain
+    deliveries.pending += 1
+    producer.poll(0)
 
 
 class CircuitBreaker:
@@ -238,9 +244,7 @@ def _read_until(consumer: Consumer, ends: dict[int, int], limit: int | None) -> 
         yield msg
 
 
-def replay(
-    settings: Settings, *, limit: int | None = None, on_message: Callable[[Message], None] | None = None
-) -> int:
+def replay(settings: Settings, *, limit: int | None = None) -> int:
     """Republish DLQ messages to the topic they came from; returns how many.
 
     Reads with its own group (``<CONSUMER_GROUP_ID>.dlq-replay``) from where the last replay
@@ -259,25 +263,19 @@ def replay(
             headers = _headers_dict(msg)
             target = headers.get(H_TOPIC) or settings.cdc_topic
             source = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
-            deliveries.pending += 1
-            producer.produce(
-                target,
-                key=msg.key(),
-                value=msg.value(),
-                headers=[(H_REPLAYED_FROM, source.encode())],
-                on_delivery=deliveries,
+            _produce(
+                producer, deliveries, target, msg.key(), msg.value(), [(H_REPLAYED_FROM, source.encode())]
             )
-            producer.poll(0)
             last[msg.partition()] = msg.offset()
             count += 1
-            if on_message is not None:
-                on_message(msg)
         deliveries.wait(producer, f"replay of {settings.cdc_dlq_topic}")
         if last:
             consumer.commit(
                 offsets=[TopicPartition(settings.cdc_dlq_topic, p, o + 1) for p, o in last.items()],
                 asynchronous=False,
             )
+    except KafkaException as exc:
+        raise DeliveryError(f"replay of {settings.cdc_dlq_topic}: {exc.args[0].str()}") from exc
     finally:
         consumer.close()
     log.info("replayed %d message(s) from %s", count, settings.cdc_dlq_topic)
