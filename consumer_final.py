@@ -48,7 +48,6 @@ from cdc.errors import (
     DeliveryError,
     HaltError,
     SchemaMissingError,
-    ServiceError,
     TransientError,
 )
 from cdc.kafka import admin_client, consumer_config, ensure_topics
@@ -75,7 +74,8 @@ STATS_KEYS = [
 ]
 # While waiting on a sick database, poll at least this often to stay in the group.
 WAIT_POLL = 0.5
-# Commit errors that mean "these partitions are not ours any more": drop, the new owner re-reads.
+# Commit errors that mean "these partitions may not be ours any more": drop the offsets; whoever
+# owns them next re-reads from the last commit and skips the duplicates.
 _GONE = {KafkaError.ILLEGAL_GENERATION, KafkaError.UNKNOWN_MEMBER_ID, KafkaError.REBALANCE_IN_PROGRESS}
 
 TP = tuple[str, int]
@@ -161,7 +161,8 @@ class ProductionCDCConsumer:
 
     def _open(self) -> None:
         s = self.settings
-        self._check_schema()
+        if not self._check_schema():
+            return  # stopped while waiting for the database
         ensure_topics(s, admin_client(s))
         if self.enable_dlq:
             self._dlq = DeadLetterQueue(s)
@@ -176,8 +177,8 @@ class ProductionCDCConsumer:
             [s.cdc_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
 
-    def _check_schema(self) -> None:
-        """Wait for the database if it is down; stop at once if the schema is missing."""
+    def _check_schema(self) -> bool:
+        """Wait for the database if it is down (False if stopped meanwhile); raise if the schema is missing."""
         attempt = 0
         while True:
             try:
@@ -189,12 +190,13 @@ class ProductionCDCConsumer:
                 delay = backoff_delay(attempt, self.settings.retry_backoff_max)
                 log.warning("destination %s not reachable (%s), retrying in %.1fs", self.db.url, exc, delay)
                 if self.signal.wait(delay):
-                    raise HaltError("stopped while waiting for the destination database") from exc
+                    return False
         if missing:
             raise SchemaMissingError(
                 f"destination {self.db.url} has no table {', '.join(missing)}: "
                 "apply setup_db_with_idempotency.sql (or run `make up`)"
             )
+        return True
 
     def _close(self) -> None:
         """Fixed order: commit what was applied, leave the group, flush the DLQ, close the pool."""
@@ -273,11 +275,13 @@ class ProductionCDCConsumer:
                 )
                 self._wait_in_group(delay)
                 batch = [m for m in batch if (m.topic(), m.partition()) in self._owned]
-                if not self.running or not batch:
+                if not self.running:
                     return  # nothing committed: these messages are read again
+                if not batch:
+                    self._resume()  # every partition of the batch moved to another consumer
+                    return
         if self._paused:
-            self._consumer.resume(self._consumer.assignment())
-            self._paused = False
+            self._resume()
             log.info("destination back after %d retries, partitions resumed", attempt)
         self.stats.incr("batches")
         self.stats.observe("batch_latency", time.monotonic() - started)
@@ -312,7 +316,11 @@ class ProductionCDCConsumer:
                 if not isinstance(classify(exc), BadMessageError):
                     raise
                 cur.execute("ROLLBACK TO SAVEPOINT batch")
-                log.warning("batch of %d hit a data error (%s): applying one by one", len(items), exc.pgerror)
+                log.warning(
+                    "batch of %d hit a data error (%s): applying one by one",
+                    len(items),
+                    (exc.pgerror or "").strip(),
+                )
                 result, rejected = self._isolate(cur, items)
                 dead += [
                     DeadLetter(by_position[(i.topic, i.partition, i.offset)], cls, text, attempts)
@@ -365,8 +373,9 @@ class ProductionCDCConsumer:
                             (item, type(exc).__name__, (exc.pgerror or str(exc)).strip(), attempt)
                         )
                     else:
+                        # At once: a pause per attempt could hold a batch with many bad rows
+                        # past max.poll.interval.ms.
                         self.stats.incr("retries")
-                        self.signal.wait(backoff_delay(attempt, 1.0))
         return result, rejected
 
     def _dead_letter(
@@ -424,6 +433,10 @@ class ProductionCDCConsumer:
                     rewind.setdefault((msg.topic(), msg.partition()), msg.offset())
             for (topic, partition), offset in rewind.items():
                 self._consumer.seek(TopicPartition(topic, partition, offset))
+
+    def _resume(self) -> None:
+        self._consumer.resume(self._consumer.assignment())
+        self._paused = False
 
     def _pause_all(self) -> None:
         assignment = self._consumer.assignment()
@@ -530,7 +543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, SchemaMissingError) as exc:
         log.error("%s", exc)
         return EXIT_CONFIG
-    except (HaltError, ServiceError, DeliveryError, CDCError) as exc:
+    except CDCError as exc:  # HaltError, ServiceError, ...
         log.error("stopping: %s", exc)
         return EXIT_ERROR
     return EXIT_OK

@@ -23,11 +23,19 @@ import base64
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from cdc.errors import DeliveryError, HaltError
 from cdc.kafka import consumer_config, producer_config
@@ -108,25 +116,54 @@ class DeadLetterQueue:
     def __init__(self, settings: Settings) -> None:
         self.topic = settings.cdc_dlq_topic
         self.group = settings.consumer_group_id
-        self._producer = Producer(producer_config(settings, **{"client.id": f"{self.group}-dlq"}))
+        self._settings = settings
+        self._producer = self._new_producer()
+
+    def _new_producer(self) -> Producer:
+        return Producer(
+            producer_config(self._settings, **{"client.id": f"{self.group}-dlq"}),
+            logger=logging.getLogger("dlq.kafka"),
+        )
 
     def send(self, letters: Sequence[DeadLetter]) -> None:
         """Produce and flush; raises DeliveryError unless Kafka acknowledged every letter."""
         deliveries = _Deliveries()
-        for letter in letters:
-            deliveries.pending += 1
-            self._producer.produce(
-                self.topic,
-                key=letter.message.key(),
-                value=letter.message.value(),
-                headers=headers_of(letter, self.group),
-                on_delivery=deliveries,
-            )
-            self._producer.poll(0)
-        deliveries.wait(self._producer, f"dead-letter topic {self.topic}")
+        try:
+            for letter in letters:
+                self._produce(letter, deliveries)
+            deliveries.wait(self._producer, f"dead-letter topic {self.topic}")
+        except KafkaException as exc:
+            raise DeliveryError(f"dead-letter topic {self.topic}: {exc.args[0].str()}") from exc
+        except DeliveryError:
+            if deliveries.error is not None and deliveries.error.fatal():
+                # An idempotent producer in a fatal state refuses everything: start a new one.
+                self._producer = self._new_producer()
+            raise
+
+    def _produce(self, letter: DeadLetter, deliveries: _Deliveries) -> None:
+        m = letter.message
+        _produce(self._producer, deliveries, self.topic, m.key(), m.value(), headers_of(letter, self.group))
 
     def close(self) -> None:
         self._producer.flush(FLUSH_TIMEOUT)
+
+
+def _produce(
+    producer: Producer,
+    deliveries: _Deliveries,
+    topic: str,
+    key: bytes | None,
+    value: bytes | None,
+    headers: list[tuple[str, bytes]],
+) -> None:
+    while True:
+        try:
+            producer.produce(topic, key=key, value=value, headers=headers, on_delivery=deliveries)
+            break
+        except BufferError:
+            producer.poll(0.1)  # local queue full: let deliveries drain
+    deliveries.pending += 1
+    producer.poll(0)
 
 
 class CircuitBreaker:
@@ -207,9 +244,7 @@ def _read_until(consumer: Consumer, ends: dict[int, int], limit: int | None) -> 
         yield msg
 
 
-def replay(
-    settings: Settings, *, limit: int | None = None, on_message: Callable[[Message], None] | None = None
-) -> int:
+def replay(settings: Settings, *, limit: int | None = None) -> int:
     """Republish DLQ messages to the topic they came from; returns how many.
 
     Reads with its own group (``<CONSUMER_GROUP_ID>.dlq-replay``) from where the last replay
@@ -228,25 +263,19 @@ def replay(
             headers = _headers_dict(msg)
             target = headers.get(H_TOPIC) or settings.cdc_topic
             source = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
-            deliveries.pending += 1
-            producer.produce(
-                target,
-                key=msg.key(),
-                value=msg.value(),
-                headers=[(H_REPLAYED_FROM, source.encode())],
-                on_delivery=deliveries,
+            _produce(
+                producer, deliveries, target, msg.key(), msg.value(), [(H_REPLAYED_FROM, source.encode())]
             )
-            producer.poll(0)
             last[msg.partition()] = msg.offset()
             count += 1
-            if on_message is not None:
-                on_message(msg)
         deliveries.wait(producer, f"replay of {settings.cdc_dlq_topic}")
         if last:
             consumer.commit(
                 offsets=[TopicPartition(settings.cdc_dlq_topic, p, o + 1) for p, o in last.items()],
                 asynchronous=False,
             )
+    except KafkaException as exc:
+        raise DeliveryError(f"replay of {settings.cdc_dlq_topic}: {exc.args[0].str()}") from exc
     finally:
         consumer.close()
     log.info("replayed %d message(s) from %s", count, settings.cdc_dlq_topic)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from collections import Counter
 from datetime import datetime
 
 import pytest
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 from consumer_helpers import (
     Running,
     committed_offsets,
@@ -16,6 +18,7 @@ from consumer_helpers import (
     dest_constraint,
     dest_rows,
     dlq_messages,
+    end_offsets,
     event,
     expected_state,
     fast,
@@ -248,3 +251,38 @@ def test_dlq_circuit_breaker_stops_instead_of_dead_lettering_the_stream(settings
         consumer.run()
     assert len(dlq_messages(settings)) < 20
     assert sum(max(o, 0) for o in committed_offsets(settings).values()) < 20
+
+
+def _set_dlq_max_message_bytes(settings, value: int) -> None:
+    resource = ConfigResource(
+        ResourceType.TOPIC,
+        settings.cdc_dlq_topic,
+        incremental_configs=[
+            ConfigEntry("max.message.bytes", str(value), incremental_operation=AlterConfigOpType.SET)
+        ],
+    )
+    admin = admin_client(settings)  # kept alive until the futures resolve
+    for f in admin.incremental_alter_configs([resource]).values():
+        f.result(timeout=30)
+
+
+def test_when_the_dlq_cannot_be_written_the_offset_stays_until_it_can(settings, clean_dest):
+    # The broker refuses dead letters larger than 1000 bytes: the DLQ cannot take this one.
+    _set_dlq_max_message_bytes(settings, 1000)
+    poison = os.urandom(3000)  # not UTF-8, and incompressible
+    produce(settings, [event(1, "INSERT", 1), (b"1", poison), event(2, "UPDATE", 1, salary=2)])
+    consumer = ProductionCDCConsumer(settings=fast(settings, retry_backoff_max=0.5))
+    with Running(consumer) as r:
+        r.wait(lambda: consumer.stats.get("retries") >= 3, what="retries of the DLQ write")
+        assert all(o < 1 for o in committed_offsets(settings).values())  # not past offset 1
+        assert count_processed(clean_dest) == 0  # the batch was rolled back, not half-applied
+        assert dlq_messages(settings) == []
+
+        _set_dlq_max_message_bytes(settings, 1_000_000)
+        r.wait(lambda: count_processed(clean_dest) == 2, what="the batch after the DLQ recovered")
+    [letter] = dlq_messages(settings)
+    assert base64.b64decode(letter["value"][len("base64:") :]) == poison
+    committed = committed_offsets(settings)
+    assert all(committed[p] == end for p, end in end_offsets(settings).items() if end)
+    assert consumer.stats.get("dlq") == 1
+    assert dest_rows(clean_dest)[1][5] == 2
