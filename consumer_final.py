@@ -307,7 +307,7 @@ class ProductionCDCConsumer:
 
         with self.db.connection() as conn, conn.cursor() as cur:
             # Offsets move once this commit returns, so it must survive a server crash even
-            # where the server runs with synchronous_commit = off (as `make up` does).
+            # where the server is configured with synchronous_commit = off.
             cur.execute("SET LOCAL synchronous_commit = on")
             cur.execute("SAVEPOINT batch")
             try:

@@ -154,21 +154,13 @@ def test_keeps_running_through_a_source_restart(private, producers, local_servic
     url = private.source_db_url
     proc = producers.start(producer_env(private, PRODUCER_BATCH_SIZE=100, RETRY_BACKOFF_MAX=2))
     proc.wait_for_log("active: holding the producer lock")
-    # Committed with synchronous_commit on: the local servers run with it off, and an immediate
-    # shutdown may lose the last asynchronous commits.
-    execute(
-        url,
-        "SET synchronous_commit = on; INSERT INTO employees (first_name) SELECT 'a' FROM generate_series(1, 3000)",
-    )
+    execute(url, "INSERT INTO employees (first_name) SELECT 'a' FROM generate_series(1, 3000)")
     wait_until(lambda: cursor_row(url)[2] > 0, 30, "publishing to start")
     local_services.source.stop(mode="immediate")
     time.sleep(1)
     assert proc.proc.poll() is None, proc.log()
     local_services.source.start()
-    execute(
-        url,
-        "SET synchronous_commit = on; INSERT INTO employees (first_name) SELECT 'b' FROM generate_series(1, 1000)",
-    )
+    execute(url, "INSERT INTO employees (first_name) SELECT 'b' FROM generate_series(1, 1000)")
     wait_until(lambda: caught_up(url), 90, "the producer to catch up after the restart")
     assert proc.proc.poll() is None
     assert "batch not published" in proc.log() or "no longer the active producer" in proc.log()
