@@ -6,7 +6,7 @@
 
 Each turn of the loop (``ProductionCDCConsumer.run``):
 
-1. ``consume()`` up to CONSUMER_BATCH_SIZE messages; decode and validate each (``employee.py``).
+1. Take up to CONSUMER_BATCH_SIZE messages (see ``_next_messages``); decode and validate each (``employee.py``).
    An invalid message is a dead letter at once.
 2. One destination transaction: dedupe, version guard, write (``cdc/sink.py``). A data error
    in the set-based path replays the batch one message per savepoint to find the culprit, which
@@ -148,8 +148,7 @@ class ProductionCDCConsumer:
             self._open()
             while self.running:
                 self._commit_pending()
-                messages = self._consumer.consume(s.consumer_batch_size, s.consume_timeout)
-                batch = self._usable(messages)
+                batch = self._usable(self._next_messages())
                 if batch:
                     self._process(batch)
                 self.stats.log_if_due(log, s.stats_interval, STATS_KEYS, "consumed")
@@ -158,6 +157,18 @@ class ProductionCDCConsumer:
             raise
         finally:
             self._close()
+
+    def _next_messages(self) -> list[Message]:
+        """Wait up to CONSUME_TIMEOUT for one message, then take what is already fetched.
+
+        ``consume(n, timeout)`` waits until n messages or the timeout, which at a low rate
+        delays every change by the whole timeout; the fetched queue fills full batches under load.
+        """
+        s = self.settings
+        messages = self._consumer.consume(1, s.consume_timeout)
+        if messages and s.consumer_batch_size > 1:
+            messages += self._consumer.consume(s.consumer_batch_size - 1, 0)
+        return messages
 
     def _open(self) -> None:
         s = self.settings

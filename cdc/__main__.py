@@ -193,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=_non_negative, default=200.0, help="changes per second, all writers")
     demo.add_argument("--writers", type=_positive_int, default=4, help="concurrent writers")
     demo.add_argument("--seed", type=int, help="workload random seed")
+    demo.add_argument(
+        "--no-long-transactions",
+        action="store_true",
+        help="no long source transactions (they hold later changes back, which dominates latency)",
+    )
     demo.set_defaults(func=cmd_demo)
     return parser
 
