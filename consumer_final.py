@@ -298,7 +298,9 @@ class ProductionCDCConsumer:
         self.stats.observe("batch_latency", time.monotonic() - started)
         for msg in batch:
             key = (msg.topic(), msg.partition())
-            self._uncommitted[key] = max(self._uncommitted.get(key, 0), msg.offset() + 1)
+            # A revoke during the batch hands the partition on: its new owner commits it.
+            if key in self._owned:
+                self._uncommitted[key] = max(self._uncommitted.get(key, 0), msg.offset() + 1)
         log.debug("batch applied messages=%d, committing offsets %s", len(batch), self._uncommitted)
         self._commit_pending()
 
@@ -358,7 +360,12 @@ class ProductionCDCConsumer:
         """Apply one message per savepoint; a failing one is retried, then rejected."""
         result = sink.ApplyResult()
         rejected = []
+        tried: set[int] = set()
         for item in items:
+            if item.event.action_id in tried:
+                result.duplicates += 1  # a re-sent copy in the same batch: decided once
+                continue
+            tried.add(item.event.action_id)
             for attempt in range(1, self.settings.max_attempts + 1):
                 cur.execute("SAVEPOINT one")
                 try:
@@ -402,20 +409,25 @@ class ProductionCDCConsumer:
             )
         self.breaker.check(len(dead), batch_size)
         if self.enable_idempotency:
-            records, unknown = [], []
+            unknown: list[DeadLetter] = []
+            # One dead letter per action_id: a re-sent copy in the same batch is the same failure.
+            by_id: dict[int, tuple[DeadLetter, sink.EventRecord]] = {}
             for letter in dead:
                 m = letter.message
                 ids = sink.salvage_ids(m.value())
                 if ids is None:
                     unknown.append(letter)
-                else:
-                    replayed = dlq_module.is_replayed(m)
-                    records.append(
-                        (letter, sink.EventRecord(*ids, m.topic(), m.partition(), m.offset(), replayed))
-                    )
-            new = sink.record_dead(cur, [r for _, r in records])
+                    continue
+                record = sink.EventRecord(
+                    *ids, m.topic(), m.partition(), m.offset(), dlq_module.is_replayed(m)
+                )
+                if record.action_id not in by_id or (
+                    record.replayed and not by_id[record.action_id][1].replayed
+                ):
+                    by_id[record.action_id] = (letter, record)
+            new = sink.record_dead(cur, [r for _, r in by_id.values()])
             # An id already recorded as dlq was dead-lettered before a crash: not sent twice.
-            dead = unknown + [letter for letter, r in records if r.action_id in new]
+            dead = unknown + [letter for letter, r in by_id.values() if r.action_id in new]
         for letter in dead:
             log.warning(
                 "dead letter %s error=%s attempts=%d: %s",
@@ -556,6 +568,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except CDCError as exc:  # HaltError, ServiceError, ...
         log.error("stopping: %s", exc)
+        return EXIT_ERROR
+    except psycopg2.Error as exc:
+        # Neither transient nor a data error: a bug or a broken destination. Offsets of the
+        # failed batch were not committed, so nothing is lost by stopping.
+        first = str(exc).strip().splitlines()
+        log.error(
+            "stopping on a destination error nothing here can handle: %s: %s",
+            type(exc).__name__,
+            first[0] if first else "",
+        )
         return EXIT_ERROR
     return EXIT_OK
 

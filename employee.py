@@ -178,6 +178,8 @@ class ChangeEvent:
             data = json.loads(raw)
         except ValueError as exc:
             raise InvalidEventError(f"value is not JSON: {exc}") from None
+        except RecursionError:
+            raise InvalidEventError("value is JSON nested too deeply to be an event") from None
         return cls.from_mapping(data)
 
     def to_dict(self) -> dict[str, Any]:

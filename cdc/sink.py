@@ -123,10 +123,13 @@ def apply_events(
     result = ApplyResult()
     fresh: dict[int, Delivered] = {}
     for item in items:
-        if item.event.action_id in fresh:
-            result.duplicates += 1  # the same event twice in one batch (a producer re-send)
-        else:
+        seen = fresh.get(item.event.action_id)
+        if seen is None:
             fresh[item.event.action_id] = item
+            continue
+        result.duplicates += 1  # the same event twice in one batch (a producer re-send)
+        if item.replayed and not seen.replayed:
+            fresh[item.event.action_id] = item  # the operator's replay must not be lost as a duplicate
     if idempotency and fresh:
         records = _record_params(
             [_record_of(i) for i in fresh.values()], outcome="applied", replayed=_replayed(fresh.values())
@@ -207,7 +210,7 @@ def salvage_ids(value: bytes | None) -> tuple[int, int | None, str | None] | Non
     """(action_id, emp_id, action) from an invalid message, when its action_id is usable."""
     try:
         data = json.loads(value or b"")
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(data, dict):
         return None

@@ -1,0 +1,63 @@
+"""Consumer edge cases found in review: re-sent copies of a bad message in one batch, deep JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from consumer_helpers import (
+    Running,
+    dest_constraint,
+    dest_rows,
+    dlq_messages,
+    event,
+    expected_state,
+    fast,
+    outcomes,
+    produce,
+)
+
+from consumer_final import ProductionCDCConsumer
+from employee import ChangeEvent, InvalidEventError
+
+pytestmark = pytest.mark.integration
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+def test_deeply_nested_json_is_invalid_not_a_crash():
+    with pytest.raises(InvalidEventError, match="nested too deeply"):
+        ChangeEvent.from_json(DEEP)
+
+
+def test_resent_copies_of_an_invalid_event_are_one_dead_letter(settings, clean_dest):
+    # The producer re-sends a batch after a failed delivery or a crash, so an invalid source row
+    # can reach one consumer batch twice; both copies carry the same action_id.
+    bad = json.dumps({"action_id": 50, "action": "UPSERT", "emp_id": 5}).encode()
+    good = [event(i, "INSERT", i) for i in range(1, 11)]
+    produce(settings, [*good[:5], (b"5", bad), (b"5", bad), (b"5", DEEP), *good[5:]])
+
+    consumer = ProductionCDCConsumer(settings=fast(settings))
+    with Running(consumer) as r:
+        r.wait_consumed(len(good) + 3)
+        produce(settings, [event(100, "UPDATE", 1, salary=7)])
+        r.wait(lambda: dest_rows(clean_dest)[1][5] == 7, what="a later update")
+
+    assert dest_rows(clean_dest) == expected_state([*good, event(100, "UPDATE", 1, salary=7)])
+    assert outcomes(clean_dest)[50] == "dlq"
+    values = sorted(m["value"][:40] for m in dlq_messages(settings))
+    assert len(values) == 2, values  # one for action_id 50, one for the deep JSON
+
+
+def test_resent_copies_of_a_rejected_event_are_one_dead_letter(settings, clean_dest):
+    good = [event(i, "INSERT", i) for i in range(1, 11)]
+    rejected = event(60, "INSERT", 60, salary=-5)
+    with dest_constraint(clean_dest, "salary_not_negative", "salary >= 0"):
+        produce(settings, [*good[:5], rejected, rejected, *good[5:]])
+        consumer = ProductionCDCConsumer(settings=fast(settings))
+        with Running(consumer) as r:
+            r.wait_consumed(len(good) + 2)
+            r.wait(lambda: outcomes(clean_dest).get(60) == "dlq", what="the rejected event's decision")
+
+    assert dest_rows(clean_dest) == expected_state(good)
+    assert len(dlq_messages(settings)) == 1
