@@ -68,3 +68,20 @@ DROP TRIGGER IF EXISTS employees_cdc_capture ON employees;
 CREATE TRIGGER employees_cdc_capture
     AFTER INSERT OR UPDATE OR DELETE ON employees
     FOR EACH ROW EXECUTE FUNCTION emp_records_cdc_capture();
+
+-- TRUNCATE fires no row triggers: capture it as a DELETE of every row, so the destination
+-- follows. The statement already holds its exclusive lock here, so no row can be missed.
+CREATE OR REPLACE FUNCTION emp_records_cdc_capture_truncate() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO emp_records_cdc (emp_id, first_name, last_name, dob, city, salary, action)
+    SELECT emp_id, first_name, last_name, dob, city, salary, 'DELETE' FROM employees ORDER BY emp_id;
+    PERFORM pg_notify('emp_records_cdc', '');
+    RETURN NULL;
+END;
+$$;
+
+DROP TRIGGER IF EXISTS employees_cdc_capture_truncate ON employees;
+CREATE TRIGGER employees_cdc_capture_truncate
+    BEFORE TRUNCATE ON employees
+    FOR EACH STATEMENT EXECUTE FUNCTION emp_records_cdc_capture_truncate();

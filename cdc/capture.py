@@ -264,6 +264,9 @@ class Leadership:
                     self.dsn,
                     connect_timeout=CONNECT_TIMEOUT,
                     application_name=self.application_name,
+                    # The server keeps the lock until it sees this session die: if this host
+                    # or its network goes away, its own keepalives tell it within about a minute.
+                    options="-c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3",
                     **KEEPALIVES,
                 )
                 self._conn.autocommit = True

@@ -25,6 +25,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from cdc.errors import ServiceError
 
@@ -127,7 +128,10 @@ class PostgresServer:
 
     @property
     def url(self) -> str:
-        return f"postgresql://{PG_USER}:{self.password}@127.0.0.1:{self.port}/{self.dbname}"
+        return self._url(self.dbname)
+
+    def _url(self, dbname: str) -> str:
+        return f"postgresql://{PG_USER}:{quote(self.password, safe='')}@127.0.0.1:{self.port}/{dbname}"
 
     @property
     def bindir(self) -> Path:
@@ -246,18 +250,15 @@ class PostgresServer:
         )
 
     def _ensure_database(self) -> None:
-        psql = str(self.bindir / "psql")
-        common = ["-h", str(self.datadir), "-p", str(self.port), "-U", PG_USER, "-X", "-q", "-t", "-A"]
-        out = self._run(
-            psql,
-            *common,
-            "-d",
-            "postgres",
-            "-c",
-            f"SELECT 1 FROM pg_database WHERE datname = '{self.dbname}'",
-        ).stdout
-        if out.strip() != "1":
-            self._run(psql, *common, "-d", "postgres", "-c", f'CREATE DATABASE "{self.dbname}"')
+        import psycopg2
+        from psycopg2 import sql
+
+        with contextlib.closing(psycopg2.connect(self._url("postgres"))) as conn:
+            conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.dbname,))
+                if cur.fetchone() is None:
+                    cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.dbname)))
 
     def apply_sql(self, path: Path) -> None:
         import psycopg2

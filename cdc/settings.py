@@ -123,23 +123,57 @@ _ENV_FIELDS: dict[str, tuple[str, Any]] = {
 ENV_NAMES = tuple(_ENV_FIELDS)
 
 
+# Kafka properties shown as they are; every other one is masked (SASL/OAuth/SSL settings can
+# hold secrets under many names, e.g. sasl.oauthbearer.config).
+_KAFKA_SHOWN_PREFIXES = (
+    "security.protocol",
+    "sasl.mechanism",
+    "sasl.username",
+    "client.",
+    "group.",
+    "session.",
+)
+
+
 def _is_secret(prop: str) -> bool:
-    return any(w in prop for w in ("password", "secret", "key", "token", "jaas"))
+    return not prop.startswith(_KAFKA_SHOWN_PREFIXES) and any(
+        w in prop
+        for w in ("sasl", "ssl", "password", "secret", "key", "token", "jaas", "oauth", "credential")
+    )
 
 
 def redact_url(url: str) -> str:
-    """Mask the password of a libpq URI; leave everything else readable."""
+    """Mask the password of a libpq URI (in the user info or a ``password=`` parameter)."""
     if not url:
         return url
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable url>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    userinfo = netloc[0].split(":", 1)[0] + ":***"
-    return urlunsplit(parts._replace(netloc=f"{userinfo}@{netloc[1]}"))
+    if parts.password is not None:
+        netloc = parts.netloc.rsplit("@", 1)
+        parts = parts._replace(netloc=netloc[0].split(":", 1)[0] + ":***@" + netloc[1])
+    if parts.query:
+        query = [
+            f"{k}=***" if k.lower() in ("password", "sslpassword") else f"{k}={v}" if sep else k
+            for k, sep, v in (item.partition("=") for item in parts.query.split("&"))
+        ]
+        parts = parts._replace(query="&".join(query))
+    return urlunsplit(parts)
+
+
+def _check_kafka_properties(props: Mapping[str, str]) -> None:
+    """librdkafka checks names and values when a client is built: do that now, without connecting."""
+    if not props:
+        return
+    from confluent_kafka import KafkaException, Producer
+
+    try:
+        Producer({**props, "log_level": 0})
+    except KafkaException as exc:
+        raise ConfigError(
+            f"Kafka setting from a KAFKA_* variable is not valid: {exc.args[0].str()}"
+        ) from None
 
 
 def kafka_properties_from_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -246,3 +280,4 @@ def validate(s: Settings) -> None:
         raise bad("dlq_breaker_window", "must not be negative (0 turns the breaker off)")
     if not 0 < s.dlq_breaker_ratio <= 1:
         raise bad("dlq_breaker_ratio", "must be greater than 0 and at most 1")
+    _check_kafka_properties(s.kafka_extra)

@@ -81,3 +81,30 @@ def test_secrets_never_in_description():
 def test_redact_url_without_password_is_unchanged():
     assert redact_url("postgresql://u@h:1/d") == "postgresql://u@h:1/d"
     assert redact_url("postgresql://u:p@h:1/d") == "postgresql://u:***@h:1/d"
+
+
+def test_password_in_the_query_string_is_masked():
+    url = "postgresql://u@h:1/d?sslmode=require&password=s3cret"
+    assert redact_url(url) == "postgresql://u@h:1/d?sslmode=require&password=***"
+
+
+def test_kafka_secrets_under_any_name_are_masked():
+    s = load_settings(
+        env={**BASE, "KAFKA_SASL_OAUTHBEARER_CONFIG": "clientSecret=abc", "KAFKA_SSL_KEY_PEM": "-----x"},
+        dotenv_path=None,
+    )
+    assert "abc" not in s.describe() and "-----x" not in s.describe()
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"KAFKA_CLUSTER_ID": "abc"}, 'No such configuration property: "cluster.id"'),
+        ({"KAFKA_ACKS": "most"}, "Invalid value"),
+        ({"KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_SASL_MECHANISM": "PLAIN"}, "sasl.username"),
+    ],
+)
+def test_bad_kafka_properties_are_one_line_at_start(env, words):
+    with pytest.raises(ConfigError) as info:
+        load_settings(env={**BASE, **env}, dotenv_path=None)
+    assert words in str(info.value) and "\n" not in str(info.value)

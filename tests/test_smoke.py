@@ -178,3 +178,14 @@ def test_cli_up_status_down_leaves_nothing_behind(tmp_path):
     assert _our_processes(home) == []
     status = run("status")
     assert status.returncode == 1 and status.stdout.count("stopped") == 3
+
+
+def test_truncate_is_captured_as_deletes(service_env, clean_source):
+    with contextlib.closing(psycopg2.connect(clean_source)) as conn, conn.cursor() as cur:
+        cur.execute(PROJECT_DIR.joinpath("setup_db.sql").read_text())
+        cur.execute("INSERT INTO employees (first_name) VALUES ('a'), ('b')")
+        conn.commit()
+        cur.execute("TRUNCATE employees")
+        conn.commit()
+        cur.execute("SELECT emp_id, action FROM emp_records_cdc ORDER BY action_id")
+        assert cur.fetchall() == [(1, "INSERT"), (2, "INSERT"), (1, "DELETE"), (2, "DELETE")]
