@@ -36,6 +36,8 @@ _TRANSIENT_CODES = {
 }
 # Errors that belong to one message's data, not to the database.
 _DATA_CLASSES = ("22", "23")  # data exception, integrity constraint violation
+# Connection failures that no wait fixes (libpq reports them without a SQLSTATE).
+_FATAL_CONNECT = ("authentication failed", "does not exist", "no pg_hba.conf entry", "no password supplied")
 _SCHEMA_CODES = {
     psycopg2.errorcodes.UNDEFINED_TABLE,
     psycopg2.errorcodes.UNDEFINED_COLUMN,
@@ -62,8 +64,11 @@ def classify(exc: BaseException) -> CDCError | None:
         return SchemaMissingError(f"{text} (run the setup SQL, e.g. `make up`)")
     if code[:2] in _DATA_CLASSES:
         return BadMessageError(text)
-    # No SQLSTATE: the connection itself failed (server gone, network, restart).
+    # No SQLSTATE: the connection itself failed. A wrong password or database name will not
+    # get better by waiting; a server that is gone or restarting will.
     if not code and isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
+        if any(marker in text for marker in _FATAL_CONNECT):
+            return ConfigError(text)
         return TransientError(text)
     return None
 
@@ -121,7 +126,7 @@ class Database:
             err = classify(exc)
             if isinstance(err, TransientError):
                 raise err from exc
-            raise CDCError(f"cannot connect to {self.url}: {_one_line(exc)}") from exc
+            raise ConfigError(f"cannot connect to {self.url}: {_one_line(exc)}") from None
 
     def close(self) -> None:
         if self._pool is not None:

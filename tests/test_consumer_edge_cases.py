@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from consumer_helpers import (
@@ -17,6 +19,8 @@ from consumer_helpers import (
     produce,
 )
 
+from cdc.runner import settings_env
+from cdc.services import PROJECT_DIR
 from consumer_final import ProductionCDCConsumer
 from employee import ChangeEvent, InvalidEventError
 
@@ -61,3 +65,28 @@ def test_resent_copies_of_a_rejected_event_are_one_dead_letter(settings, clean_d
 
     assert dest_rows(clean_dest) == expected_state(good)
     assert len(dlq_messages(settings)) == 1
+
+
+@pytest.mark.parametrize(
+    ("password", "db", "words"), [("wrong", None, "authentication failed"), (None, "nope", "does not exist")]
+)
+def test_wrong_password_or_database_stops_at_once_with_one_line(settings, tmp_path, password, db, words):
+    url = settings.dest_db_url
+    if password:
+        url = url.replace(":postgres@", f":{password}@")
+    if db:
+        url = url.rsplit("/", 1)[0] + f"/{db}"
+    env = {**settings_env(settings), "DEST_DB_URL": url}
+    out = subprocess.run(
+        [sys.executable, str(PROJECT_DIR / "consumer_final.py")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 2, out.stderr
+    errors = [line for line in out.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and words in errors[0], out.stderr
+    assert "Traceback" not in out.stderr and "wrong" not in out.stderr
