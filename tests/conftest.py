@@ -6,24 +6,23 @@ PostgreSQL servers on free loopback ports under a temporary folder, and stop the
 Tests that kill or restart services (marked ``fault``) ask for ``local_services``, which is
 always private.
 
-Each test gets its own topic names and consumer group (``settings``) and empty tables
-(``clean_source`` / ``clean_dest``), so tests do not leak into each other.
+Each test gets its own topic names and consumer group (``settings``, or ``private_settings`` on the
+private services) and empty tables (``clean_source`` / ``clean_dest``), so tests do not leak into
+each other. ``producers`` starts producer.py subprocesses and kills what is left after the test.
+The helpers behind these fixtures are in ``support.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg2
 import pytest
+import support
 
-from cdc.kafka import admin_client, ensure_topics
 from cdc.services import LocalServices, Ports
-from cdc.settings import Settings, load_settings
+from cdc.settings import Settings
 
 ENV_KEYS = ("SOURCE_DB_URL", "DEST_DB_URL", "KAFKA_BOOTSTRAP_SERVERS")
 
@@ -58,40 +57,33 @@ def service_env(request: pytest.FixtureRequest) -> dict[str, str]:
 @pytest.fixture
 def settings(service_env: dict[str, str]) -> Settings:
     """Settings pointing at the test services, with a fresh topic pair and group for this test."""
-    tag = uuid.uuid4().hex[:10]
-    s = load_settings(
-        env={**service_env, "LOG_LEVEL": "INFO"},
-        dotenv_path=None,
-        cdc_topic=f"cdc_test_{tag}",
-        cdc_dlq_topic=f"cdc_test_{tag}_dlq",
-        consumer_group_id=f"cdc_test_group_{tag}",
-        topic_partitions=3,
-    )
-    ensure_topics(s, admin_client(s))
-    return s
+    return support.fresh_settings(service_env)
 
 
-def _truncate(url: str, statement: str) -> None:
-    with contextlib.closing(psycopg2.connect(url)) as conn, conn.cursor() as cur:
-        cur.execute(statement)
-        conn.commit()
+@pytest.fixture
+def private_settings(local_services: LocalServices) -> Settings:
+    """Settings on the private services (which fault tests stop, kill and restart), with a fresh
+    topic pair and group. Starts whatever a previous test left stopped."""
+    local_services.up()
+    return support.fresh_settings(local_services.env(), prefix="cdc_fault")
 
 
 @pytest.fixture
 def clean_source(service_env: dict[str, str]) -> str:
     """An empty source database (employees, outbox, cursor reset). Returns its URL."""
-    url = service_env["SOURCE_DB_URL"]
-    _truncate(
-        url,
-        "TRUNCATE employees, emp_records_cdc RESTART IDENTITY;"
-        " UPDATE cdc_producer_state SET last_txid = '0', last_action_id = 0, published_total = 0;",
-    )
-    return url
+    return support.clean_source(service_env["SOURCE_DB_URL"])
 
 
 @pytest.fixture
 def clean_dest(service_env: dict[str, str]) -> str:
     """An empty destination database. Returns its URL."""
-    url = service_env["DEST_DB_URL"]
-    _truncate(url, "TRUNCATE employees, processed_events, emp_versions;")
-    return url
+    return support.clean_dest(service_env["DEST_DB_URL"])
+
+
+@pytest.fixture
+def producers(tmp_path: Path) -> Iterator[support.Daemons]:
+    """Starts producer.py subprocesses (``producers.start(producer_env(...), *args)``); every one
+    is killed at the end of the test."""
+    started = support.Daemons("producer.py", tmp_path, wait_timeout=30.0)
+    yield started
+    started.kill_all()

@@ -1,4 +1,6 @@
-"""Helpers of the consumer tests: events straight into Kafka, the destination's state, a runner."""
+"""Helpers of the consumer tests: events straight into Kafka, the destination's state, a runner,
+consumer_final.py's environment. Generic helpers (wait_until, query, end_offsets, ...) are in
+``support.py``."""
 
 from __future__ import annotations
 
@@ -6,16 +8,16 @@ import contextlib
 import dataclasses
 import random
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, date, datetime
 
-import psycopg2
 from confluent_kafka import Consumer, Producer, TopicPartition
 from psycopg2 import sql
+from support import execute, query, wait_until
 
 from cdc import dlq
 from cdc.kafka import consumer_config, producer_config
+from cdc.runner import settings_env
 from cdc.settings import Settings
 from consumer_final import ProductionCDCConsumer
 from employee import ChangeEvent, Employee
@@ -100,14 +102,6 @@ def expected_state(events: Iterable[ChangeEvent]) -> dict[int, tuple]:
     return state
 
 
-def query(url: str, sql: str, params: tuple = ()) -> list[tuple]:
-    with contextlib.closing(psycopg2.connect(url)) as conn, conn.cursor() as cur:
-        cur.execute(sql, params)
-        rows = cur.fetchall() if cur.description else []
-        conn.commit()
-        return rows
-
-
 def dest_rows(url: str) -> dict[int, tuple]:
     rows = query(url, "SELECT emp_id, first_name, last_name, dob, city, salary FROM employees")
     return {r[0]: tuple(r) for r in rows}
@@ -121,12 +115,19 @@ def count_processed(url: str) -> int:
     return query(url, "SELECT count(*) FROM processed_events")[0][0]
 
 
-def wait_until(cond: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+def consumer_env(settings: Settings, **extra: object) -> dict[str, str]:
+    """The environment for a consumer_final.py subprocess pointed at ``settings``."""
+    return settings_env(
+        settings,
+        **{
+            "CONSUME_TIMEOUT": "0.2",
+            "STATS_INTERVAL": "0.5",
+            # A killed member leaves the group in seconds, not the default 45 s.
+            "KAFKA_SESSION_TIMEOUT_MS": "6000",
+            "KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
+            **extra,
+        },
+    )
 
 
 def fast(settings: Settings, **changes: object) -> Settings:
@@ -183,35 +184,16 @@ def committed_offsets(settings: Settings, group: str | None = None) -> dict[int,
         c.close()
 
 
-def end_offsets(settings: Settings, topic: str | None = None) -> dict[int, int]:
-    topic = topic or settings.cdc_topic
-    c = Consumer(consumer_config(settings))
-    try:
-        meta = c.list_topics(topic, timeout=10).topics[topic]
-        return {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in meta.partitions}
-    finally:
-        c.close()
-
-
 @contextlib.contextmanager
 def dest_constraint(url: str, name: str, check: str) -> Iterator[None]:
     """A CHECK on the destination employees that the event validator does not know about."""
     add = sql.SQL("ALTER TABLE employees ADD CONSTRAINT {} CHECK ({}) NOT VALID").format(
         sql.Identifier(name), sql.SQL(check)
     )
-    with contextlib.closing(psycopg2.connect(url)) as conn:
-        run(conn, add)
+    execute(url, add)
     try:
         yield
     finally:
-        with contextlib.closing(psycopg2.connect(url)) as conn:
-            run(
-                conn,
-                sql.SQL("ALTER TABLE employees DROP CONSTRAINT IF EXISTS {}").format(sql.Identifier(name)),
-            )
-
-
-def run(conn, statement) -> None:
-    with conn.cursor() as cur:
-        cur.execute(statement)
-    conn.commit()
+        execute(
+            url, sql.SQL("ALTER TABLE employees DROP CONSTRAINT IF EXISTS {}").format(sql.Identifier(name))
+        )

@@ -18,15 +18,14 @@ from consumer_helpers import (
     dest_constraint,
     dest_rows,
     dlq_messages,
-    end_offsets,
     event,
     expected_state,
     fast,
     outcomes,
     produce,
-    query,
     workload,
 )
+from support import end_offsets, query
 
 from cdc import dlq
 from cdc.errors import HaltError

@@ -12,135 +12,62 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from confluent_kafka import Producer
 from consumer_helpers import (
     committed_offsets,
+    consumer_env,
     count_processed,
     dest_rows,
-    end_offsets,
     event,
     expected_state,
     outcomes,
     produce,
-    query,
-    wait_until,
     workload,
 )
+from support import Daemons, clean_dest, end_offsets, query, wait_until
 
-from cdc.kafka import admin_client, ensure_topics, producer_config
+from cdc.kafka import producer_config
+from cdc.runner import Daemon
 from cdc.services import PROJECT_DIR
-from cdc.settings import load_settings
 
 F_SETPIPE_SZ = 1031  # Linux fcntl: resize a pipe
 
 pytestmark = [pytest.mark.integration, pytest.mark.daemon]
 
 
-class Daemon:
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.log = log
-        self._out = log.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "consumer_final.py", "--env-file", str(log.with_suffix(".none")), *args],
-            cwd=PROJECT_DIR,
-            env=env,
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-        )
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_log(self, pattern: str, timeout: float = 60) -> None:
-        wait_until(lambda: re.search(pattern, self.text()) is not None, timeout, f"log line {pattern!r}")
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float = 60) -> int:
-        code = self.proc.wait(timeout)
-        self._out.close()
-        return code
-
-
 @pytest.fixture
 def daemons(tmp_path):
     """Start consumer_final.py subprocesses; every one is killed at the end, whatever happens."""
-    procs: list[subprocess.Popen] = []
-
-    def start(env: dict[str, str], *args: str) -> Daemon:
-        d = Daemon(list(args), env, tmp_path / f"consumer-{len(procs)}.log")
-        procs.append(d.proc)
-        return d
-
-    start.register = procs.append  # type: ignore[attr-defined]
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(30)
-
-
-def _env(settings, **extra: object) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "CDC_", "CONSUMER_"))}
-    env.update(
-        SOURCE_DB_URL=settings.source_db_url,
-        DEST_DB_URL=settings.dest_db_url,
-        KAFKA_BOOTSTRAP_SERVERS=settings.kafka_bootstrap_servers,
-        CDC_TOPIC=settings.cdc_topic,
-        CDC_DLQ_TOPIC=settings.cdc_dlq_topic,
-        CONSUMER_GROUP_ID=settings.consumer_group_id,
-        CONSUME_TIMEOUT="0.2",
-        STATS_INTERVAL="0.5",
-        # A killed member leaves the group in seconds, not the default 45 s.
-        KAFKA_SESSION_TIMEOUT_MS="6000",
-        KAFKA_HEARTBEAT_INTERVAL_MS="1000",
-    )
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+    started = Daemons("consumer_final.py", tmp_path)
+    yield started
+    started.kill_all()
 
 
 @pytest.fixture
-def private(local_services):
+def private(private_settings):
     """Settings on the private services (which fault tests stop and freeze), with a clean destination."""
-    tag = uuid.uuid4().hex[:10]
-    s = load_settings(
-        env=local_services.env(),
-        dotenv_path=None,
-        cdc_topic=f"cdc_fault_{tag}",
-        cdc_dlq_topic=f"cdc_fault_{tag}_dlq",
-        consumer_group_id=f"cdc_fault_group_{tag}",
-        topic_partitions=3,
-    )
-    ensure_topics(s, admin_client(s))
-    query(s.dest_db_url, "TRUNCATE employees, processed_events, emp_versions")
-    return s
+    clean_dest(private_settings.dest_db_url)
+    return private_settings
 
 
-class GatedDaemon:
+class GatedDaemon(Daemon):
     """consumer_final.py at DEBUG with its output in a 4 KiB pipe the test can stop draining."""
 
-    def __init__(self, env: dict[str, str], daemons) -> None:
+    def start(self) -> GatedDaemon:
         read_fd, write_fd = os.pipe()
         fcntl.fcntl(write_fd, F_SETPIPE_SZ, 4096)
-        self.proc = subprocess.Popen(
-            [sys.executable, "consumer_final.py", "--env-file", "/nonexistent.env"],
-            cwd=PROJECT_DIR,
-            env={**env, "LOG_LEVEL": "DEBUG", "STATS_INTERVAL": "3600"},
-            stdout=write_fd,
-            stderr=write_fd,
-        )
-        os.close(write_fd)
-        daemons.register(self.proc)
+        try:
+            self.spawn(write_fd, LOG_LEVEL="DEBUG", STATS_INTERVAL="3600")
+        finally:
+            os.close(write_fd)
         self._open = threading.Event()
         self._open.set()
         self._reader = threading.Thread(target=self._drain, args=(os.fdopen(read_fd, "rb"),), daemon=True)
         self._reader.start()
+        return self
 
     def _drain(self, pipe) -> None:
         with pipe:
@@ -155,18 +82,18 @@ class GatedDaemon:
 
 
 def test_bad_settings_give_one_line_and_exit_code_2(settings, daemons):
-    d = daemons(_env(settings, CONSUMER_BATCH_SIZE="lots"))
+    d = daemons.start(consumer_env(settings, CONSUMER_BATCH_SIZE="lots"))
     assert d.wait() == 2
-    out = d.text().strip()
+    out = d.output().strip()
     assert out.count("\n") == 0 and "Traceback" not in out
     assert "CONSUMER_BATCH_SIZE='lots' is not valid" in out
 
 
 def test_a_destination_without_the_schema_stops_with_exit_code_2(settings, daemons):
     # The source database has employees but none of the sink's tables.
-    d = daemons(_env(settings, DEST_DB_URL=settings.source_db_url))
+    d = daemons.start(consumer_env(settings, DEST_DB_URL=settings.source_db_url))
     assert d.wait() == 2
-    out = d.text()
+    out = d.output()
     assert "Traceback" not in out
     assert "processed_events" in out and "setup_db_with_idempotency.sql" in out
     assert ":postgres@" not in out  # the password is masked
@@ -175,12 +102,12 @@ def test_a_destination_without_the_schema_stops_with_exit_code_2(settings, daemo
 def test_sigterm_finishes_commits_and_reports(settings, clean_dest, daemons):
     events = workload(300, emps=50)
     produce(settings, events)
-    d = daemons(_env(settings, METRICS_PORT="0"))
+    d = daemons.start(consumer_env(settings, METRICS_PORT="0"))
     wait_until(lambda: count_processed(clean_dest) == 300, 60, "300 events decided")
-    d.wait_log(r"stats consumed=300 .*e2e_latency_p99_ms=")
+    d.wait_for_log(r"stats consumed=300 .*e2e_latency_p99_ms=")
     d.signal(signal.SIGTERM)
     assert d.wait() == 0
-    out = d.text()
+    out = d.output()
     assert "SIGTERM received" in out
     assert re.search(r"final statistics: consumed=300 .*duplicates=0 .*dlq=0 .*rate=", out)
     assert dest_rows(clean_dest) == expected_state(events)
@@ -189,7 +116,7 @@ def test_sigterm_finishes_commits_and_reports(settings, clean_dest, daemons):
 
 def test_show_and_replay_the_dlq_from_the_command_line(settings, clean_dest, daemons):
     produce(settings, [event(1, "INSERT", 1), (b"2", b"oops")])
-    d = daemons(_env(settings))
+    d = daemons.start(consumer_env(settings))
     wait_until(
         lambda: end_offsets(settings, settings.cdc_dlq_topic) != {0: 0, 1: 0, 2: 0}, 60, "a dead letter"
     )
@@ -197,7 +124,7 @@ def test_show_and_replay_the_dlq_from_the_command_line(settings, clean_dest, dae
     assert d.wait() == 0
 
     show = subprocess.run(
-        [sys.executable, "consumer_final.py", "--show-dlq"], cwd=PROJECT_DIR, env=_env(settings),
+        [sys.executable, "consumer_final.py", "--show-dlq"], cwd=PROJECT_DIR, env=consumer_env(settings),
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     [line] = show.stdout.splitlines()
@@ -207,7 +134,7 @@ def test_show_and_replay_the_dlq_from_the_command_line(settings, clean_dest, dae
     assert record["headers"]["cdc.original.topic"] == settings.cdc_topic
 
     replay = subprocess.run(
-        [sys.executable, "consumer_final.py", "--replay-dlq"], cwd=PROJECT_DIR, env=_env(settings),
+        [sys.executable, "consumer_final.py", "--replay-dlq"], cwd=PROJECT_DIR, env=consumer_env(settings),
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     assert "replayed 1 message(s)" in replay.stderr
@@ -219,14 +146,14 @@ def test_kill_9_during_a_20k_stream_applies_every_event_exactly_once(private, lo
     s = private
     events = workload(20_000, emps=3000, seed=11)
     produce(s, events)
-    env = _env(s, CONSUMER_BATCH_SIZE="100", KAFKA_GROUP_INSTANCE_ID="kill-test")
+    env = consumer_env(s, CONSUMER_BATCH_SIZE="100", KAFKA_GROUP_INSTANCE_ID="kill-test")
     url = s.dest_db_url
     rnd = random.Random(5)
 
     # 1. Between the database commit and the offset commit. At DEBUG the consumer logs one line
     #    per batch, after the database commit and before the offset commit; its stderr is a small
     #    pipe that the test stops draining, so the consumer blocks on exactly that line. kill -9.
-    first = GatedDaemon(env, daemons)
+    first = daemons.start(env, kind=GatedDaemon)
     wait_until(lambda: count_processed(url) >= 2000, 120, "2000 events decided")
     first.hold()
     stable = [-1]
@@ -236,7 +163,7 @@ def test_kill_9_during_a_20k_stream_applies_every_event_exactly_once(private, lo
         done, stable[0] = n == stable[0], n
         return done
 
-    wait_until(settled, 60, "the consumer to block on its log line", interval=1.0)
+    wait_until(settled, 60, "the consumer to block on its log line", step=1.0)
     first.proc.kill()
     first.release()
     first.proc.wait(30)
@@ -245,12 +172,12 @@ def test_kill_9_during_a_20k_stream_applies_every_event_exactly_once(private, lo
     assert any(applied_to.get(p, 0) > max(o, 0) for p, o in committed.items()), (applied_to, committed)
 
     # 2. The restart re-reads what was applied but not committed, and skips it as duplicates.
-    second = daemons(env)
-    second.wait_log(r"stats consumed=\d+ .*duplicates=[1-9]")
+    second = daemons.start(env)
+    second.wait_for_log(r"stats consumed=\d+ .*duplicates=[1-9]")
 
     # 3. At random points, while there is still work.
     for i in range(3):
-        d = second if i == 0 else daemons(env)
+        d = second if i == 0 else daemons.start(env)
         before = count_processed(url)
         wait_until(lambda b=before: count_processed(url) > b or b == 20_000, 120, "progress after a restart")
         time.sleep(rnd.uniform(0.0, 0.5))
@@ -258,7 +185,7 @@ def test_kill_9_during_a_20k_stream_applies_every_event_exactly_once(private, lo
         d.wait()
 
     # 4. To the end, then a clean stop.
-    last = daemons(env)
+    last = daemons.start(env)
     wait_until(lambda: count_processed(url) == 20_000, 180, "all 20k events decided")
     last.signal(signal.SIGTERM)
     assert last.wait() == 0
@@ -287,7 +214,7 @@ def test_destination_down_for_30s_nothing_dead_lettered_and_the_consumer_stays(
 
     feeder = threading.Thread(target=trickle, daemon=True)
     # A consumer that stopped polling for 10 s would be thrown out of the group.
-    d = daemons(_env(s, KAFKA_MAX_POLL_INTERVAL_MS="10000", RETRY_BACKOFF_MAX="4"))
+    d = daemons.start(consumer_env(s, KAFKA_MAX_POLL_INTERVAL_MS="10000", RETRY_BACKOFF_MAX="4"))
     feeder.start()
     try:
         wait_until(lambda: count_processed(url) >= 300, 60, "300 events decided")
@@ -304,7 +231,7 @@ def test_destination_down_for_30s_nothing_dead_lettered_and_the_consumer_stays(
     d.signal(signal.SIGTERM)
     assert d.wait() == 0
 
-    out = d.text()
+    out = d.output()
     assert "transient error" in out and "partitions resumed" in out
     # One assignment, and no revoke until the shutdown: the group never rebalanced.
     running = out.split("SIGTERM received")[0]
@@ -328,14 +255,14 @@ def test_two_consumers_one_killed_mid_stream_nothing_lost_or_double_applied(sett
             time.sleep(0.5)
 
     feeder = threading.Thread(target=feed, daemon=True)
-    env = _env(s, CONSUMER_BATCH_SIZE="200")
-    a = daemons(env)
+    env = consumer_env(s, CONSUMER_BATCH_SIZE="200")
+    a = daemons.start(env)
     feeder.start()
-    a.wait_log("partitions assigned")
+    a.wait_for_log("partitions assigned")
     wait_until(lambda: count_processed(url) >= 1000, 60, "1000 events decided")
-    b = daemons(env)
-    b.wait_log("partitions assigned")
-    a.wait_log("partitions revoked")  # a gave some partitions to b, committing first
+    b = daemons.start(env)
+    b.wait_for_log("partitions assigned")
+    a.wait_for_log("partitions revoked")  # a gave some partitions to b, committing first
     assert feeder.is_alive()  # mid-stream
     a.proc.kill()
     a.wait()

@@ -17,23 +17,21 @@ Random choices use a seed printed at the start of each test; set CDC_FAULT_SEED 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg2
 import pytest
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, Producer, TopicPartition
+from confluent_kafka import ConsumerGroupTopicPartitions, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
+from support import clean_dest, clean_source, dlq_count, scalar, watermarks
 
-from cdc.kafka import admin_client, base_config, ensure_topics
+from cdc.kafka import admin_client, base_config
 from cdc.runner import Daemon
 from cdc.services import LocalServices
-from cdc.settings import Settings, load_settings
+from cdc.settings import Settings
 from cdc.verify import verify
 from cdc.workload import Workload
 
@@ -42,12 +40,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.daemon, pytest.mark.fault]
 LOAD_RATE = 150  # changes per second, all writers together
 LOAD_WRITERS = 4
 CATCH_UP_TIMEOUT = 180.0
-
-
-def _scalar(url: str, query: str) -> int:
-    with contextlib.closing(psycopg2.connect(url)) as conn, conn.cursor() as cur:
-        cur.execute(query)
-        return cur.fetchone()[0]
 
 
 class Pipeline:
@@ -106,8 +98,8 @@ class Pipeline:
         result = verify(self.settings, wait=CATCH_UP_TIMEOUT, events=True)
         assert result.ok, f"seed={self.seed}\n" + "\n".join(result.lines()) + "\n" + self.logs()
         assert result.rows is not None and result.rows.source_rows > 0
-        outbox = _scalar(self.settings.source_db_url, "SELECT count(*) FROM emp_records_cdc")
-        decided = _scalar(self.settings.dest_db_url, "SELECT count(*) FROM processed_events")
+        outbox = scalar(self.settings.source_db_url, "SELECT count(*) FROM emp_records_cdc")
+        decided = scalar(self.settings.dest_db_url, "SELECT count(*) FROM processed_events")
         assert decided == outbox + dlq_decisions, (
             f"seed={self.seed}: {decided} decisions for {outbox} changes"
         )
@@ -124,61 +116,22 @@ class Pipeline:
             d.kill()
 
 
-def dlq_count(settings: Settings) -> int:
-    consumer = Consumer({**base_config(settings), "group.id": f"probe-{uuid.uuid4().hex}"})
-    try:
-        md = consumer.list_topics(settings.cdc_dlq_topic, timeout=10).topics[settings.cdc_dlq_topic]
-        total = 0
-        for p in md.partitions:
-            lo, hi = consumer.get_watermark_offsets(TopicPartition(settings.cdc_dlq_topic, p), timeout=10)
-            total += hi - lo
-        return total
-    finally:
-        consumer.close()
-
-
 def reset_group_to_earliest(settings: Settings) -> None:
     """What `kafka-consumer-groups --reset-offsets --to-earliest` does, for a stopped group."""
     admin: AdminClient = admin_client(settings)
-    probe = Consumer({**base_config(settings), "group.id": f"probe-{uuid.uuid4().hex}"})
-    try:
-        md = probe.list_topics(settings.cdc_topic, timeout=10).topics[settings.cdc_topic]
-        earliest = []
-        for p in md.partitions:
-            lo, _ = probe.get_watermark_offsets(TopicPartition(settings.cdc_topic, p), timeout=10)
-            earliest.append(TopicPartition(settings.cdc_topic, p, lo))
-    finally:
-        probe.close()
+    earliest = [TopicPartition(settings.cdc_topic, p, lo) for p, (lo, _hi) in watermarks(settings).items()]
     request = ConsumerGroupTopicPartitions(settings.consumer_group_id, earliest)
     for future in admin.alter_consumer_group_offsets([request]).values():
         future.result(timeout=30)
 
 
 @pytest.fixture
-def pipeline(local_services: LocalServices, tmp_path: Path) -> Iterator[Pipeline]:
+def pipeline(local_services: LocalServices, private_settings: Settings, tmp_path: Path) -> Iterator[Pipeline]:
     seed = int(os.environ.get("CDC_FAULT_SEED") or random.randrange(1_000_000))
     print(f"CDC_FAULT_SEED={seed}")
-    tag = uuid.uuid4().hex[:8]
-    settings = load_settings(
-        env=local_services.env(),
-        dotenv_path=None,
-        cdc_topic=f"cdc_fault_{tag}",
-        cdc_dlq_topic=f"cdc_fault_{tag}_dlq",
-        consumer_group_id=f"cdc_fault_group_{tag}",
-        topic_partitions=3,
-    )
-    ensure_topics(settings, admin_client(settings))
-    for url, statement in (
-        (
-            settings.source_db_url,
-            "TRUNCATE employees, emp_records_cdc RESTART IDENTITY;"
-            " UPDATE cdc_producer_state SET last_txid = '0', last_action_id = 0, published_total = 0;",
-        ),
-        (settings.dest_db_url, "TRUNCATE employees, processed_events, emp_versions;"),
-    ):
-        with contextlib.closing(psycopg2.connect(url)) as conn, conn.cursor() as cur:
-            cur.execute(statement)
-            conn.commit()
+    settings = private_settings
+    clean_source(settings.source_db_url)
+    clean_dest(settings.dest_db_url)
     p = Pipeline(local_services, settings, tmp_path, seed)
     try:
         yield p
@@ -200,12 +153,12 @@ def test_consumer_sigkill_five_times_then_replay(pipeline: Pipeline):
     pipeline.check()
 
     # Replay: the whole topic again from offset 0 changes nothing.
-    decided = _scalar(pipeline.settings.dest_db_url, "SELECT count(*) FROM processed_events")
+    decided = scalar(pipeline.settings.dest_db_url, "SELECT count(*) FROM processed_events")
     assert consumer.stop() == 0
     reset_group_to_earliest(pipeline.settings)
     consumer.start()
     pipeline.check()
-    assert _scalar(pipeline.settings.dest_db_url, "SELECT count(*) FROM processed_events") == decided
+    assert scalar(pipeline.settings.dest_db_url, "SELECT count(*) FROM processed_events") == decided
     pipeline.stop_all()
 
 
@@ -293,7 +246,7 @@ def test_poison_messages_mid_stream_go_to_the_dlq_and_nothing_else(pipeline: Pip
     # Poison with a parseable action_id is recorded as a dlq decision too.
     parseable = sum(1 for v in POISON if b'"action_id"' in v)
     pipeline.check(dlq_expected=len(POISON), dlq_decisions=parseable)
-    dlq_decided = _scalar(
+    dlq_decided = scalar(
         pipeline.settings.dest_db_url, "SELECT count(*) FROM processed_events WHERE outcome = 'dlq'"
     )
     assert dlq_decided == parseable

@@ -15,17 +15,13 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg2
 import pytest
 from psycopg2 import sql
+from support import connect, execute, query, wait_until
 from test_producer_support import (
-    Producers,
-    connect,
     cursor_row,
-    execute,
     insert_employees,
     outbox_ids,
     producer_env,
-    query,
     read_topic,
-    wait_until,
 )
 
 from cdc.capture import LOCK_CLASS, LOCK_ID, Cursor, Leadership, Outbox
@@ -36,13 +32,6 @@ from cdc.stats import process_cpu_seconds
 from employee import ChangeEvent, InvalidEventError
 
 pytestmark = [pytest.mark.integration, pytest.mark.daemon]
-
-
-@pytest.fixture
-def producers(tmp_path):
-    started = Producers(tmp_path)
-    yield started
-    started.kill_all()
 
 
 def free_port() -> int:

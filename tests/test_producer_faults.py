@@ -12,18 +12,13 @@ import time
 from collections import Counter
 
 import pytest
+from support import clean_source, connect, execute, query, wait_until
 from test_producer_support import (
-    Producers,
-    connect,
     cursor_row,
-    execute,
-    fresh_settings,
     insert_employees,
     outbox_ids,
     producer_env,
-    query,
     read_topic,
-    wait_until,
 )
 
 from cdc.daemon import EXIT_FORCED
@@ -32,23 +27,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.daemon, pytest.mark.fault]
 
 
 @pytest.fixture
-def producers(tmp_path):
-    started = Producers(tmp_path)
-    yield started
-    started.kill_all()
-
-
-@pytest.fixture
-def private(local_services):
+def private(private_settings, local_services):
     """Settings on the private services (all running, source emptied), with fresh topics."""
-    local_services.up()
-    settings = fresh_settings(local_services.env())
-    execute(
-        settings.source_db_url,
-        "TRUNCATE employees, emp_records_cdc RESTART IDENTITY;"
-        " UPDATE cdc_producer_state SET last_txid = '0', last_action_id = 0, published_total = 0",
-    )
-    yield settings
+    clean_source(private_settings.source_db_url)
+    yield private_settings
     local_services.up()
 
 

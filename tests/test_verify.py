@@ -14,6 +14,7 @@ import psycopg2
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from psycopg2.extras import execute_values
+from support import query
 
 from cdc.kafka import consumer_config, producer_config
 from cdc.services import PROJECT_DIR
@@ -23,21 +24,13 @@ from cdc.workload import Workload
 COLUMNS = "emp_id, first_name, last_name, dob, city, salary"
 
 
-def _sql(url: str, statement: str, params: object = None) -> list[tuple]:
-    with contextlib.closing(psycopg2.connect(url)) as conn, conn.cursor() as cur:
-        cur.execute(statement, params)
-        rows = cur.fetchall() if cur.description else []
-        conn.commit()
-    return rows
-
-
 def _fill_source(url: str, changes: int = 300, seed: int = 7) -> None:
     """Realistic rows (NULLs, non-ASCII, quotes, 100-character names) written by the workload."""
     Workload(url, rate=0, writers=1, seed=seed, max_changes=changes).run(60)
 
 
 def _copy_to_dest(source_url: str, dest_url: str) -> int:
-    rows = _sql(source_url, f"SELECT {COLUMNS} FROM employees")
+    rows = query(source_url, f"SELECT {COLUMNS} FROM employees")
     with contextlib.closing(psycopg2.connect(dest_url)) as conn, conn.cursor() as cur:
         execute_values(cur, f"INSERT INTO employees ({COLUMNS}) VALUES %s", rows)
         conn.commit()
@@ -46,7 +39,7 @@ def _copy_to_dest(source_url: str, dest_url: str) -> int:
 
 def _cursor_to_end(source_url: str) -> None:
     """Move the producer cursor past the whole outbox, as a producer that published all of it."""
-    _sql(
+    query(
         source_url,
         "UPDATE cdc_producer_state SET (last_txid, last_action_id) = ("
         " SELECT txid, action_id FROM emp_records_cdc ORDER BY txid DESC, action_id DESC LIMIT 1)"
@@ -107,7 +100,7 @@ def test_identical_tables_exit_0(settings, clean_source, clean_dest, tmp_path):
     _fill_source(clean_source)
     rows = _copy_to_dest(clean_source, clean_dest)
     # The workload's data has the awkward values the hash must treat alike in both databases.
-    (awkward,) = _sql(
+    (awkward,) = query(
         clean_source,
         "SELECT count(*) FILTER (WHERE first_name IS NULL), count(*) FILTER (WHERE city = ''),"
         " count(*) FILTER (WHERE octet_length(last_name) > char_length(last_name)),"
@@ -127,15 +120,15 @@ def test_identical_tables_exit_0(settings, clean_source, clean_dest, tmp_path):
 def test_planted_differences_are_reported_by_emp_id_and_exit_1(settings, clean_source, clean_dest, tmp_path):
     _fill_source(clean_source)
     _copy_to_dest(clean_source, clean_dest)
-    ids = [r[0] for r in _sql(clean_dest, "SELECT emp_id FROM employees ORDER BY emp_id")]
+    ids = [r[0] for r in query(clean_dest, "SELECT emp_id FROM employees ORDER BY emp_id")]
     changed, to_null, removed = ids[3], ids[10], ids[20]
     extra = ids[-1] + 1000
     # A row changed by hand, a NULL that became an empty string, a row lost, a row never in the source.
-    _sql(clean_dest, "UPDATE employees SET salary = coalesce(salary, 0) + 1 WHERE emp_id = %s", (changed,))
-    _sql(clean_source, "UPDATE employees SET city = NULL WHERE emp_id = %s", (to_null,))
-    _sql(clean_dest, "UPDATE employees SET city = '' WHERE emp_id = %s", (to_null,))
-    _sql(clean_dest, "DELETE FROM employees WHERE emp_id = %s", (removed,))
-    _sql(clean_dest, "INSERT INTO employees (emp_id, first_name) VALUES (%s, 'Ghost')", (extra,))
+    query(clean_dest, "UPDATE employees SET salary = coalesce(salary, 0) + 1 WHERE emp_id = %s", (changed,))
+    query(clean_source, "UPDATE employees SET city = NULL WHERE emp_id = %s", (to_null,))
+    query(clean_dest, "UPDATE employees SET city = '' WHERE emp_id = %s", (to_null,))
+    query(clean_dest, "DELETE FROM employees WHERE emp_id = %s", (removed,))
+    query(clean_dest, "INSERT INTO employees (emp_id, first_name) VALUES (%s, 'Ghost')", (extra,))
 
     report = compare_rows(settings)
     assert not report.identical
@@ -155,8 +148,8 @@ def test_planted_differences_are_reported_by_emp_id_and_exit_1(settings, clean_s
 
 @pytest.mark.integration
 def test_lists_the_first_n_ids_and_the_total(settings, clean_source, clean_dest, tmp_path):
-    _sql(clean_source, "INSERT INTO employees (first_name) SELECT 'n' || i FROM generate_series(1, 40) i")
-    _sql(
+    query(clean_source, "INSERT INTO employees (first_name) SELECT 'n' || i FROM generate_series(1, 40) i")
+    query(
         clean_dest,
         "INSERT INTO employees (emp_id, first_name) SELECT i, 'n' || i FROM generate_series(26, 40) i",
     )
@@ -188,7 +181,7 @@ def test_errors_are_one_line_and_exit_2(settings, clean_source, clean_dest, tmp_
 
 @pytest.mark.integration
 def test_wait_reports_unpublished_outbox_rows_and_exit_1(settings, clean_source, clean_dest, tmp_path):
-    _sql(clean_source, "INSERT INTO employees (first_name) SELECT 'w' || i FROM generate_series(1, 12) i")
+    query(clean_source, "INSERT INTO employees (first_name) SELECT 'w' || i FROM generate_series(1, 12) i")
     _copy_to_dest(clean_source, clean_dest)  # identical, yet the producer has published nothing
 
     started = time.monotonic()
@@ -208,7 +201,7 @@ def test_wait_reports_unpublished_outbox_rows_and_exit_1(settings, clean_source,
 
 @pytest.mark.integration
 def test_wait_returns_once_the_consumer_group_commits_the_high_watermarks(settings, clean_source, clean_dest):
-    _sql(clean_source, "INSERT INTO employees (first_name) SELECT 'k' || i FROM generate_series(1, 7) i")
+    query(clean_source, "INSERT INTO employees (first_name) SELECT 'k' || i FROM generate_series(1, 7) i")
     _copy_to_dest(clean_source, clean_dest)
     _cursor_to_end(clean_source)
     producer = Producer(producer_config(settings))
@@ -247,10 +240,10 @@ def test_wait_returns_once_the_consumer_group_commits_the_high_watermarks(settin
 
 @pytest.mark.integration
 def test_events_check_finds_unprocessed_and_unknown_action_ids(settings, clean_source, clean_dest, tmp_path):
-    _sql(clean_source, "INSERT INTO employees (first_name) SELECT 'e' || i FROM generate_series(1, 10) i")
+    query(clean_source, "INSERT INTO employees (first_name) SELECT 'e' || i FROM generate_series(1, 10) i")
     _copy_to_dest(clean_source, clean_dest)
     action_ids = [
-        r[0] for r in _sql(clean_source, "SELECT action_id FROM emp_records_cdc ORDER BY action_id")
+        r[0] for r in query(clean_source, "SELECT action_id FROM emp_records_cdc ORDER BY action_id")
     ]
     decided = action_ids[:4] + action_ids[6:]
     outcomes = ["applied", "applied", "stale", "dlq", "applied", "applied", "applied", "stale"]
@@ -271,7 +264,7 @@ def test_events_check_finds_unprocessed_and_unknown_action_ids(settings, clean_s
     assert "result: DIFFERENT: 2 events not processed, 0 unknown events" in proc.stdout
     assert "dead-lettered action_ids not from the outbox (poison messages): 1" in proc.stdout
 
-    _sql(
+    query(
         clean_dest,
         "INSERT INTO processed_events (action_id, outcome) SELECT unnest(%s::bigint[]), 'applied'",
         (action_ids[4:6],),
@@ -280,7 +273,7 @@ def test_events_check_finds_unprocessed_and_unknown_action_ids(settings, clean_s
     assert _cli(settings, "--events", tmp_path=tmp_path).returncode == 0
 
     # Applied, yet the source never wrote it: a change from nowhere.
-    _sql(
+    query(
         clean_dest, "INSERT INTO processed_events (action_id, outcome) VALUES (%s, 'applied')", (10**12 + 1,)
     )
     report = check_events(settings)

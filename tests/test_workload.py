@@ -10,6 +10,7 @@ import time
 
 import psycopg2
 import pytest
+from support import query, scalar
 
 from cdc.errors import ConfigError
 from cdc.services import PROJECT_DIR
@@ -18,20 +19,8 @@ from cdc.workload import Mix, Workload, check_local
 OUTBOX = "SELECT action_id, emp_id, action, first_name, last_name, dob, city, salary FROM emp_records_cdc"
 
 
-def _sql(url: str, statement: str, params: object = None) -> list[tuple]:
-    with contextlib.closing(psycopg2.connect(url)) as conn, conn.cursor() as cur:
-        cur.execute(statement, params)
-        rows = cur.fetchall() if cur.description else []
-        conn.commit()
-    return rows
-
-
-def _one(url: str, statement: str) -> object:
-    return _sql(url, statement)[0][0]
-
-
 def _truncate(url: str) -> None:
-    _sql(url, "TRUNCATE employees, emp_records_cdc RESTART IDENTITY")
+    query(url, "TRUNCATE employees, emp_records_cdc RESTART IDENTITY")
 
 
 def test_only_local_databases_unless_allowed():
@@ -73,7 +62,7 @@ def test_realistic_mix_with_late_commits(clean_source):
 
     assert late > 0
     assert stats.get("commit_unknown", 0) == 0
-    assert stats["events"] == _one(clean_source, "SELECT count(*) FROM emp_records_cdc")
+    assert stats["events"] == scalar(clean_source, "SELECT count(*) FROM emp_records_cdc")
     for kind in ("insert", "update", "delete", "reuse", "id_change", "long_transactions"):
         assert stats.get(kind, 0) > 0, (kind, stats)
     assert "seed=11 writers=4" in workload.summary()
@@ -97,16 +86,16 @@ def test_realistic_mix_with_late_commits(clean_source):
         " OR char_length(last_name) = 100",
         "empty string": "SELECT count(*) FROM emp_records_cdc WHERE first_name = '' OR city = ''",
     }
-    for what, query in checks.items():
-        assert _one(clean_source, query) > 0, what
-    actions = {r[0] for r in _sql(clean_source, "SELECT DISTINCT action FROM emp_records_cdc")}
+    for what, statement in checks.items():
+        assert scalar(clean_source, statement) > 0, what
+    actions = {r[0] for r in query(clean_source, "SELECT DISTINCT action FROM emp_records_cdc")}
     assert actions == {"INSERT", "UPDATE", "DELETE"}
 
 
 @pytest.mark.integration
 def test_deadlocks_and_unique_violations_are_rolled_back_and_counted(clean_source):
     """Hot rows, transfers in random order and racing re-inserts: the database refuses some."""
-    _sql(clean_source, "INSERT INTO employees (first_name) SELECT 'hot' || i FROM generate_series(1, 6) i")
+    query(clean_source, "INSERT INTO employees (first_name) SELECT 'hot' || i FROM generate_series(1, 6) i")
     initial_events = 6
     # No long transactions: on six rows their locks would turn most waits into lock timeouts.
     mix = Mix(
@@ -127,7 +116,7 @@ def test_deadlocks_and_unique_violations_are_rolled_back_and_counted(clean_sourc
     assert stats.get("rolled_back_unique_violation", 0) > 0, stats
     assert stats["transactions"] > 0
     # Rolled-back transactions wrote nothing to the outbox and were not counted.
-    assert stats["events"] + initial_events == _one(clean_source, "SELECT count(*) FROM emp_records_cdc")
+    assert stats["events"] + initial_events == scalar(clean_source, "SELECT count(*) FROM emp_records_cdc")
 
 
 @pytest.mark.integration
@@ -135,7 +124,7 @@ def test_same_seed_writes_the_same_changes(clean_source):
     def run(seed: int) -> list[tuple]:
         _truncate(clean_source)
         Workload(clean_source, rate=0, writers=1, seed=seed, max_changes=300).run(60)
-        return _sql(clean_source, OUTBOX + " ORDER BY action_id")
+        return query(clean_source, OUTBOX + " ORDER BY action_id")
 
     first = run(5)
     assert len(first) > 250
@@ -192,7 +181,7 @@ def test_cli_runs_and_prints_a_one_line_summary(clean_source, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("workload seed=9 writers=2 "), proc.stdout
     events = int(lines[0].split(" outbox events")[0].rsplit(" ", 1)[1])
     assert events > 0
-    assert events == _one(clean_source, "SELECT count(*) FROM emp_records_cdc")
+    assert events == scalar(clean_source, "SELECT count(*) FROM emp_records_cdc")
 
 
 @pytest.mark.integration

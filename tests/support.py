@@ -1,0 +1,143 @@
+"""Generic test helpers (no tests here): polling, SQL, fresh settings, empty tables, topic offsets,
+and a set of daemon subprocesses that is killed at the end of a test.
+
+Producer-only helpers are in ``test_producer_support.py``, consumer-only ones in ``consumer_helpers.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+from confluent_kafka import Consumer, TopicPartition
+
+from cdc.kafka import admin_client, base_config, ensure_topics
+from cdc.runner import Daemon
+from cdc.settings import Settings, load_settings
+
+CLEAN_SOURCE = (
+    "TRUNCATE employees, emp_records_cdc RESTART IDENTITY;"
+    " UPDATE cdc_producer_state SET last_txid = '0', last_action_id = 0, published_total = 0;"
+)
+CLEAN_DEST = "TRUNCATE employees, processed_events, emp_versions;"
+
+
+def wait_until(cond: Callable[[], Any], timeout: float, what: str, step: float = 0.1) -> Any:
+    """Poll ``cond`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(step)
+
+
+@contextlib.contextmanager
+def connect(url: str, autocommit: bool = False) -> Iterator[psycopg2.extensions.connection]:
+    conn = psycopg2.connect(url)
+    conn.autocommit = autocommit
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def query(url: str, statement: Any, params: Any = None) -> list[tuple[Any, ...]]:
+    """Run one statement in its own committed transaction; its rows (none for a command)."""
+    with connect(url) as conn, conn.cursor() as cur:
+        cur.execute(statement, params)
+        rows = cur.fetchall() if cur.description else []
+        conn.commit()
+        return rows
+
+
+def execute(url: str, statement: Any, params: Any = None) -> None:
+    query(url, statement, params)
+
+
+def scalar(url: str, statement: str, params: Any = None) -> Any:
+    """The first column of the first row."""
+    return query(url, statement, params)[0][0]
+
+
+def clean_source(url: str) -> str:
+    """Empty the source (employees, outbox) and reset the producer's cursor. Returns ``url``."""
+    execute(url, CLEAN_SOURCE)
+    return url
+
+
+def clean_dest(url: str) -> str:
+    """Empty the destination. Returns ``url``."""
+    execute(url, CLEAN_DEST)
+    return url
+
+
+def fresh_settings(service_env: Mapping[str, str], prefix: str = "cdc_test", **overrides: Any) -> Settings:
+    """Settings for the given services with a new topic pair (created) and consumer group."""
+    tag = uuid.uuid4().hex[:10]
+    s = load_settings(
+        env={**service_env, "LOG_LEVEL": "INFO"},
+        dotenv_path=None,
+        cdc_topic=f"{prefix}_{tag}",
+        cdc_dlq_topic=f"{prefix}_{tag}_dlq",
+        consumer_group_id=f"{prefix}_group_{tag}",
+        topic_partitions=3,
+        **overrides,
+    )
+    ensure_topics(s, admin_client(s))
+    return s
+
+
+def watermarks(settings: Settings, topic: str | None = None) -> dict[int, tuple[int, int]]:
+    """(low, high) offsets of every partition of ``topic`` (default: the CDC topic)."""
+    topic = topic or settings.cdc_topic
+    c = Consumer({**base_config(settings), "group.id": f"probe-{uuid.uuid4().hex}"})
+    try:
+        meta = c.list_topics(topic, timeout=10).topics[topic]
+        return {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10) for p in meta.partitions}
+    finally:
+        c.close()
+
+
+def end_offsets(settings: Settings, topic: str | None = None) -> dict[int, int]:
+    """The end offset of every partition of ``topic`` (default: the CDC topic)."""
+    return {p: high for p, (_low, high) in watermarks(settings, topic).items()}
+
+
+def dlq_count(settings: Settings) -> int:
+    """How many messages the dead-letter topic holds."""
+    return sum(high - low for low, high in watermarks(settings, settings.cdc_dlq_topic).values())
+
+
+class Daemons:
+    """Starts one daemon script (``cdc.runner.Daemon``), each start in its own folder under
+    ``workdir``, and kills whatever is left at the end of the test (``kill_all``)."""
+
+    def __init__(self, script: str, workdir: Path, **options: Any) -> None:
+        self.script = script
+        self.workdir = workdir
+        self.options = options
+        self.started: list[Daemon] = []
+
+    def add(self, daemon: Daemon) -> Daemon:
+        self.started.append(daemon)
+        return daemon
+
+    def create(self, env: Mapping[str, str], *args: str, kind: type[Daemon] = Daemon) -> Daemon:
+        """A daemon (a ``kind``) with the environment ``env`` (from ``settings_env``), not started yet."""
+        name = f"{Path(self.script).stem}-{len(self.started)}"
+        return self.add(kind(self.script, env, self.workdir / name, *args, **self.options))
+
+    def start(self, env: Mapping[str, str], *args: str, kind: type[Daemon] = Daemon) -> Daemon:
+        return self.create(env, *args, kind=kind).start()
+
+    def kill_all(self) -> None:
+        for daemon in self.started:
+            daemon.kill()
