@@ -24,11 +24,10 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Iterable
 from datetime import UTC
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from cdc.capture import Cursor, Leadership, Outbox, check_connect_error
@@ -43,7 +42,7 @@ from cdc.errors import (
     ServiceError,
     TransientError,
 )
-from cdc.kafka import base_config, ensure_topics, producer_config, wait_for_broker
+from cdc.kafka import Publisher, base_config, ensure_topics, producer_config, wait_for_broker
 from cdc.logs import configure_logging
 from cdc.metrics import MetricsServer
 from cdc.settings import Settings, load_settings
@@ -77,9 +76,6 @@ class _RepeatFilter(logging.Filter):
 
 kafka_log.addFilter(_RepeatFilter())
 
-# Seconds per flush() call while waiting for acknowledgements, and between "still waiting" lines.
-FLUSH_STEP = 1.0
-WAITING_NOTE_EVERY = 10.0
 # Seconds per attempt to reach Kafka at start-up (a "waiting for Kafka" line each time).
 KAFKA_WAIT_STEP = 5.0
 # Seconds between attempts of a standby to take the lock.
@@ -120,73 +116,6 @@ def encode_row(row: dict[str, Any]) -> tuple[bytes, bytes, bool]:
     return event.key(), event.to_json(), True
 
 
-class KafkaPublisher:
-    """An idempotent Kafka producer that publishes a batch and confirms every delivery."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.topic = settings.cdc_topic
-        self._config = producer_config(
-            settings, on_delivery=self._on_delivery, error_cb=self._on_error, logger=kafka_log
-        )
-        self._producer = Producer(self._config)
-        self._errors: list[KafkaError] = []
-        self._fatal: KafkaError | None = None
-
-    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            self._errors.append(err)
-
-    def _on_error(self, err: KafkaError) -> None:
-        if err.fatal():
-            self._fatal = err
-            log.error("kafka producer fatal error: %s; it will be recreated", err.str())
-        elif err.code() == KafkaError._ALL_BROKERS_DOWN:
-            kafka_log.warning("waiting for Kafka: all brokers are down")
-        else:
-            # Transport errors are retried by librdkafka and already in its own log lines.
-            kafka_log.debug("kafka: %s", err.str())
-
-    def publish(self, messages: Iterable[tuple[bytes, bytes]]) -> int:
-        """Produce and flush; return when all are acknowledged, else raise DeliveryError."""
-        self._errors.clear()
-        count = 0
-        for key, value in messages:
-            while True:
-                try:
-                    self._producer.produce(self.topic, value=value, key=key)
-                    break
-                except BufferError:
-                    # The local queue is full: serve delivery reports to make room, then retry.
-                    self._producer.poll(0.1)
-            self._producer.poll(0)
-            count += 1
-        self._flush(count)
-        if self._fatal is not None:
-            fatal, self._fatal = self._fatal, None
-            self._producer = Producer(self._config)
-            raise DeliveryError(f"kafka producer failed: {fatal.str()}")
-        if self._errors:
-            first = self._errors[0]
-            raise DeliveryError(f"{len(self._errors)} of {count} messages not delivered: {first.str()}")
-        return count
-
-    def _flush(self, count: int) -> None:
-        started = time.monotonic()
-        next_note = started + WAITING_NOTE_EVERY
-        while (remaining := self._producer.flush(FLUSH_STEP)) > 0 and self._fatal is None:
-            if time.monotonic() >= next_note:
-                next_note += WAITING_NOTE_EVERY
-                log.warning(
-                    "waiting for Kafka to acknowledge %d of %d messages (%.0fs so far)",
-                    remaining,
-                    count,
-                    time.monotonic() - started,
-                )
-
-    def close(self) -> None:
-        self._producer.flush(FLUSH_STEP)
-
-
 class ChangeProducer:
     """The producer daemon: leadership, the batch loop, stats, and an orderly shutdown."""
 
@@ -209,7 +138,7 @@ class ChangeProducer:
         )
         self.outbox = Outbox(self.db)
         self.leader = Leadership(settings.source_db_url, settings.notify_channel)
-        self.publisher: KafkaPublisher | None = None
+        self.publisher: Publisher | None = None
         self.metrics: MetricsServer | None = None
         self.cursor = Cursor()
         self._wakeup_fd: int | None = None
@@ -303,7 +232,7 @@ class ChangeProducer:
             self._take_snapshot()
         if not self._wait_for_kafka():
             return self._finish()
-        self.publisher = KafkaPublisher(self.settings)
+        self.publisher = Publisher(producer_config(self.settings), logger=kafka_log)
         if self.settings.metrics_port:
             self.metrics = MetricsServer(self.stats, self.settings.metrics_port)
             self.metrics.start()
@@ -340,7 +269,8 @@ class ChangeProducer:
             return 0
         assert self.publisher is not None and self.leader.pid is not None
         encoded = [encode_row(row) for row in rows]
-        self.publisher.publish((key, value) for key, value, _ in encoded)
+        topic = self.settings.cdc_topic
+        self.publisher.send((topic, key, value, None) for key, value, _ in encoded)
         acked_at = time.time()
         last = rows[-1]
         new = Cursor(last["txid"], last["action_id"])

@@ -27,18 +27,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from confluent_kafka import (
-    OFFSET_BEGINNING,
-    Consumer,
-    KafkaError,
-    KafkaException,
-    Message,
-    Producer,
-    TopicPartition,
-)
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 
 from cdc.errors import DeliveryError, HaltError
-from cdc.kafka import consumer_config, producer_config
+from cdc.kafka import Outgoing, Publisher, consumer_config, producer_config
 from cdc.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -88,82 +80,34 @@ def headers_of(letter: DeadLetter, group: str) -> list[tuple[str, bytes]]:
     ]
 
 
-class _Deliveries:
-    """Collects delivery reports and keeps the first error (quixstreams style)."""
-
-    def __init__(self) -> None:
-        self.pending = 0
-        self.error: KafkaError | None = None
-
-    def __call__(self, err: KafkaError | None, msg: Message) -> None:
-        self.pending -= 1
-        if err is not None and self.error is None:
-            self.error = err
-
-    def wait(self, producer: Producer, what: str) -> None:
-        remaining = producer.flush(FLUSH_TIMEOUT)
-        if self.error is not None:
-            raise DeliveryError(f"{what}: {self.error.str()}")
-        if remaining or self.pending:
-            raise DeliveryError(
-                f"{what}: {max(remaining, self.pending)} message(s) not acknowledged in {FLUSH_TIMEOUT:.0f}s"
-            )
-
-
 class DeadLetterQueue:
     """Writes dead letters and waits for every acknowledgement before the caller commits."""
 
     def __init__(self, settings: Settings) -> None:
         self.topic = settings.cdc_dlq_topic
         self.group = settings.consumer_group_id
-        self._settings = settings
-        self._producer = self._new_producer()
-
-    def _new_producer(self) -> Producer:
-        return Producer(
-            producer_config(self._settings, **{"client.id": f"{self.group}-dlq"}),
+        self._publisher = Publisher(
+            producer_config(settings, **{"client.id": f"{self.group}-dlq"}),
             logger=logging.getLogger("dlq.kafka"),
+            flush_timeout=FLUSH_TIMEOUT,
         )
 
     def send(self, letters: Sequence[DeadLetter]) -> None:
-        """Produce and flush; raises DeliveryError unless Kafka acknowledged every letter."""
-        deliveries = _Deliveries()
-        try:
-            for letter in letters:
-                self._produce(letter, deliveries)
-            deliveries.wait(self._producer, f"dead-letter topic {self.topic}")
-        except KafkaException as exc:
-            raise DeliveryError(f"dead-letter topic {self.topic}: {exc.args[0].str()}") from exc
-        except DeliveryError:
-            if deliveries.error is not None and deliveries.error.fatal():
-                # An idempotent producer in a fatal state refuses everything: start a new one.
-                self._producer = self._new_producer()
-            raise
+        """Produce and flush; raises DeliveryError unless Kafka acknowledged every letter.
 
-    def _produce(self, letter: DeadLetter, deliveries: _Deliveries) -> None:
-        m = letter.message
-        _produce(self._producer, deliveries, self.topic, m.key(), m.value(), headers_of(letter, self.group))
+        After a fatal producer error the publisher has already started a new producer, so the
+        consumer's retry of the batch can succeed.
+        """
+        self._publisher.send(
+            (
+                (self.topic, letter.message.key(), letter.message.value(), headers_of(letter, self.group))
+                for letter in letters
+            ),
+            what=f"dead-letter topic {self.topic}",
+        )
 
     def close(self) -> None:
-        self._producer.flush(FLUSH_TIMEOUT)
-
-
-def _produce(
-    producer: Producer,
-    deliveries: _Deliveries,
-    topic: str,
-    key: bytes | None,
-    value: bytes | None,
-    headers: list[tuple[str, bytes]],
-) -> None:
-    while True:
-        try:
-            producer.produce(topic, key=key, value=value, headers=headers, on_delivery=deliveries)
-            break
-        except BufferError:
-            producer.poll(0.1)  # local queue full: let deliveries drain
-    deliveries.pending += 1
-    producer.poll(0)
+        self._publisher.close(FLUSH_TIMEOUT)
 
 
 class CircuitBreaker:
@@ -253,29 +197,31 @@ def replay(settings: Settings, *, limit: int | None = None) -> int:
     """
     group = f"{settings.consumer_group_id}.dlq-replay"
     consumer = Consumer(consumer_config(settings, **{"group.id": group}))
-    producer = Producer(producer_config(settings, **{"client.id": group}))
-    deliveries = _Deliveries()
-    count = 0
+    publisher = Publisher(
+        producer_config(settings, **{"client.id": group}),
+        logger=logging.getLogger("dlq.kafka"),
+        flush_timeout=FLUSH_TIMEOUT,
+    )
+    what = f"replay of {settings.cdc_dlq_topic}"
+    last: dict[int, int] = {}
+
+    def republished() -> Iterator[Outgoing]:
+        for msg in _read_until(consumer, ends, limit):
+            target = _headers_dict(msg).get(H_TOPIC) or settings.cdc_topic
+            source = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
+            last[msg.partition()] = msg.offset()
+            yield target, msg.key(), msg.value(), [(H_REPLAYED_FROM, source.encode())]
+
     try:
         ends = _assign(consumer, settings.cdc_dlq_topic, from_committed=True)
-        last: dict[int, int] = {}
-        for msg in _read_until(consumer, ends, limit):
-            headers = _headers_dict(msg)
-            target = headers.get(H_TOPIC) or settings.cdc_topic
-            source = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
-            _produce(
-                producer, deliveries, target, msg.key(), msg.value(), [(H_REPLAYED_FROM, source.encode())]
-            )
-            last[msg.partition()] = msg.offset()
-            count += 1
-        deliveries.wait(producer, f"replay of {settings.cdc_dlq_topic}")
+        count = publisher.send(republished(), what=what)
         if last:
             consumer.commit(
                 offsets=[TopicPartition(settings.cdc_dlq_topic, p, o + 1) for p, o in last.items()],
                 asynchronous=False,
             )
     except KafkaException as exc:
-        raise DeliveryError(f"replay of {settings.cdc_dlq_topic}: {exc.args[0].str()}") from exc
+        raise DeliveryError(f"{what}: {exc.args[0].str()}") from exc
     finally:
         consumer.close()
     log.info("replayed %d message(s) from %s", count, settings.cdc_dlq_topic)

@@ -1,17 +1,30 @@
-"""Kafka client configuration and topic management shared by the producer and the consumer."""
+"""Kafka client configuration, topic management and the one way this project produces."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from cdc.errors import ServiceError
+from cdc.errors import DeliveryError, ServiceError
 from cdc.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# Seconds per flush() call while waiting for acknowledgements, and between "still waiting" lines.
+FLUSH_STEP = 1.0
+WAITING_NOTE_EVERY = 10.0
+
+# What the client raises: a fatal error raised while it serves a delivery report surfaces as a
+# SystemError caused by the KafkaException.
+CLIENT_ERRORS = (KafkaException, SystemError)
+
+Headers = list[tuple[str, bytes]]
+# One message to send: topic, key, value, headers.
+Outgoing = tuple[str, bytes | None, bytes | None, Headers | None]
 
 
 def base_config(settings: Settings) -> dict[str, str]:
@@ -86,3 +99,161 @@ def ensure_topics(settings: Settings, admin: AdminClient | None = None, *, timeo
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise ServiceError(f"could not create topic {topic}: {exc.args[0].str()}") from exc
+
+
+class _Batch:
+    """Delivery reports of one send(): a late report of an earlier batch never counts here."""
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.failed = 0
+        self.first_error: KafkaError | None = None
+
+    def __call__(self, err: KafkaError | None, msg: Message) -> None:
+        self.pending -= 1
+        if err is not None:
+            self.failed += 1
+            if self.first_error is None:
+                self.first_error = err
+
+
+def _is_fatal(err: KafkaError) -> bool:
+    # produce() on a failed producer raises _FATAL, which itself is not flagged fatal().
+    return err.fatal() or err.code() == KafkaError._FATAL
+
+
+def _kafka_error(exc: BaseException) -> KafkaError | None:
+    """The KafkaError behind ``exc`` (see CLIENT_ERRORS), following its chain."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, KafkaException) and isinstance(seen.args[0], KafkaError):
+            return seen.args[0]
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+class Publisher:
+    """A producer that sends a batch and confirms every delivery report, or raises DeliveryError.
+
+    ``poll(0)`` after each produce, a full local queue waited out by polling, then ``flush()``
+    until every report is in (or ``flush_timeout`` passes). A fatal error (an idempotent
+    producer that lost its sequence state refuses everything from then on) replaces the
+    producer at once, so sending the batch again goes through a fresh one.
+    """
+
+    def __init__(
+        self, config: dict[str, object], *, logger: logging.Logger, flush_timeout: float | None = None
+    ) -> None:
+        self.flush_timeout = flush_timeout
+        self.restarts = 0
+        self._log = logger
+        self._config = {**config, "error_cb": self._on_error, "logger": logger}
+        self._fatal: KafkaError | None = None
+        self._producer = Producer(self._config)
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self._fatal = err
+        elif err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._log.warning("waiting for Kafka: all brokers are down")
+        else:
+            # Transport errors are retried by librdkafka and already in its own log lines.
+            self._log.debug("kafka: %s", err.str())
+
+    def send(self, messages: Iterable[Outgoing], *, what: str = "") -> int:
+        """Produce and flush; return the count once Kafka acknowledged all, else raise DeliveryError.
+
+        ``what`` prefixes the error message (e.g. ``dead-letter topic x``).
+        """
+        prefix = f"{what}: " if what else ""
+        batch = _Batch()
+        count = 0
+        try:
+            for topic, key, value, headers in messages:
+                self._produce(batch, topic, key, value, headers)
+                count += 1
+            self._flush(batch, count)
+        except CLIENT_ERRORS as exc:
+            err = _kafka_error(exc)
+            if err is None:
+                raise
+            if not _is_fatal(err):
+                raise DeliveryError(f"{prefix}{err.str()}") from exc
+            self._fatal = self._fatal or self._fatal_cause(err)
+        if self._fatal is not None:
+            fatal = self._restart()
+            raise DeliveryError(
+                f"{prefix}kafka producer fatal error {fatal.name()}: {fatal.str()}; "
+                f"a new producer was started for the retry"
+            )
+        if batch.failed:
+            assert batch.first_error is not None
+            raise DeliveryError(
+                f"{prefix}{batch.failed} of {count} messages not delivered: {batch.first_error.str()}"
+            )
+        if batch.pending:
+            raise DeliveryError(
+                f"{prefix}{batch.pending} message(s) not acknowledged in {self.flush_timeout:.0f}s"
+            )
+        return count
+
+    def _produce(
+        self, batch: _Batch, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None
+    ) -> None:
+        while True:
+            try:
+                self._producer.produce(topic, key=key, value=value, headers=headers, on_delivery=batch)
+                break
+            except BufferError:
+                # The local queue is full: serve delivery reports to make room, then retry.
+                self._producer.poll(0.1)
+        batch.pending += 1
+        self._producer.poll(0)
+
+    def _flush(self, batch: _Batch, count: int) -> None:
+        started = time.monotonic()
+        next_note = started + WAITING_NOTE_EVERY
+        while batch.pending > 0 and self._fatal is None:
+            self._producer.flush(FLUSH_STEP)
+            now = time.monotonic()
+            if self.flush_timeout is not None and now - started >= self.flush_timeout:
+                return
+            if batch.pending > 0 and now >= next_note:
+                next_note += WAITING_NOTE_EVERY
+                log.warning(
+                    "waiting for Kafka to acknowledge %d of %d messages (%.0fs so far)",
+                    batch.pending,
+                    count,
+                    now - started,
+                )
+
+    def _fatal_cause(self, err: KafkaError) -> KafkaError:
+        """The error that made the producer fatal, not produce()'s bare _FATAL.
+
+        confluent-kafka hands it out once, from the next poll(), unless that already happened.
+        """
+        if err.code() != KafkaError._FATAL:
+            return err
+        try:
+            self._producer.poll(0)
+        except CLIENT_ERRORS as exc:
+            cause = _kafka_error(exc)
+            if cause is not None and cause.fatal():
+                return cause
+        return err
+
+    def _restart(self) -> KafkaError:
+        """Drop the failed producer (its queue is already purged) and start a new one."""
+        fatal, self._fatal = self._fatal, None
+        assert fatal is not None
+        self._producer = Producer(self._config)
+        self.restarts += 1
+        return fatal
+
+    def close(self, timeout: float = FLUSH_STEP) -> None:
+        """Wait up to ``timeout`` for anything still queued (send() normally leaves nothing)."""
+        try:
+            self._producer.flush(timeout)
+        except CLIENT_ERRORS as exc:
+            if _kafka_error(exc) is None:
+                raise
