@@ -30,7 +30,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
-from cdc.capture import Cursor, Leadership, Outbox, check_connect_error
+from cdc.capture import Cursor, Leadership, Outbox
 from cdc.daemon import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, StopSignal, backoff_delay
 from cdc.db import Database
 from cdc.errors import (
@@ -160,8 +160,7 @@ class ChangeProducer:
         return False
 
     def _wait_after_source_error(self, exc: TransientError, attempt: int) -> None:
-        """Stop at once on an error no wait can fix (ConfigError), else log and back off."""
-        check_connect_error(exc, self.db.url)
+        """Log and back off. (Errors no wait can fix arrive as ConfigError: see cdc.db.classify.)"""
         delay = backoff_delay(attempt, self.settings.retry_backoff_max)
         log.warning("waiting for source PostgreSQL at %s: %s (retry in %.1fs)", self.db.url, exc, delay)
         self.stop.wait(delay)

@@ -23,7 +23,7 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from cdc.db import CONNECT_TIMEOUT, KEEPALIVES, Database, classify
-from cdc.errors import CDCError, ConfigError, LeadershipLost, SchemaMissingError, TransientError
+from cdc.errors import CDCError, LeadershipLost, SchemaMissingError, TransientError
 from cdc.settings import redact_url
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,6 @@ LOCK_ID = 1
 STATE_NAME = "default"
 # A snapshot must not queue behind a long writer for ever: it would block every new writer.
 SNAPSHOT_LOCK_TIMEOUT = "10s"
-# Connection errors that no wait will fix: say so at once instead of retrying.
-_FATAL_CONNECT = ("authentication failed", "does not exist", "no pg_hba.conf entry", "no password supplied")
 
 COLUMNS = (
     "action_id",
@@ -125,14 +123,6 @@ class Backlog:
     rows: int  # not yet published, readable or not
     held_back: int  # committed, but behind an open transaction's xid: not readable yet
     held_for: float  # seconds the oldest held-back row has waited
-
-
-def check_connect_error(exc: BaseException, url: str) -> None:
-    """Raise ConfigError if a connection failure is one that waiting cannot fix."""
-    text = str(exc.__cause__ or exc)
-    if any(marker in text for marker in _FATAL_CONNECT):
-        first = text.strip().splitlines()[0] if text.strip() else text
-        raise ConfigError(f"cannot connect to {url}: {first}") from None
 
 
 class Outbox:
