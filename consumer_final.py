@@ -51,13 +51,15 @@ from cdc.errors import (
     TransientError,
 )
 from cdc.kafka import admin_client, consumer_config, ensure_topics
-from cdc.logs import configure_logging
+from cdc.logs import configure_logging, quiet_repeats
 from cdc.metrics import MetricsServer
 from cdc.settings import Settings, load_settings, validate
 from cdc.stats import Stats
 from employee import ACTIONS, ChangeEvent, InvalidEventError
 
 log = logging.getLogger("consumer")
+KAFKA_LOG = logging.getLogger("consumer.kafka")
+quiet_repeats(KAFKA_LOG)
 
 STATS_KEYS = [
     "consumed",
@@ -182,7 +184,7 @@ class ProductionCDCConsumer:
             self._metrics.start()
         self._consumer = Consumer(
             consumer_config(s, **{"client.id": f"cdc-consumer-{s.consumer_group_id}"}),
-            logger=logging.getLogger("consumer.kafka"),
+            logger=KAFKA_LOG,
         )
         self._consumer.subscribe(
             [s.cdc_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost

@@ -20,14 +20,12 @@ import fcntl
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import time
 from datetime import UTC
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from cdc.capture import Cursor, Leadership, Outbox
@@ -43,7 +41,7 @@ from cdc.errors import (
     TransientError,
 )
 from cdc.kafka import Publisher, base_config, ensure_topics, producer_config, wait_for_broker
-from cdc.logs import configure_logging
+from cdc.logs import configure_logging, quiet_repeats
 from cdc.metrics import MetricsServer
 from cdc.settings import Settings, load_settings
 from cdc.stats import Stats
@@ -52,29 +50,7 @@ from employee import ChangeEvent, InvalidEventError
 log = logging.getLogger("producer")
 kafka_log = logging.getLogger("producer.kafka")
 
-# librdkafka repeats a connection error on every reconnect attempt: say it once per this long.
-REPEAT_QUIET_SECONDS = 30.0
-
-
-class _RepeatFilter(logging.Filter):
-    """Drop a message like one let through less than REPEAT_QUIET_SECONDS ago (numbers ignored)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._seen: dict[str, float] = {}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        now = time.monotonic()
-        text = re.sub(r"\d+", "#", record.getMessage())
-        if now - self._seen.get(text, -REPEAT_QUIET_SECONDS) < REPEAT_QUIET_SECONDS:
-            return False
-        if len(self._seen) > 1000:
-            self._seen.clear()
-        self._seen[text] = now
-        return True
-
-
-kafka_log.addFilter(_RepeatFilter())
+quiet_repeats(kafka_log)
 
 # Seconds per attempt to reach Kafka at start-up (a "waiting for Kafka" line each time).
 KAFKA_WAIT_STEP = 5.0
@@ -169,11 +145,11 @@ class ChangeProducer:
         admin = AdminClient({**base_config(self.settings), "logger": kafka_log})
         while self.stop.running:
             try:
-                wait_for_broker(admin, timeout=KAFKA_WAIT_STEP)
-            except ServiceError as exc:
-                cause = exc.__cause__.args[0] if isinstance(exc.__cause__, KafkaException) else exc
-                reason = cause.str() if isinstance(cause, KafkaError) else str(cause)
-                log.warning("waiting for Kafka at %s: %s", self.settings.kafka_bootstrap_servers, reason)
+                # It logs one "waiting for Kafka at ..." line per call.
+                wait_for_broker(
+                    admin, timeout=KAFKA_WAIT_STEP, what=f"Kafka at {self.settings.kafka_bootstrap_servers}"
+                )
+            except ServiceError:
                 continue
             ensure_topics(self.settings, admin)
             return True

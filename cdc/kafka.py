@@ -70,11 +70,11 @@ def wait_for_broker(admin: AdminClient, *, timeout: float, what: str = "Kafka") 
             admin.list_topics(timeout=5)
             return
         except KafkaException as exc:
-            if time.monotonic() > deadline:
-                raise ServiceError(f"{what} unreachable after {timeout:.0f}s: {exc.args[0]}") from exc
             if not announced:
-                log.warning("waiting for %s: %s", what, exc.args[0])
+                log.warning("waiting for %s: %s", what, exc.args[0].str())
                 announced = True
+            if time.monotonic() > deadline:
+                raise ServiceError(f"{what} unreachable after {timeout:.0f}s: {exc.args[0].str()}") from exc
             time.sleep(1)
 
 
