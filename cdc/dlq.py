@@ -31,9 +31,12 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message,
 
 from cdc.errors import DeliveryError, HaltError
 from cdc.kafka import Outgoing, Publisher, consumer_config, producer_config
+from cdc.logs import quiet_repeats
 from cdc.settings import Settings
 
 log = logging.getLogger(__name__)
+KAFKA_LOG = logging.getLogger("dlq.kafka")
+quiet_repeats(KAFKA_LOG)
 
 H_TOPIC = "cdc.original.topic"
 H_PARTITION = "cdc.original.partition"
@@ -88,7 +91,7 @@ class DeadLetterQueue:
         self.group = settings.consumer_group_id
         self._publisher = Publisher(
             producer_config(settings, **{"client.id": f"{self.group}-dlq"}),
-            logger=logging.getLogger("dlq.kafka"),
+            logger=KAFKA_LOG,
             flush_timeout=FLUSH_TIMEOUT,
         )
 
@@ -199,7 +202,7 @@ def replay(settings: Settings, *, limit: int | None = None) -> int:
     consumer = Consumer(consumer_config(settings, **{"group.id": group}))
     publisher = Publisher(
         producer_config(settings, **{"client.id": group}),
-        logger=logging.getLogger("dlq.kafka"),
+        logger=KAFKA_LOG,
         flush_timeout=FLUSH_TIMEOUT,
     )
     what = f"replay of {settings.cdc_dlq_topic}"
