@@ -43,7 +43,9 @@ def _librdkafka() -> ctypes.CDLL:
     libs = Path(confluent_kafka.__file__).parent.parent / "confluent_kafka.libs"
     found = sorted(libs.glob("librdkafka*.so*"))
     if not found:
-        pytest.skip(f"no bundled librdkafka in {libs}")
+        pytest.fail(
+            f"no bundled librdkafka in {libs}: these tests need the confluent-kafka wheel's own build"
+        )
     lib = ctypes.CDLL(str(found[0]))
     lib.rd_kafka_name.restype = ctypes.c_char_p
     lib.rd_kafka_name.argtypes = [ctypes.c_void_p]
