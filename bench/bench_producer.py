@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 import psycopg2  # noqa: E402
 from confluent_kafka import Consumer, TopicPartition  # noqa: E402
 
+from cdc.errors import ServiceError  # noqa: E402
 from cdc.kafka import base_config, ensure_topics  # noqa: E402
 from cdc.services import LocalServices, Ports  # noqa: E402
 from cdc.settings import Settings, load_settings  # noqa: E402
@@ -150,7 +151,11 @@ def main() -> int:
             services.up()
             result = run(args, services, Path(tmp))
         finally:
-            services.down()
+            try:
+                services.down()
+            except ServiceError as exc:
+                # The measurement stands; say what was left behind.
+                print(f"warning: stopping the bench services: {exc}", file=sys.stderr)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(
