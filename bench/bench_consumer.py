@@ -23,11 +23,10 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 import psycopg2
-from confluent_kafka import Producer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cdc.kafka import admin_client, ensure_topics, producer_config
+from cdc.kafka import Publisher, admin_client, ensure_topics, producer_config
 from cdc.services import PROJECT_DIR, LocalServices, Ports
 from cdc.settings import Settings, load_settings
 from consumer_final import ProductionCDCConsumer
@@ -56,17 +55,10 @@ def events(n: int, emps: int, seed: int = 1) -> list[ChangeEvent]:
 
 
 def produce(settings: Settings, stream: list[ChangeEvent]) -> None:
-    producer = Producer(producer_config(settings))
-    for ev in stream:
-        while True:
-            try:
-                producer.produce(settings.cdc_topic, key=ev.key(), value=ev.to_json())
-                break
-            except BufferError:
-                producer.poll(0.1)
-        producer.poll(0)
-    if producer.flush(120):
-        raise SystemExit("bench: the producer could not deliver the backlog")
+    publisher = Publisher(
+        producer_config(settings), logger=logging.getLogger("bench.kafka"), flush_timeout=120
+    )
+    publisher.send((settings.cdc_topic, ev.key(), ev.to_json(), None) for ev in stream)
 
 
 def processed(url: str) -> int:

@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import random
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, date, datetime
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 from psycopg2 import sql
 from support import execute, query, wait_until
 
 from cdc import dlq
-from cdc.kafka import consumer_config, producer_config
+from cdc.kafka import Publisher, consumer_config, producer_config
 from cdc.runner import settings_env
 from cdc.settings import Settings
 from consumer_final import ProductionCDCConsumer
@@ -38,30 +39,18 @@ def event(action_id: int, action: str, emp_id: int, **fields: object) -> ChangeE
 def produce(
     settings: Settings,
     items: Iterable[ChangeEvent | tuple[bytes | None, bytes | None]],
-    producer: Producer | None = None,
+    publisher: Publisher | None = None,
 ) -> int:
     """Produce events (or raw (key, value) pairs) in order; fail unless every one is acknowledged."""
-    producer = producer or Producer(producer_config(settings))
-    errors: list[str] = []
+    publisher = publisher or new_publisher(settings)
+    return publisher.send(
+        (settings.cdc_topic, *((i.key(), i.to_json()) if isinstance(i, ChangeEvent) else i), None)
+        for i in items
+    )
 
-    def report(err, msg):
-        if err is not None:
-            errors.append(err.str())
 
-    n = 0
-    for item in items:
-        key, value = (item.key(), item.to_json()) if isinstance(item, ChangeEvent) else item
-        while True:
-            try:
-                producer.produce(settings.cdc_topic, key=key, value=value, on_delivery=report)
-                break
-            except BufferError:
-                producer.poll(0.1)
-        producer.poll(0)
-        n += 1
-    assert producer.flush(60) == 0
-    assert not errors, errors
-    return n
+def new_publisher(settings: Settings) -> Publisher:
+    return Publisher(producer_config(settings), logger=logging.getLogger("test.kafka"), flush_timeout=60)
 
 
 def workload(n: int, *, emps: int, seed: int = 7, start: int = 1) -> list[ChangeEvent]:

@@ -15,7 +15,6 @@ import time
 from collections import Counter
 
 import pytest
-from confluent_kafka import Producer
 from consumer_helpers import (
     committed_offsets,
     consumer_env,
@@ -23,13 +22,13 @@ from consumer_helpers import (
     dest_rows,
     event,
     expected_state,
+    new_publisher,
     outcomes,
     produce,
     workload,
 )
 from support import Daemons, clean_dest, end_offsets, query, wait_until
 
-from cdc.kafka import producer_config
 from cdc.runner import Daemon
 from cdc.services import PROJECT_DIR
 
@@ -205,11 +204,11 @@ def test_destination_down_for_30s_nothing_dead_lettered_and_the_consumer_stays(
     stop = threading.Event()
 
     def trickle() -> None:
-        producer = Producer(producer_config(s))
+        publisher = new_publisher(s)
         for i in range(0, len(events), 100):
             if stop.is_set():
                 return
-            produce(s, events[i : i + 100], producer)
+            produce(s, events[i : i + 100], publisher)
             time.sleep(0.25)
 
     feeder = threading.Thread(target=trickle, daemon=True)
@@ -249,9 +248,9 @@ def test_two_consumers_one_killed_mid_stream_nothing_lost_or_double_applied(sett
     url = clean_dest
 
     def feed() -> None:
-        producer = Producer(producer_config(s))
+        publisher = new_publisher(s)
         for i in range(0, len(events), 500):
-            produce(s, events[i : i + 500], producer)
+            produce(s, events[i : i + 500], publisher)
             time.sleep(0.5)
 
     feeder = threading.Thread(target=feed, daemon=True)
