@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import psycopg2
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from cdc import dlq as dlq_module
 from cdc import sink
@@ -76,9 +76,6 @@ STATS_KEYS = [
 ]
 # While waiting on a sick database, poll at least this often to stay in the group.
 WAIT_POLL = 0.5
-# Commit errors that mean "these partitions may not be ours any more": drop the offsets; whoever
-# owns them next re-reads from the last commit and skips the duplicates.
-_GONE = {KafkaError.ILLEGAL_GENERATION, KafkaError.UNKNOWN_MEMBER_ID, KafkaError.REBALANCE_IN_PROGRESS}
 
 TP = tuple[str, int]
 
@@ -470,7 +467,12 @@ class ProductionCDCConsumer:
         self._paused = True
 
     def _commit_pending(self, only: set[TP] | None = None) -> None:
-        """Commit applied offsets synchronously; failures stay pending and are retried."""
+        """Commit applied offsets synchronously; what is refused stays pending and is retried.
+
+        A refusal during a rebalance (REBALANCE_IN_PROGRESS, ILLEGAL_GENERATION, ...) does not
+        mean the partitions moved: cooperative rebalancing keeps most of them here. Only the
+        revoke and lost callbacks drop pending offsets, for the partitions that really left.
+        """
         todo = {tp: o for tp, o in self._uncommitted.items() if only is None or tp in only}
         if not todo or self._consumer is None:
             return
@@ -478,15 +480,7 @@ class ProductionCDCConsumer:
         try:
             committed = self._consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:
-            err = exc.args[0]
-            if err.code() in _GONE:
-                log.warning(
-                    "offset commit refused (%s): the partitions moved, their new owner re-reads", err.str()
-                )
-                for tp in todo:
-                    self._uncommitted.pop(tp, None)
-            else:
-                log.warning("offset commit failed (%s), will retry", err.str())
+            log.warning("offset commit refused (%s); kept pending, will retry", exc.args[0].str())
             return
         for tp in committed or []:
             key = (tp.topic, tp.partition)

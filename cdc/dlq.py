@@ -114,31 +114,56 @@ class DeadLetterQueue:
 
 
 class CircuitBreaker:
-    """Trips when at least ``ratio`` of the last ``window`` messages were dead-lettered.
+    """Trips when at least ``ratio`` of the recent messages were dead-lettered.
 
     A stream where nearly everything fails means a bug, a schema change or a wrong topic, not
     bad messages: dead-lettering it all would empty the topic into the DLQ.
+
+    The recent messages are the batch being decided, whole, plus the newest messages of earlier
+    batches until ``window`` messages are counted (the oldest batch counted in part, its failures
+    pro rata). A batch is one decision: where its failures sit inside it does not matter (its
+    partitions interleave anyway), only how many there are. Nothing trips before ``window``
+    messages were seen since the start, and a batch of ``window`` or more is judged on its own ratio.
     """
 
     def __init__(self, window: int, ratio: float) -> None:
         self.window = window
         self.ratio = ratio
-        self._recent: deque[bool] = deque(maxlen=window or 1)
+        self._batches: deque[tuple[int, int]] = deque()  # (failed, total), newest last
+        self._kept = 0  # messages in _batches
+
+    def failures_with(self, failed: int, total: int) -> tuple[float, int]:
+        """(failures, messages) of the recent messages if this batch were recorded now."""
+        failures, seen = float(failed), total
+        for old_failed, old_total in reversed(self._batches):
+            if seen >= self.window:
+                break
+            part = min(old_total, self.window - seen)
+            failures += old_failed * part / old_total
+            seen += part
+        return failures, seen
 
     def check(self, failed: int, total: int) -> None:
         """Raise HaltError if recording this batch (``failed`` of ``total``) would trip."""
-        if not self.window:
+        if not self.window or not failed:
             return
-        recent = (list(self._recent) + [False] * (total - failed) + [True] * failed)[-self.window :]
-        if len(recent) == self.window and sum(recent) >= self.ratio * self.window:
+        failures, seen = self.failures_with(failed, total)
+        # A hair of tolerance: pro-rata failures are fractions.
+        if seen >= self.window and failures >= self.ratio * seen - 1e-9:
             raise HaltError(
-                f"DLQ circuit breaker open: {sum(recent)} of the last {self.window} messages failed "
+                f"DLQ circuit breaker open: {failures:.0f} of the last {seen} messages failed "
                 f"(DLQ_BREAKER_RATIO={self.ratio}); stopping instead of dead-lettering the stream. "
                 "Check the errors above, fix the cause, restart"
             )
 
     def record(self, failed: int, total: int) -> None:
-        self._recent.extend([False] * (total - failed) + [True] * failed)
+        if not self.window or not total:
+            return
+        self._batches.append((failed, total))
+        self._kept += total
+        # Keep just enough batches to fill a window behind any new batch.
+        while self._kept - self._batches[0][1] >= self.window:
+            self._kept -= self._batches.popleft()[1]
 
 
 def _headers_dict(message: Message) -> dict[str, str]:

@@ -5,22 +5,91 @@ from __future__ import annotations
 import json
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from cdc.dlq import CircuitBreaker
 from cdc.errors import ConfigError, HaltError
 from cdc.settings import load_settings
 from cdc.sink import salvage_ids
-from consumer_final import parse_args
+from consumer_final import ProductionCDCConsumer, parse_args
 
 
 def test_breaker_trips_only_on_a_full_window_of_mostly_failures():
     breaker = CircuitBreaker(window=10, ratio=0.9)
     breaker.check(failed=9, total=9)  # not a full window yet
     breaker.record(failed=1, total=10)
-    breaker.check(failed=5, total=5)  # 1 + 5 of the last 10 failed: below 90 %
+    breaker.check(failed=5, total=5)  # 5 + half of the earlier batch's 1: 5.5 of 10, below 90 %
     breaker.record(failed=0, total=1)
     with pytest.raises(HaltError, match="circuit breaker open: 9 of the last 10"):
         breaker.check(failed=9, total=9)
+
+
+@pytest.mark.parametrize(("failed", "trips"), [(449, False), (450, True)])
+def test_a_batch_larger_than_the_window_is_judged_on_its_own_ratio(failed, trips):
+    breaker = CircuitBreaker(window=100, ratio=0.9)
+    breaker.record(failed=100, total=100)  # a bad burst before: does not count against a big batch
+    if trips:
+        with pytest.raises(HaltError, match="450 of the last 500"):
+            breaker.check(failed=failed, total=500)
+    else:
+        breaker.check(failed=failed, total=500)
+
+
+@pytest.mark.parametrize(("earlier_failed", "trips"), [(43, False), (44, True)])
+def test_small_batches_fill_the_window_from_the_newest_back_pro_rata(earlier_failed, trips):
+    breaker = CircuitBreaker(window=100, ratio=0.9)
+    breaker.record(failed=100, total=100)  # pushed out of the window by the two below
+    breaker.record(failed=earlier_failed * 2, total=98)  # its newest half (49) is in the window
+    breaker.record(failed=45, total=50)
+    # 1 + 45 + earlier_failed of the last 100: 89 stays below 90 %, 90 trips.
+    if trips:
+        with pytest.raises(HaltError, match="90 of the last 100"):
+            breaker.check(failed=1, total=1)
+    else:
+        breaker.check(failed=1, total=1)
+
+
+def test_after_a_restart_nothing_trips_before_a_full_window():
+    breaker = CircuitBreaker(window=100, ratio=0.9)
+    breaker.check(failed=99, total=99)
+    breaker.record(failed=99, total=99)
+    with pytest.raises(HaltError):
+        breaker.check(failed=1, total=1)
+
+
+class _RefusingConsumer:
+    """Stands in for confluent_kafka.Consumer.commit: refuses once with ``code``, then accepts."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+        self.calls = 0
+
+    def commit(self, *, offsets, asynchronous):
+        self.calls += 1
+        if self.calls == 1:
+            raise KafkaException(KafkaError(self.code))
+        return offsets
+
+
+@pytest.mark.parametrize(
+    "code", [KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION, KafkaError.UNKNOWN_MEMBER_ID]
+)
+def test_offsets_refused_during_a_rebalance_stay_pending_until_the_partitions_leave(code):
+    consumer = ProductionCDCConsumer(
+        settings=load_settings(env={"DEST_DB_URL": "postgresql://x@h/db"}, dotenv_path=None)
+    )
+    consumer._consumer = _RefusingConsumer(code)
+    consumer._owned = {("t", 0), ("t", 1)}
+    consumer._uncommitted = {("t", 0): 10, ("t", 1): 20}
+    consumer._commit_pending()
+    assert consumer._uncommitted == {("t", 0): 10, ("t", 1): 20}  # still ours: kept
+    consumer._commit_pending()
+    assert consumer._uncommitted == {}
+
+    consumer._consumer = _RefusingConsumer(code)
+    consumer._uncommitted = {("t", 0): 11, ("t", 1): 21}
+    consumer._on_revoke(consumer._consumer, [TopicPartition("t", 1)])  # the refused commit of t[1]
+    assert consumer._uncommitted == {("t", 0): 11}  # t[1] left: its new owner re-reads
 
 
 def test_breaker_window_zero_never_trips():
