@@ -343,11 +343,18 @@ class KafkaBroker:
             "log.segment.bytes=67108864\n"
         )
 
-    def _format(self) -> None:
+    def _format(self, cluster_id: str | None = None) -> None:
         if (self.datadir / "meta.properties").exists():
             return
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
-        cmd = [*self._java(), "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.config)]
+        cluster_id = cluster_id or base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        # One argv element: an id starting with "-" (1 in 64) must not be read as an option.
+        cmd = [
+            *self._java(),
+            "kafka.tools.StorageTool",
+            "format",
+            f"--cluster-id={cluster_id}",
+            f"--config={self.config}",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
         if proc.returncode != 0:
             raise ServiceError(f"kafka storage format failed: {(proc.stderr or proc.stdout).strip()[-500:]}")
