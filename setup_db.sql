@@ -1,5 +1,9 @@
 -- Source database: the employees table, its change capture (outbox) and the producer's cursor.
--- Idempotent: safe to run any number of times. Needs PostgreSQL 13+ (xid8, pg_current_xact_id).
+-- Idempotent and atomic: safe to run any number of times, also while writers run (`psql -f`
+-- runs it statement by statement, so it is one transaction and the capture trigger is replaced,
+-- never dropped). Needs PostgreSQL 14+ (CREATE OR REPLACE TRIGGER; xid8).
+
+BEGIN;
 
 CREATE TABLE IF NOT EXISTS employees (
     emp_id      SERIAL PRIMARY KEY,
@@ -9,6 +13,10 @@ CREATE TABLE IF NOT EXISTS employees (
     city        VARCHAR(100),
     salary      INTEGER
 );
+
+-- Writers lock employees first and the outbox second (through the trigger): take the locks in
+-- that order too, so re-applying this file under load cannot deadlock with them.
+LOCK TABLE employees IN SHARE ROW EXCLUSIVE MODE;
 
 -- One row per captured change, with the full row image. txid is the writing transaction's id:
 -- the producer reads only rows whose transaction has ended (see producer.py), so a transaction
@@ -64,8 +72,7 @@ BEGIN
 END;
 $$;
 
-DROP TRIGGER IF EXISTS employees_cdc_capture ON employees;
-CREATE TRIGGER employees_cdc_capture
+CREATE OR REPLACE TRIGGER employees_cdc_capture
     AFTER INSERT OR UPDATE OR DELETE ON employees
     FOR EACH ROW EXECUTE FUNCTION emp_records_cdc_capture();
 
@@ -81,7 +88,8 @@ BEGIN
 END;
 $$;
 
-DROP TRIGGER IF EXISTS employees_cdc_capture_truncate ON employees;
-CREATE TRIGGER employees_cdc_capture_truncate
+CREATE OR REPLACE TRIGGER employees_cdc_capture_truncate
     BEFORE TRUNCATE ON employees
     FOR EACH STATEMENT EXECUTE FUNCTION emp_records_cdc_capture_truncate();
+
+COMMIT;
