@@ -7,7 +7,6 @@ import threading
 import time
 from pathlib import Path
 
-import psycopg2
 import pytest
 from support import connect, scalar
 
