@@ -120,6 +120,7 @@ class ChangeProducer:
         self._wakeup_fd: int | None = None
         self._next_tick = 0.0
         self._next_horizon_warning = 0.0
+        self._once_target: Cursor | None = None  # --once: the last row to publish before stopping
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -221,7 +222,7 @@ class ChangeProducer:
                 self._tick()
                 if published >= self.settings.producer_batch_size:
                     continue
-                if self.once:
+                if self.once and self._once_done():
                     log.info("caught up (--once): stopping")
                     break
                 self.leader.wait(self.settings.poll_interval, self._wakeup_fd)
@@ -236,6 +237,19 @@ class ChangeProducer:
             except LeadershipLost as exc:
                 self._lose_leadership(exc)
         return self._finish()
+
+    def _once_done(self) -> bool:
+        """--once stops when every row committed before it first caught up is published: rows held
+        back by an open transaction are waited for (the horizon warning names it), later rows not."""
+        if self._once_target is None:
+            self._once_target = self.outbox.last_committed(self.cursor) or self.cursor
+            held = self.outbox.backlog(self.cursor).held_back if self._once_target > self.cursor else 0
+            if held:
+                log.info(
+                    "--once: %d rows committed but held back by an open transaction; waiting for it to end",
+                    held,
+                )
+        return self.cursor >= self._once_target
 
     def _step(self) -> int:
         """Publish one batch and store the cursor. Returns the number of rows published."""
@@ -305,6 +319,20 @@ class ChangeProducer:
             holder = None
         if holder is None:
             log.warning("delivery held back %.0fs rows=%d by an open transaction", held_for, held)
+            return
+        if holder["gid"] is not None:
+            log.warning(
+                "delivery held back %.0fs rows=%d by a prepared transaction: gid=%r xid=%s prepared=%s"
+                " age=%.0fs owner=%s database=%s; end it with COMMIT PREPARED or ROLLBACK PREPARED",
+                held_for,
+                held,
+                holder["gid"],
+                holder["xid"],
+                holder["prepared"].isoformat(timespec="seconds"),
+                holder["age_s"] or 0.0,
+                holder["owner"],
+                holder["database"],
+            )
             return
         log.warning(
             "delivery held back %.0fs rows=%d by an open transaction: pid=%s xid=%s age=%.0fs state=%s query=%r",

@@ -90,13 +90,27 @@ SELECT count(*),
  WHERE (txid, action_id) > (%(txid)s::text::xid8, %(action_id)s)
 """
 
+_LAST = """
+SELECT txid::text::bigint, action_id FROM emp_records_cdc
+ WHERE (txid, action_id) > (%(txid)s::text::xid8, %(action_id)s)
+ ORDER BY emp_records_cdc.txid DESC, action_id DESC
+ LIMIT 1
+"""
+
 # The oldest transaction that has a transaction id: it is the one holding the xid horizon.
+# A prepared transaction (PREPARE TRANSACTION) holds it too, with no session left to show it.
 _HORIZON_HOLDER = """
-SELECT pid, backend_xid::text, extract(epoch FROM clock_timestamp() - xact_start), state,
-       left(regexp_replace(query, '\\s+', ' ', 'g'), 120)
-  FROM pg_stat_activity
- WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()
- ORDER BY age(backend_xid) DESC
+SELECT pid, x::text, age_s, state, query, gid, prepared, owner, database
+  FROM (SELECT pid, backend_xid AS x, extract(epoch FROM clock_timestamp() - xact_start) AS age_s, state,
+               left(regexp_replace(query, '\\s+', ' ', 'g'), 120) AS query,
+               NULL::text AS gid, NULL::timestamptz AS prepared, usename AS owner, datname AS database
+          FROM pg_stat_activity
+         WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()
+        UNION ALL
+        SELECT NULL, transaction, extract(epoch FROM clock_timestamp() - prepared), NULL, NULL,
+               gid, prepared, owner, database
+          FROM pg_prepared_xacts) AS holders
+ ORDER BY age(x) DESC
  LIMIT 1
 """
 
@@ -196,14 +210,23 @@ class Outbox:
             rows, held, held_for = cur.fetchone()
         return Backlog(rows=rows, held_back=held, held_for=float(held_for or 0.0))
 
+    def last_committed(self, after: Cursor) -> Cursor | None:
+        """The last committed row after ``after`` in cursor order, readable yet or not."""
+        with self.db.connection() as conn, conn.cursor() as cur:
+            cur.execute(_LAST, {"txid": after.txid, "action_id": after.action_id})
+            row = cur.fetchone()
+        return Cursor(*row) if row else None
+
     def horizon_holder(self) -> dict[str, Any] | None:
-        """The open transaction holding the horizon back: pid, xid, age, state, query."""
+        """The transaction holding the horizon back: pid, xid, age_s, state, query for an open
+        one; gid, xid, age_s, prepared, owner, database for a prepared one (pid None)."""
         with self.db.connection() as conn, conn.cursor() as cur:
             cur.execute(_HORIZON_HOLDER)
             row = cur.fetchone()
         if row is None:
             return None
-        return dict(zip(("pid", "xid", "age_s", "state", "query"), row, strict=True))
+        keys = ("pid", "xid", "age_s", "state", "query", "gid", "prepared", "owner", "database")
+        return dict(zip(keys, row, strict=True))
 
     def snapshot(self, channel: str) -> tuple[int, int | None, int | None]:
         """Queue every current employee as a SNAPSHOT event. Returns (rows, first action_id, last).

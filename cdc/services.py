@@ -224,7 +224,8 @@ class PostgresServer:
             "-l",
             str(self.logfile),
             "-o",
-            f"-p {self.port}",
+            # Prepared transactions on: the producer's horizon warning must be testable with one.
+            f"-p {self.port} -c max_prepared_transactions=10",
             "-w",
             "-t",
             str(int(START_TIMEOUT)),
