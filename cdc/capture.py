@@ -23,7 +23,7 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from cdc.db import CONNECT_TIMEOUT, KEEPALIVES, Database, classify
-from cdc.errors import CDCError, LeadershipLost, SchemaMissingError, TransientError
+from cdc.errors import CDCError, ConfigError, LeadershipLost, SchemaMissingError, TransientError
 from cdc.settings import redact_url
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,25 @@ SELECT count(*),
  WHERE (txid, action_id) > (%(txid)s::text::xid8, %(action_id)s)
 """
 
+# The server's next txid, and outbox rows beyond it: rows no transaction of this server wrote.
+_FUTURE = """
+WITH h AS (SELECT pg_snapshot_xmax(pg_current_snapshot()) AS next)
+SELECT h.next::text::bigint, (SELECT count(*) FROM emp_records_cdc WHERE txid >= h.next) FROM h
+"""
+
+_HORIZON = """
+SELECT pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint FROM pg_current_snapshot() AS s
+"""
+
+# Moves the cursor anywhere, but only while the caller's lock session holds the producer lock.
+_RESET = """
+UPDATE cdc_producer_state SET last_txid = %(txid)s::text::xid8, last_action_id = %(action_id)s, updated_at = now()
+ WHERE name = %(name)s
+   AND EXISTS (SELECT 1 FROM pg_locks
+                WHERE locktype = 'advisory' AND classid = %(lock_class)s AND objid = %(lock_id)s
+                  AND objsubid = 2 AND pid = %(pid)s AND granted)
+"""
+
 _LAST = """
 SELECT txid::text::bigint, action_id FROM emp_records_cdc
  WHERE (txid, action_id) > (%(txid)s::text::xid8, %(action_id)s)
@@ -133,6 +152,18 @@ class Cursor:
 
 
 @dataclass(frozen=True)
+class CursorReset:
+    """What ``Outbox.reset_cursor`` did."""
+
+    old: Cursor
+    new: Cursor
+    restamped: int  # outbox rows whose txid lay beyond the server's, moved to restamped_to
+    restamped_to: int
+    behind: int  # outbox rows at or behind the new cursor: not published (again)
+    ahead: int  # committed outbox rows after it: published next
+
+
+@dataclass(frozen=True)
 class Backlog:
     rows: int  # not yet published, readable or not
     held_back: int  # committed, but behind an open transaction's xid: not readable yet
@@ -173,6 +204,72 @@ class Outbox:
         if row is None:
             raise SchemaMissingError(f"cdc_producer_state has no row {STATE_NAME!r}; apply setup_db.sql")
         return Cursor(*row)
+
+    def check_horizon(self, cursor: Cursor) -> None:
+        """ConfigError if ``cursor`` or any outbox row carries a txid this server never assigned.
+
+        After a restore into another cluster (dump/restore, cutover, PITR) the copied cursor can
+        lie above every new txid, so every new change would be skipped; copied rows above it
+        would be held back for ever. Nothing waits that out: the operator must reset the cursor.
+        """
+        with self.db.connection() as conn, conn.cursor() as cur:
+            cur.execute(_FUTURE)
+            next_xid, future_rows = cur.fetchone()
+        fix = (
+            "stop every producer, then run `producer.py --reset-cursor beginning` (re-publish the outbox) "
+            "or `producer.py --reset-cursor end` (skip it; then verify and --snapshot), see USAGE.md"
+        )
+        if cursor.txid >= next_xid:
+            raise ConfigError(
+                f"cursor txid={cursor.txid} action_id={cursor.action_id} is beyond this server's "
+                f"transaction ids (next xid {next_xid}): the source comes from another cluster "
+                f"(restore, cutover, PITR) and every new change would be skipped; {fix}"
+            )
+        if future_rows:
+            raise ConfigError(
+                f"{future_rows} outbox rows carry txids beyond this server's transaction ids "
+                f"(next xid {next_xid}): copied from another cluster, they would be held back for ever; {fix}"
+            )
+
+    def reset_cursor(self, to_end: bool, *, lock_pid: int) -> CursorReset:
+        """Move the cursor to the beginning (re-publish the outbox) or to the end (skip it).
+
+        Outbox rows whose txid lies beyond the server's (copied from another cluster) first get
+        the txid just below the horizon: ended, so readable at once, and ordered before every
+        transaction still running. The end is that same point, so a transaction running now is
+        still published when it commits: only what has ended is skipped.
+        """
+        with self.db.connection() as conn, conn.cursor() as cur:
+            cur.execute(_HORIZON)
+            xmin, xmax = cur.fetchone()
+            stamp = xmin - 1
+            cur.execute(
+                "UPDATE emp_records_cdc SET txid = %s::text::xid8 WHERE txid >= %s::text::xid8", (stamp, xmax)
+            )
+            restamped = cur.rowcount
+            if to_end:
+                cur.execute("SELECT coalesce(max(action_id), 0) FROM emp_records_cdc")
+                new = Cursor(stamp, cur.fetchone()[0])
+            else:
+                new = Cursor()
+            cur.execute(
+                "SELECT last_txid::text::bigint, last_action_id FROM cdc_producer_state WHERE name = %s",
+                (STATE_NAME,),
+            )
+            old = Cursor(*cur.fetchone())
+            params = {"txid": new.txid, "action_id": new.action_id, "name": STATE_NAME}
+            params.update(lock_class=LOCK_CLASS, lock_id=LOCK_ID, pid=lock_pid)
+            cur.execute(_RESET, params)
+            if cur.rowcount != 1:
+                raise LeadershipLost("cursor not reset: this process does not hold the producer lock")
+            cur.execute(
+                "SELECT count(*) FILTER (WHERE (txid, action_id) <= (%(txid)s::text::xid8, %(action_id)s)),"
+                " count(*) FILTER (WHERE (txid, action_id) > (%(txid)s::text::xid8, %(action_id)s))"
+                " FROM emp_records_cdc",
+                params,
+            )
+            behind, ahead = cur.fetchone()
+        return CursorReset(old, new, restamped, stamp, behind, ahead)
 
     def fetch(self, after: Cursor, limit: int) -> list[dict[str, Any]]:
         """The next rows after ``after`` whose transactions have all ended, in cursor order."""
