@@ -77,10 +77,39 @@ CREATE OR REPLACE TRIGGER employees_cdc_capture
     FOR EACH ROW EXECUTE FUNCTION emp_records_cdc_capture();
 
 -- TRUNCATE fires no row triggers: capture it as a DELETE of every row, so the destination
--- follows. The statement already holds its exclusive lock here, so no row can be missed.
+-- follows. The statement already holds its exclusive lock here: at READ COMMITTED the SELECT
+-- takes a fresh snapshot and sees every row. At REPEATABLE READ or SERIALIZABLE the transaction's
+-- snapshot was taken before the lock wait (a function cannot take a newer one), so rows committed
+-- during the wait would be truncated without their DELETE. If any transaction the snapshot does
+-- not see has committed since (those in progress then, and every xid assigned after it), raise a
+-- serialization failure: such clients retry SQLSTATE 40001 anyway, and the retry's snapshot sees
+-- them. It can also fire for a commit elsewhere (the xid does not say which table it wrote);
+-- locking the table first (LOCK TABLE employees IN ACCESS EXCLUSIVE MODE) makes that unlikely.
 CREATE OR REPLACE FUNCTION emp_records_cdc_capture_truncate() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    snap pg_snapshot := pg_current_snapshot();
+    x xid8;
 BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        x := (SELECT min(xip) FROM pg_snapshot_xip(snap) AS xip WHERE pg_xact_status(xip) = 'committed');
+        IF x IS NULL THEN
+            x := pg_snapshot_xmax(snap);
+            BEGIN
+                -- Up to the next xid to be assigned: pg_xact_status raises for that one.
+                WHILE pg_xact_status(x) IS DISTINCT FROM 'committed' LOOP
+                    x := (x::text::bigint + 1)::text::xid8;
+                END LOOP;
+            EXCEPTION WHEN invalid_parameter_value THEN
+                x := NULL;
+            END;
+        END IF;
+        IF x IS NOT NULL THEN
+            RAISE EXCEPTION 'TRUNCATE employees at %: transaction % committed after this transaction''s snapshot, its rows would be truncated without a captured DELETE', current_setting('transaction_isolation'), x
+                USING ERRCODE = 'serialization_failure',
+                      HINT = 'Retry the transaction; or take LOCK TABLE employees IN ACCESS EXCLUSIVE MODE as its first statement, or TRUNCATE at READ COMMITTED.';
+        END IF;
+    END IF;
     INSERT INTO emp_records_cdc (emp_id, first_name, last_name, dob, city, salary, action)
     SELECT emp_id, first_name, last_name, dob, city, salary, 'DELETE' FROM employees ORDER BY emp_id;
     PERFORM pg_notify('emp_records_cdc', '');

@@ -275,6 +275,8 @@ class Outbox:
         """The next rows after ``after`` whose transactions have all ended, in cursor order."""
         with self.db.connection() as conn, conn.cursor() as cur:
             cur.execute(_INDEX_ONLY)
+            # dob::text follows DateStyle: the event carries ISO text, whatever the session says.
+            cur.execute("SET LOCAL DateStyle = ISO")
             cur.execute(_FETCH, {"txid": after.txid, "action_id": after.action_id, "limit": limit})
             return [dict(zip(COLUMNS, row, strict=True)) for row in cur.fetchall()]
 
@@ -334,6 +336,10 @@ class Outbox:
         """
         try:
             with self.db.connection() as conn, conn.cursor() as cur:
+                # At REPEATABLE READ or SERIALIZABLE (a database default) the transaction's one
+                # snapshot could predate the lock and copy an image older than a change that
+                # committed during the wait, under a newer action_id.
+                cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
                 cur.execute("SELECT set_config('lock_timeout', %s, true)", (SNAPSHOT_LOCK_TIMEOUT,))
                 cur.execute("SELECT set_config('statement_timeout', '0', true)")
                 cur.execute("LOCK TABLE employees IN SHARE MODE")
