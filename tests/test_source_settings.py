@@ -8,13 +8,15 @@ lock) and ``DateStyle`` (the text form of dob).
 
 from __future__ import annotations
 
+import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import psycopg2
 import psycopg2.errors
 import pytest
-from support import connect, execute, query, source_database, wait_until
+from support import connect, execute, query, scalar, source_database, wait_until
 
 from cdc.capture import Cursor, Outbox
 from cdc.db import Database
@@ -22,6 +24,7 @@ from cdc.db import Database
 pytestmark = pytest.mark.integration
 
 LEVELS = ["repeatable read", "serializable"]
+SNAPSHOT_ROWS = "SELECT count(*) FROM emp_records_cdc WHERE action = 'SNAPSHOT'"
 
 
 @pytest.fixture(params=LEVELS)
@@ -112,10 +115,13 @@ def test_snapshot_copies_the_newest_image_whatever_the_isolation_level(isolated_
 
 
 def truncate_with_retries(url: str, attempts: list[str]) -> None:
-    """TRUNCATE employees as an RR/serializable client must: retry on serialization failure."""
+    """TRUNCATE employees as an RR/serializable client must: retry on serialization failure,
+    as the error's hint says (the lock first, so the snapshot is taken after the wait)."""
     with connect(url) as conn, conn.cursor() as cur:
         while True:
             try:
+                if attempts:
+                    cur.execute("LOCK TABLE employees IN ACCESS EXCLUSIVE MODE")
                 cur.execute("TRUNCATE employees")
                 conn.commit()
                 attempts.append("committed")
@@ -156,6 +162,75 @@ def test_truncate_at_read_committed_needs_no_retry(isolated_source):
         cur.execute("TRUNCATE employees")
         conn.commit()
     assert newest_event_per_emp_id(url) == {1: ("DELETE", "one", None)}
+
+
+def test_snapshots_and_truncates_under_concurrent_writers_converge(isolated_source):
+    """Random writers at the database's level while snapshots and TRUNCATEs run: for every
+    emp_id, the newest event (what the sink's version guard keeps) is the source's final state."""
+    url = isolated_source
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def writer(seed: int) -> None:
+        rnd = random.Random(seed)
+        try:
+            with connect(url) as conn, conn.cursor() as cur:
+                while not stop.is_set():
+                    try:
+                        for _ in range(rnd.randint(1, 3)):
+                            emp_id, op = rnd.randint(1, 40), rnd.random()
+                            if op < 0.4:
+                                cur.execute(
+                                    "INSERT INTO employees (emp_id, first_name, salary) VALUES (%s, %s, %s)"
+                                    " ON CONFLICT DO NOTHING",
+                                    (emp_id, f"w{seed}", rnd.randint(1, 1000)),
+                                )
+                            elif op < 0.8:
+                                cur.execute(
+                                    "UPDATE employees SET salary = %s WHERE emp_id = %s",
+                                    (rnd.randint(1, 1000), emp_id),
+                                )
+                            else:
+                                cur.execute("DELETE FROM employees WHERE emp_id = %s", (emp_id,))
+                            # Open a while, so snapshots and TRUNCATEs wait for it and it commits then.
+                            time.sleep(rnd.uniform(0, 0.02))
+                        conn.commit()
+                    except (psycopg2.errors.SerializationFailure, psycopg2.errors.DeadlockDetected):
+                        conn.rollback()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    seed = random.randrange(1 << 30)
+    print(f"seed={seed}")
+    threads = [threading.Thread(target=writer, args=(seed + n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    db = Database(url)
+    attempts: list[str] = []
+    retries = 0
+    try:
+        for _ in range(3):
+            time.sleep(0.3)
+            Outbox(db).snapshot("emp_records_cdc")
+            time.sleep(0.3)
+            attempts.clear()
+            truncate_with_retries(url, attempts)
+            retries += len(attempts) - 1
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        db.close()
+    assert not errors, errors
+    print(f"truncate retries: {retries}, snapshot rows: {scalar(url, SNAPSHOT_ROWS)}")
+    current = {
+        r[0]: ("row", r[1], r[2]) for r in query(url, "SELECT emp_id, first_name, salary FROM employees")
+    }
+    newest = {
+        emp_id: ("row", first, salary) if action != "DELETE" else ("deleted",)
+        for emp_id, (action, first, salary) in newest_event_per_emp_id(url).items()
+    }
+    assert newest == {**{emp_id: ("deleted",) for emp_id in newest}, **current}
 
 
 DATES = ["1815-12-10", "12345-06-07", "0044-03-15 BC", "infinity", "-infinity", None]
