@@ -262,12 +262,7 @@ class PostgresServer:
                     cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.dbname)))
 
     def apply_sql(self, path: Path) -> None:
-        import psycopg2
-
-        with contextlib.closing(psycopg2.connect(self.url)) as conn:
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute(path.read_text())
+        apply_sql(self.url, path)
 
     def status(self) -> str:
         pid = self.pid()
@@ -275,6 +270,16 @@ class PostgresServer:
         return (
             f"postgres-{self.name:<6} {state:<22} 127.0.0.1:{self.port} db={self.dbname} data={self.datadir}"
         )
+
+
+def apply_sql(url: str, path: Path) -> None:
+    """Run a setup SQL file in one round trip; its own BEGIN/COMMIT make it one transaction."""
+    import psycopg2
+
+    with contextlib.closing(psycopg2.connect(url)) as conn:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(path.read_text())
 
 
 class KafkaBroker:

@@ -1,4 +1,5 @@
-"""Re-applying the setup SQL with the real ``psql -f`` while writers run loses no change."""
+"""Re-applying the setup SQL while writers run loses no change: with the real ``psql -f`` (which
+runs the file statement by statement) and as ``make up`` does (``cdc.services.apply_sql``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 from support import connect, scalar
 
-from cdc.services import SETUP_DEST_SQL, SETUP_SOURCE_SQL, find_pg_bindir
+from cdc.services import SETUP_DEST_SQL, SETUP_SOURCE_SQL, apply_sql, find_pg_bindir
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +66,8 @@ class Writers:
         assert not self.errors, self.errors
 
 
-def test_reapplying_setup_db_under_load_captures_every_change(clean_source):
+@pytest.mark.parametrize("apply", [psql_file, apply_sql], ids=["psql", "make-up"])
+def test_reapplying_setup_db_under_load_captures_every_change(clean_source, apply):
     statements = [
         "INSERT INTO employees (first_name, city) VALUES ('w' || %(writer)s, 'Oslo')",
         "UPDATE employees SET salary = coalesce(salary, 0) + 1"
@@ -73,7 +75,7 @@ def test_reapplying_setup_db_under_load_captures_every_change(clean_source):
     ]
     with Writers(clean_source, statements) as writers:
         for _ in range(APPLIES):
-            psql_file(clean_source, SETUP_SOURCE_SQL)
+            apply(clean_source, SETUP_SOURCE_SQL)
             time.sleep(0.05)
     changes = scalar(clean_source, "SELECT count(*) FROM emp_records_cdc")
     print(f"changes committed={writers.committed} captured={changes}")
