@@ -213,6 +213,7 @@ class Outbox:
         would be held back for ever. Nothing waits that out: the operator must reset the cursor.
         """
         with self.db.connection() as conn, conn.cursor() as cur:
+            cur.execute(_INDEX_ONLY)  # a fresh backlog has no statistics: no full scan per check
             cur.execute(_FUTURE)
             next_xid, future_rows = cur.fetchone()
         fix = (
@@ -243,6 +244,7 @@ class Outbox:
             cur.execute(_HORIZON)
             xmin, xmax = cur.fetchone()
             stamp = xmin - 1
+            cur.execute(_INDEX_ONLY)
             cur.execute(
                 "UPDATE emp_records_cdc SET txid = %s::text::xid8 WHERE txid >= %s::text::xid8", (stamp, xmax)
             )
