@@ -17,6 +17,8 @@ from test_producer_support import cursor_row, insert_employees, outbox_ids, prod
 from cdc.capture import Cursor
 from cdc.daemon import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, StopSignal
 from cdc.errors import ConfigError
+from cdc.runner import Daemon
+from cdc.verify import verify
 from producer import ChangeProducer
 
 pytestmark = [pytest.mark.integration, pytest.mark.daemon]
@@ -148,3 +150,51 @@ def test_reset_cursor_refuses_while_a_producer_is_active(settings, clean_source,
     [line] = error_lines(reset.output())
     assert "another producer is active" in line
     assert cursor_row(clean_source) == before
+
+
+def test_the_recovery_procedure_through_the_pipeline(settings, clean_source, clean_dest, producers, tmp_path):
+    """USAGE.md's procedure, with the real consumer: `beginning` loses nothing and the sink absorbs
+    what it had; after `end`, verify shows what was skipped and --snapshot repairs it."""
+    env = producer_env(settings)
+    consumer = Daemon("consumer_final.py", settings, tmp_path / "consumer").start()
+    try:
+        insert_employees(clean_source, 20)
+        assert producers.start(env, "--once").wait(60) == EXIT_OK
+        assert verify(settings, wait=60, events=True).ok
+
+        # A restore into another cluster, then new changes there.
+        restore_cursor_from_another_cluster(clean_source)
+        restore_rows_from_another_cluster(clean_source, list(range(16, 21)))
+        execute(
+            clean_source,
+            "UPDATE employees SET salary = -1 WHERE emp_id <= 5; DELETE FROM employees WHERE emp_id = 20",
+        )
+        insert_employees(clean_source, 3)
+        assert producers.start(env).wait(30) == EXIT_CONFIG
+        assert producers.start(env, "--reset-cursor", "beginning").wait(30) == EXIT_OK
+        assert producers.start(env, "--once").wait(60) == EXIT_OK
+        result = verify(settings, wait=60, events=True)
+        assert result.ok, "\n".join(result.lines())
+
+        # Again, recovered with `end`: the changes made meanwhile are skipped...
+        restore_cursor_from_another_cluster(clean_source)
+        execute(
+            clean_source,
+            "UPDATE employees SET salary = -2 WHERE emp_id <= 3; DELETE FROM employees WHERE emp_id = 19",
+        )
+        assert producers.start(env, "--reset-cursor", "end").wait(30) == EXIT_OK
+        assert producers.start(env, "--once").wait(60) == EXIT_OK
+        result = verify(settings, wait=60)
+        assert result.rows is not None
+        assert (result.rows.different.first, result.rows.extra.first) == ([1, 2, 3], [19])
+        # ...and a snapshot brings back every row the source has; the delete stays for the operator.
+        assert producers.start(env, "--snapshot", "--once").wait(60) == EXIT_OK
+        result = verify(settings, wait=60)
+        assert result.rows is not None
+        assert (result.rows.missing.total, result.rows.different.total, result.rows.extra.first) == (
+            0,
+            0,
+            [19],
+        )
+    finally:
+        assert consumer.stop() == 0, consumer.log()
