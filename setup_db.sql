@@ -91,7 +91,7 @@ DECLARE
     snap pg_snapshot := pg_current_snapshot();
     x xid8;
 BEGIN
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
+    IF current_setting('transaction_isolation') NOT IN ('read committed', 'read uncommitted') THEN
         x := (SELECT min(xip) FROM pg_snapshot_xip(snap) AS xip WHERE pg_xact_status(xip) = 'committed');
         IF x IS NULL THEN
             x := pg_snapshot_xmax(snap);
