@@ -105,7 +105,7 @@ BEGIN
             END;
         END IF;
         IF x IS NOT NULL THEN
-            RAISE EXCEPTION 'TRUNCATE employees at %: transaction % committed after this transaction''s snapshot, its rows would be truncated without a captured DELETE', current_setting('transaction_isolation'), x
+            RAISE EXCEPTION 'TRUNCATE employees at %: transaction % committed after this transaction''s snapshot; rows it wrote would be truncated without a captured DELETE', current_setting('transaction_isolation'), x
                 USING ERRCODE = 'serialization_failure',
                       HINT = 'Retry the transaction; or take LOCK TABLE employees IN ACCESS EXCLUSIVE MODE as its first statement, or TRUNCATE at READ COMMITTED.';
         END IF;
