@@ -120,6 +120,7 @@ class ChangeProducer:
         self._wakeup_fd: int | None = None
         self._next_tick = 0.0
         self._next_horizon_warning = 0.0
+        self._once_target: Cursor | None = None  # --once: the last row to publish before stopping
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -177,6 +178,7 @@ class ChangeProducer:
             try:
                 if self.leader.try_acquire():
                     self.cursor = self.outbox.load_cursor()
+                    self.outbox.check_horizon(self.cursor)
                     self._set_cursor_stats()
                     self.stats.set("active", 1)
                     log.info(
@@ -221,7 +223,7 @@ class ChangeProducer:
                 self._tick()
                 if published >= self.settings.producer_batch_size:
                     continue
-                if self.once:
+                if self.once and self._once_done():
                     log.info("caught up (--once): stopping")
                     break
                 self.leader.wait(self.settings.poll_interval, self._wakeup_fd)
@@ -236,6 +238,19 @@ class ChangeProducer:
             except LeadershipLost as exc:
                 self._lose_leadership(exc)
         return self._finish()
+
+    def _once_done(self) -> bool:
+        """--once stops when every row committed before it first caught up is published: rows held
+        back by an open transaction are waited for (the horizon warning names it), later rows not."""
+        if self._once_target is None:
+            self._once_target = self.outbox.last_committed(self.cursor) or self.cursor
+            held = self.outbox.backlog(self.cursor).held_back if self._once_target > self.cursor else 0
+            if held:
+                log.info(
+                    "--once: %d rows committed but held back by an open transaction; waiting for it to end",
+                    held,
+                )
+        return self.cursor >= self._once_target
 
     def _step(self) -> int:
         """Publish one batch and store the cursor. Returns the number of rows published."""
@@ -285,6 +300,7 @@ class ChangeProducer:
             return
         self._next_tick = now + self.settings.stats_interval
         try:
+            self.outbox.check_horizon(self.cursor)
             backlog = self.outbox.backlog(self.cursor)
         except TransientError as exc:
             log.debug("backlog not measured: %s", exc)
@@ -305,6 +321,20 @@ class ChangeProducer:
             holder = None
         if holder is None:
             log.warning("delivery held back %.0fs rows=%d by an open transaction", held_for, held)
+            return
+        if holder["gid"] is not None:
+            log.warning(
+                "delivery held back %.0fs rows=%d by a prepared transaction: gid=%r xid=%s prepared=%s"
+                " age=%.0fs owner=%s database=%s; end it with COMMIT PREPARED or ROLLBACK PREPARED",
+                held_for,
+                held,
+                holder["gid"],
+                holder["xid"],
+                holder["prepared"].isoformat(timespec="seconds"),
+                holder["age_s"] or 0.0,
+                holder["owner"],
+                holder["database"],
+            )
             return
         log.warning(
             "delivery held back %.0fs rows=%d by an open transaction: pid=%s xid=%s age=%.0fs state=%s query=%r",
@@ -334,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="producer.py",
         description="Publish every change captured in emp_records_cdc to Kafka (gap-safe, at least once).",
         epilog="Settings come from the environment and .env (see .env.example); flags override them. "
-        "Exit codes: 0 stopped cleanly, 1 error, 2 bad settings or missing schema, 3 forced by a second signal.",
+        "Exit codes: 0 stopped cleanly, 1 error, 2 bad settings, missing schema or a cursor from another "
+        "cluster, 3 forced by a second signal.",
     )
     parser.add_argument(
         "--env-file", default=".env", metavar="PATH", help="dotenv file to read (default: .env)"
@@ -371,13 +402,62 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="first queue every current employees row as a SNAPSHOT event (backfill), then run",
     )
-    parser.add_argument("--once", action="store_true", help="stop when everything readable is published")
+    parser.add_argument(
+        "--once", action="store_true", help="stop when everything committed so far is published"
+    )
+    parser.add_argument(
+        "--reset-cursor",
+        choices=("beginning", "end"),
+        help="one-shot recovery (e.g. after a restore into another cluster), then exit: move the cursor "
+        "to the beginning (re-publish the whole outbox) or to the end (skip it); see USAGE.md",
+    )
     return parser
+
+
+def reset_cursor(settings: Settings, mode: str) -> int:
+    """``--reset-cursor``: under the producer lock, so no active producer can race it."""
+    db = Database(settings.source_db_url, application_name="cdc-producer-reset")
+    leader = Leadership(
+        settings.source_db_url, settings.notify_channel, application_name="cdc-producer-reset"
+    )
+    outbox = Outbox(db)
+    try:
+        outbox.check_schema()
+        if not leader.try_acquire():
+            raise CDCError(
+                "another producer is active (it holds the producer lock): stop every producer first"
+            )
+        assert leader.pid is not None
+        done = outbox.reset_cursor(mode == "end", lock_pid=leader.pid)
+    finally:
+        leader.close()
+        db.close()
+    log.info(
+        "cursor reset to the %s: was txid=%d action_id=%d, now txid=%d action_id=%d;"
+        " %d outbox rows with txids from another cluster moved to txid=%d;"
+        " %d outbox rows to publish, %d at or behind the cursor",
+        mode,
+        done.old.txid,
+        done.old.action_id,
+        done.new.txid,
+        done.new.action_id,
+        done.restamped,
+        done.restamped_to,
+        done.ahead,
+        done.behind,
+    )
+    if mode == "end":
+        log.warning(
+            "changes in the outbox that were not published yet are skipped: the destination may miss some;"
+            " run `python -m cdc verify` and, if it differs, `producer.py --snapshot`"
+        )
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     env_file, snapshot, once = args.pop("env_file"), args.pop("snapshot"), args.pop("once")
+    reset = args.pop("reset_cursor")
     try:
         settings = load_settings(dotenv_path=env_file, **args)
         configure_logging(settings.log_level, settings.log_format)
@@ -385,8 +465,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"producer: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    log.info("starting %s", settings.describe())
     try:
+        if reset:
+            return reset_cursor(settings, reset)
+        log.info("starting %s", settings.describe())
         return daemon.run()
     except (ConfigError, SchemaMissingError) as exc:
         log.error("%s", exc)

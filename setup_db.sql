@@ -1,5 +1,9 @@
 -- Source database: the employees table, its change capture (outbox) and the producer's cursor.
--- Idempotent: safe to run any number of times. Needs PostgreSQL 13+ (xid8, pg_current_xact_id).
+-- Idempotent and atomic: safe to run any number of times, also while writers run (`psql -f`
+-- runs it statement by statement, so it is one transaction and the capture trigger is replaced,
+-- never dropped). Needs PostgreSQL 14+ (CREATE OR REPLACE TRIGGER; xid8).
+
+BEGIN;
 
 CREATE TABLE IF NOT EXISTS employees (
     emp_id      SERIAL PRIMARY KEY,
@@ -9,6 +13,10 @@ CREATE TABLE IF NOT EXISTS employees (
     city        VARCHAR(100),
     salary      INTEGER
 );
+
+-- Writers lock employees first and the outbox second (through the trigger): take the locks in
+-- that order too, so re-applying this file under load cannot deadlock with them.
+LOCK TABLE employees IN SHARE ROW EXCLUSIVE MODE;
 
 -- One row per captured change, with the full row image. txid is the writing transaction's id:
 -- the producer reads only rows whose transaction has ended (see producer.py), so a transaction
@@ -64,16 +72,44 @@ BEGIN
 END;
 $$;
 
-DROP TRIGGER IF EXISTS employees_cdc_capture ON employees;
-CREATE TRIGGER employees_cdc_capture
+CREATE OR REPLACE TRIGGER employees_cdc_capture
     AFTER INSERT OR UPDATE OR DELETE ON employees
     FOR EACH ROW EXECUTE FUNCTION emp_records_cdc_capture();
 
 -- TRUNCATE fires no row triggers: capture it as a DELETE of every row, so the destination
--- follows. The statement already holds its exclusive lock here, so no row can be missed.
+-- follows. The statement already holds its exclusive lock here: at READ COMMITTED the SELECT
+-- takes a fresh snapshot and sees every row. At REPEATABLE READ or SERIALIZABLE the transaction's
+-- snapshot was taken before the lock wait (a function cannot take a newer one), so rows committed
+-- during the wait would be truncated without their DELETE. If any transaction the snapshot does
+-- not see has committed since (those in progress then, and every xid assigned after it), raise a
+-- serialization failure: such clients retry SQLSTATE 40001 anyway, and the retry's snapshot sees
+-- them. It can also fire for a commit elsewhere (the xid does not say which table it wrote);
+-- locking the table first (LOCK TABLE employees IN ACCESS EXCLUSIVE MODE) makes that unlikely.
 CREATE OR REPLACE FUNCTION emp_records_cdc_capture_truncate() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    snap pg_snapshot := pg_current_snapshot();
+    x xid8;
 BEGIN
+    IF current_setting('transaction_isolation') NOT IN ('read committed', 'read uncommitted') THEN
+        x := (SELECT min(xip) FROM pg_snapshot_xip(snap) AS xip WHERE pg_xact_status(xip) = 'committed');
+        IF x IS NULL THEN
+            x := pg_snapshot_xmax(snap);
+            BEGIN
+                -- Up to the next xid to be assigned: pg_xact_status raises for that one.
+                WHILE pg_xact_status(x) IS DISTINCT FROM 'committed' LOOP
+                    x := (x::text::bigint + 1)::text::xid8;
+                END LOOP;
+            EXCEPTION WHEN invalid_parameter_value THEN
+                x := NULL;
+            END;
+        END IF;
+        IF x IS NOT NULL THEN
+            RAISE EXCEPTION 'TRUNCATE employees at %: transaction % committed after this transaction''s snapshot; rows it wrote would be truncated without a captured DELETE', current_setting('transaction_isolation'), x
+                USING ERRCODE = 'serialization_failure',
+                      HINT = 'Retry the transaction; or take LOCK TABLE employees IN ACCESS EXCLUSIVE MODE as its first statement, or TRUNCATE at READ COMMITTED.';
+        END IF;
+    END IF;
     INSERT INTO emp_records_cdc (emp_id, first_name, last_name, dob, city, salary, action)
     SELECT emp_id, first_name, last_name, dob, city, salary, 'DELETE' FROM employees ORDER BY emp_id;
     PERFORM pg_notify('emp_records_cdc', '');
@@ -81,7 +117,8 @@ BEGIN
 END;
 $$;
 
-DROP TRIGGER IF EXISTS employees_cdc_capture_truncate ON employees;
-CREATE TRIGGER employees_cdc_capture_truncate
+CREATE OR REPLACE TRIGGER employees_cdc_capture_truncate
     BEFORE TRUNCATE ON employees
     FOR EACH STATEMENT EXECUTE FUNCTION emp_records_cdc_capture_truncate();
+
+COMMIT;

@@ -1,5 +1,7 @@
 -- Destination database: the replicated employees table plus the sink's bookkeeping.
--- Idempotent: safe to run any number of times.
+-- Idempotent and atomic (one transaction): safe to run any number of times, also under load.
+
+BEGIN;
 
 CREATE TABLE IF NOT EXISTS employees (
     emp_id      INTEGER PRIMARY KEY,
@@ -32,3 +34,5 @@ CREATE TABLE IF NOT EXISTS emp_versions (
     deleted         BOOLEAN NOT NULL DEFAULT false,
     updated_at      TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+
+COMMIT;

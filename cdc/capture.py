@@ -23,7 +23,7 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from cdc.db import CONNECT_TIMEOUT, KEEPALIVES, Database, classify
-from cdc.errors import CDCError, LeadershipLost, SchemaMissingError, TransientError
+from cdc.errors import CDCError, ConfigError, LeadershipLost, SchemaMissingError, TransientError
 from cdc.settings import redact_url
 
 log = logging.getLogger(__name__)
@@ -90,13 +90,46 @@ SELECT count(*),
  WHERE (txid, action_id) > (%(txid)s::text::xid8, %(action_id)s)
 """
 
+# The server's next txid, and outbox rows beyond it: rows no transaction of this server wrote.
+_FUTURE = """
+WITH h AS (SELECT pg_snapshot_xmax(pg_current_snapshot()) AS next)
+SELECT h.next::text::bigint, (SELECT count(*) FROM emp_records_cdc WHERE txid >= h.next) FROM h
+"""
+
+_HORIZON = """
+SELECT pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint FROM pg_current_snapshot() AS s
+"""
+
+# Moves the cursor anywhere, but only while the caller's lock session holds the producer lock.
+_RESET = """
+UPDATE cdc_producer_state SET last_txid = %(txid)s::text::xid8, last_action_id = %(action_id)s, updated_at = now()
+ WHERE name = %(name)s
+   AND EXISTS (SELECT 1 FROM pg_locks
+                WHERE locktype = 'advisory' AND classid = %(lock_class)s AND objid = %(lock_id)s
+                  AND objsubid = 2 AND pid = %(pid)s AND granted)
+"""
+
+_LAST = """
+SELECT txid::text::bigint, action_id FROM emp_records_cdc
+ WHERE (txid, action_id) > (%(txid)s::text::xid8, %(action_id)s)
+ ORDER BY emp_records_cdc.txid DESC, action_id DESC
+ LIMIT 1
+"""
+
 # The oldest transaction that has a transaction id: it is the one holding the xid horizon.
+# A prepared transaction (PREPARE TRANSACTION) holds it too, with no session left to show it.
 _HORIZON_HOLDER = """
-SELECT pid, backend_xid::text, extract(epoch FROM clock_timestamp() - xact_start), state,
-       left(regexp_replace(query, '\\s+', ' ', 'g'), 120)
-  FROM pg_stat_activity
- WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()
- ORDER BY age(backend_xid) DESC
+SELECT pid, x::text, age_s, state, query, gid, prepared, owner, database
+  FROM (SELECT pid, backend_xid AS x, extract(epoch FROM clock_timestamp() - xact_start) AS age_s, state,
+               left(regexp_replace(query, '\\s+', ' ', 'g'), 120) AS query,
+               NULL::text AS gid, NULL::timestamptz AS prepared, usename AS owner, datname AS database
+          FROM pg_stat_activity
+         WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()
+        UNION ALL
+        SELECT NULL, transaction, extract(epoch FROM clock_timestamp() - prepared), NULL, NULL,
+               gid, prepared, owner, database
+          FROM pg_prepared_xacts) AS holders
+ ORDER BY age(x) DESC
  LIMIT 1
 """
 
@@ -116,6 +149,18 @@ class Cursor:
 
     txid: int = 0
     action_id: int = 0
+
+
+@dataclass(frozen=True)
+class CursorReset:
+    """What ``Outbox.reset_cursor`` did."""
+
+    old: Cursor
+    new: Cursor
+    restamped: int  # outbox rows whose txid lay beyond the server's, moved to restamped_to
+    restamped_to: int
+    behind: int  # outbox rows at or behind the new cursor: not published (again)
+    ahead: int  # committed outbox rows after it: published next
 
 
 @dataclass(frozen=True)
@@ -160,10 +205,80 @@ class Outbox:
             raise SchemaMissingError(f"cdc_producer_state has no row {STATE_NAME!r}; apply setup_db.sql")
         return Cursor(*row)
 
+    def check_horizon(self, cursor: Cursor) -> None:
+        """ConfigError if ``cursor`` or any outbox row carries a txid this server never assigned.
+
+        After a restore into another cluster (dump/restore, cutover, PITR) the copied cursor can
+        lie above every new txid, so every new change would be skipped; copied rows above it
+        would be held back for ever. Nothing waits that out: the operator must reset the cursor.
+        """
+        with self.db.connection() as conn, conn.cursor() as cur:
+            cur.execute(_INDEX_ONLY)  # a fresh backlog has no statistics: no full scan per check
+            cur.execute(_FUTURE)
+            next_xid, future_rows = cur.fetchone()
+        fix = (
+            "stop every producer, then run `producer.py --reset-cursor beginning` (re-publish the outbox) "
+            "or `producer.py --reset-cursor end` (skip it; then verify and --snapshot), see USAGE.md"
+        )
+        if cursor.txid >= next_xid:
+            raise ConfigError(
+                f"cursor txid={cursor.txid} action_id={cursor.action_id} is beyond this server's "
+                f"transaction ids (next xid {next_xid}): the source comes from another cluster "
+                f"(restore, cutover, PITR) and every new change would be skipped; {fix}"
+            )
+        if future_rows:
+            raise ConfigError(
+                f"{future_rows} outbox rows carry txids beyond this server's transaction ids "
+                f"(next xid {next_xid}): copied from another cluster, they would be held back for ever; {fix}"
+            )
+
+    def reset_cursor(self, to_end: bool, *, lock_pid: int) -> CursorReset:
+        """Move the cursor to the beginning (re-publish the outbox) or to the end (skip it).
+
+        Outbox rows whose txid lies beyond the server's (copied from another cluster) first get
+        the txid just below the horizon: ended, so readable at once, and ordered before every
+        transaction still running. The end is that same point, so a transaction running now is
+        still published when it commits: only what has ended is skipped.
+        """
+        with self.db.connection() as conn, conn.cursor() as cur:
+            cur.execute(_HORIZON)
+            xmin, xmax = cur.fetchone()
+            stamp = xmin - 1
+            cur.execute(_INDEX_ONLY)
+            cur.execute(
+                "UPDATE emp_records_cdc SET txid = %s::text::xid8 WHERE txid >= %s::text::xid8", (stamp, xmax)
+            )
+            restamped = cur.rowcount
+            if to_end:
+                cur.execute("SELECT coalesce(max(action_id), 0) FROM emp_records_cdc")
+                new = Cursor(stamp, cur.fetchone()[0])
+            else:
+                new = Cursor()
+            cur.execute(
+                "SELECT last_txid::text::bigint, last_action_id FROM cdc_producer_state WHERE name = %s",
+                (STATE_NAME,),
+            )
+            old = Cursor(*cur.fetchone())
+            params = {"txid": new.txid, "action_id": new.action_id, "name": STATE_NAME}
+            params.update(lock_class=LOCK_CLASS, lock_id=LOCK_ID, pid=lock_pid)
+            cur.execute(_RESET, params)
+            if cur.rowcount != 1:
+                raise LeadershipLost("cursor not reset: this process does not hold the producer lock")
+            cur.execute(
+                "SELECT count(*) FILTER (WHERE (txid, action_id) <= (%(txid)s::text::xid8, %(action_id)s)),"
+                " count(*) FILTER (WHERE (txid, action_id) > (%(txid)s::text::xid8, %(action_id)s))"
+                " FROM emp_records_cdc",
+                params,
+            )
+            behind, ahead = cur.fetchone()
+        return CursorReset(old, new, restamped, stamp, behind, ahead)
+
     def fetch(self, after: Cursor, limit: int) -> list[dict[str, Any]]:
         """The next rows after ``after`` whose transactions have all ended, in cursor order."""
         with self.db.connection() as conn, conn.cursor() as cur:
             cur.execute(_INDEX_ONLY)
+            # dob::text follows DateStyle: the event carries ISO text, whatever the session says.
+            cur.execute("SET LOCAL DateStyle = ISO")
             cur.execute(_FETCH, {"txid": after.txid, "action_id": after.action_id, "limit": limit})
             return [dict(zip(COLUMNS, row, strict=True)) for row in cur.fetchall()]
 
@@ -196,14 +311,23 @@ class Outbox:
             rows, held, held_for = cur.fetchone()
         return Backlog(rows=rows, held_back=held, held_for=float(held_for or 0.0))
 
+    def last_committed(self, after: Cursor) -> Cursor | None:
+        """The last committed row after ``after`` in cursor order, readable yet or not."""
+        with self.db.connection() as conn, conn.cursor() as cur:
+            cur.execute(_LAST, {"txid": after.txid, "action_id": after.action_id})
+            row = cur.fetchone()
+        return Cursor(*row) if row else None
+
     def horizon_holder(self) -> dict[str, Any] | None:
-        """The open transaction holding the horizon back: pid, xid, age, state, query."""
+        """The transaction holding the horizon back: pid, xid, age_s, state, query for an open
+        one; gid, xid, age_s, prepared, owner, database for a prepared one (pid None)."""
         with self.db.connection() as conn, conn.cursor() as cur:
             cur.execute(_HORIZON_HOLDER)
             row = cur.fetchone()
         if row is None:
             return None
-        return dict(zip(("pid", "xid", "age_s", "state", "query"), row, strict=True))
+        keys = ("pid", "xid", "age_s", "state", "query", "gid", "prepared", "owner", "database")
+        return dict(zip(keys, row, strict=True))
 
     def snapshot(self, channel: str) -> tuple[int, int | None, int | None]:
         """Queue every current employee as a SNAPSHOT event. Returns (rows, first action_id, last).
@@ -214,6 +338,10 @@ class Outbox:
         """
         try:
             with self.db.connection() as conn, conn.cursor() as cur:
+                # At REPEATABLE READ or SERIALIZABLE (a database default) the transaction's one
+                # snapshot could predate the lock and copy an image older than a change that
+                # committed during the wait, under a newer action_id.
+                cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
                 cur.execute("SELECT set_config('lock_timeout', %s, true)", (SNAPSHOT_LOCK_TIMEOUT,))
                 cur.execute("SELECT set_config('statement_timeout', '0', true)")
                 cur.execute("LOCK TABLE employees IN SHARE MODE")

@@ -224,7 +224,8 @@ class PostgresServer:
             "-l",
             str(self.logfile),
             "-o",
-            f"-p {self.port}",
+            # Prepared transactions on: the producer's horizon warning must be testable with one.
+            f"-p {self.port} -c max_prepared_transactions=10",
             "-w",
             "-t",
             str(int(START_TIMEOUT)),
@@ -261,12 +262,7 @@ class PostgresServer:
                     cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.dbname)))
 
     def apply_sql(self, path: Path) -> None:
-        import psycopg2
-
-        with contextlib.closing(psycopg2.connect(self.url)) as conn:
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute(path.read_text())
+        apply_sql(self.url, path)
 
     def status(self) -> str:
         pid = self.pid()
@@ -274,6 +270,16 @@ class PostgresServer:
         return (
             f"postgres-{self.name:<6} {state:<22} 127.0.0.1:{self.port} db={self.dbname} data={self.datadir}"
         )
+
+
+def apply_sql(url: str, path: Path) -> None:
+    """Run a setup SQL file in one round trip; its own BEGIN/COMMIT make it one transaction."""
+    import psycopg2
+
+    with contextlib.closing(psycopg2.connect(url)) as conn:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(path.read_text())
 
 
 class KafkaBroker:
@@ -343,11 +349,18 @@ class KafkaBroker:
             "log.segment.bytes=67108864\n"
         )
 
-    def _format(self) -> None:
+    def _format(self, cluster_id: str | None = None) -> None:
         if (self.datadir / "meta.properties").exists():
             return
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
-        cmd = [*self._java(), "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.config)]
+        cluster_id = cluster_id or base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        # One argv element: an id starting with "-" (1 in 64) must not be read as an option.
+        cmd = [
+            *self._java(),
+            "kafka.tools.StorageTool",
+            "format",
+            f"--cluster-id={cluster_id}",
+            f"--config={self.config}",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
         if proc.returncode != 0:
             raise ServiceError(f"kafka storage format failed: {(proc.stderr or proc.stdout).strip()[-500:]}")

@@ -15,9 +15,11 @@ from typing import Any
 
 import psycopg2
 from confluent_kafka import Consumer, TopicPartition
+from psycopg2 import sql
 
 from cdc.kafka import admin_client, base_config, ensure_topics
 from cdc.runner import Daemon
+from cdc.services import SETUP_SOURCE_SQL
 from cdc.settings import Settings, load_settings
 
 CLEAN_SOURCE = (
@@ -77,6 +79,30 @@ def clean_dest(url: str) -> str:
     """Empty the destination. Returns ``url``."""
     execute(url, CLEAN_DEST)
     return url
+
+
+@contextlib.contextmanager
+def source_database(url: str, name: str, **defaults: str) -> Iterator[str]:
+    """A new database ``name`` on the source server, with setup_db.sql applied and ``defaults``
+    as its session defaults (``ALTER DATABASE ... SET``); dropped afterwards. Yields its URL."""
+    server = url.rsplit("/", 1)[0]
+    with connect(url, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        for setting, value in defaults.items():
+            cur.execute(
+                sql.SQL("ALTER DATABASE {} SET {} = %s").format(
+                    sql.Identifier(name), sql.Identifier(setting)
+                ),
+                (value,),
+            )
+    try:
+        with connect(f"{server}/{name}", autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute(SETUP_SOURCE_SQL.read_text())
+        yield f"{server}/{name}"
+    finally:
+        with connect(url, autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def fresh_settings(service_env: Mapping[str, str], prefix: str = "cdc_test", **overrides: Any) -> Settings:
