@@ -21,6 +21,10 @@ from consumer_helpers import (
 from support import Daemons, dlq_count, wait_until
 
 from cdc import dlq
+from cdc.db import Database
+from cdc.errors import UnencodableValueError
+from cdc.kafka import Received
+from cdc.sink import Delivered, apply_events
 from consumer_final import ProductionCDCConsumer
 from employee import MARK_HEADER
 
@@ -131,3 +135,35 @@ def test_events_superseded_in_a_batch_are_stale_not_applied(settings, clean_dest
     assert consumer.stats.get("applied_insert") == 1  # only event 20 was written as an INSERT
     assert consumer.stats.get("applied_update") == 1
     assert consumer.stats.get("stale") == 2
+
+
+def test_a_delete_with_an_odd_old_image_still_deletes(settings, clean_dest):
+    odd = {
+        "action_id": 9,
+        "action": "DELETE",
+        "emp_id": 1,
+        "first_name": "x" * 101,
+        "dob": "1/2/3",
+        "salary": "?",
+    }
+    consumer = ProductionCDCConsumer(settings=fast(settings))
+    with Running(consumer) as r:
+        produce(settings, [event(1, "INSERT", 1)])
+        r.wait(lambda: 1 in dest_rows(clean_dest), what="the insert")
+        produce(settings, [(b"1", json.dumps(odd).encode(), OURS)])
+        r.wait(lambda: count_processed(clean_dest) == 2, what="the delete decided")
+    assert outcomes(clean_dest) == {1: "applied", 9: "applied"}
+    assert dest_rows(clean_dest) == {}
+    assert dlq_count(settings) == 0
+
+
+@pytest.mark.parametrize(("text", "words"), [("\ud800", "surrogates not allowed"), ("a\x00b", "NUL")])
+def test_a_value_psycopg2_cannot_encode_is_a_bad_message(clean_dest, text, words):
+    # Built without validation, as a future field or a bug might let one through.
+    item = Delivered(event(1, "INSERT", 1, city=text), Received("t", 0, 0, None, None))
+    db = Database(clean_dest)
+    try:
+        with pytest.raises(UnencodableValueError, match=words), db.connection() as conn, conn.cursor() as cur:
+            apply_events(cur, [item], idempotency=True)
+    finally:
+        db.close()
