@@ -3,7 +3,7 @@ through the real batch decision (cdc/batch.py) on the real destination and the r
 
 Every message must end applied, stale, duplicate or dead-lettered, exactly once, with
 ``processed_events`` saying the same; no exception may escape. ``CDC_FUZZ_EXAMPLES`` sets the
-number of generated batches (default 100; decoding gets ten times as many single messages).
+number of generated batches (default 200; decoding gets ten times as many single messages).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from cdc.sink import salvage_ids
 from cdc.stats import Stats
 from employee import ACTIONS, INT4_MAX, INT4_MIN, MARK_HEADER, MARK_VALUE, ChangeEvent, InvalidEventError
 
-EXAMPLES = int(os.environ.get("CDC_FUZZ_EXAMPLES", "100"))
+EXAMPLES = int(os.environ.get("CDC_FUZZ_EXAMPLES", "200"))
 FUZZ = hsettings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -49,6 +49,7 @@ ODD_DATES = [
     "5874897-12-31", "5874898-01-01", "2023-02-30", "0000-01-01", "1999-13-01", "2024-02-29", "",
 ]  # fmt: skip
 
+POOL, FRESH = 40, 10**6
 ints = st.one_of(st.integers(-3, 40), st.sampled_from(EXTREME), st.integers())
 texts = st.one_of(
     st.none(),
@@ -104,7 +105,8 @@ events = st.fixed_dictionaries(
 names = st.one_of(st.none(), st.text(TEXT_CHAR, max_size=100), st.text(TEXT_CHAR, max_size=100), texts)
 plausible = st.fixed_dictionaries(
     {
-        "action_id": st.one_of(st.integers(1, 40), st.integers(1, 10**9)),
+        # 1..POOL: shared by every batch; above: new in each batch (see ``decide``).
+        "action_id": st.one_of(st.integers(1, POOL), st.integers(POOL + 1, FRESH)),
         "action": st.sampled_from(ACTIONS),
         "emp_id": st.one_of(st.integers(-3, 10), st.sampled_from([INT4_MIN, INT4_MAX])),
         "first_name": names,
@@ -146,6 +148,8 @@ hostile = st.one_of(
 )
 # About half valid, so the database path gets its share.
 values = st.booleans().flatmap(lambda valid: st.builds(_dump, plausible, st.booleans()) if valid else hostile)
+# For batches: a valid event stays a dict until its batch gives its fresh action_id a range.
+batch_values = st.booleans().flatmap(lambda valid: st.tuples(plausible, st.booleans()) if valid else hostile)
 REPLAYED = (dlq.H_REPLAYED_FROM, b"dlq/0/0")
 headers = st.sampled_from([[], OURS, [*OURS, REPLAYED], [REPLAYED], [(MARK_HEADER, b"2")]])
 
@@ -161,6 +165,15 @@ def test_decoding_any_bytes_gives_an_event_or_an_invalid_event_error(value):
         str(exc).encode("utf-8")  # printable in a log line and a header
         return
     assert ChangeEvent.from_json(event.to_json()) == event
+
+
+def _value(generated: bytes | tuple | None, base: int) -> bytes | None:
+    if not isinstance(generated, tuple):
+        return generated
+    event, ascii_only = generated
+    if event["action_id"] > POOL:
+        event = {**event, "action_id": event["action_id"] + base}
+    return _dump(event, ascii_only)
 
 
 def _processed(url: str) -> dict[int, tuple]:
@@ -210,10 +223,13 @@ def test_any_batch_is_decided_exactly_once_on_the_real_destination(settings, cle
     totals: Counter[str] = Counter()
 
     @FUZZ
-    @given(parts=st.lists(st.tuples(st.integers(0, 2), st.none() | st.binary(max_size=8), values, headers),
+    @given(parts=st.lists(st.tuples(st.integers(0, 2), st.none() | st.binary(max_size=8), batch_values, headers),
                           min_size=5, max_size=50))  # fmt: skip
     def decide(parts):
-        batch = [Received(settings.cdc_topic, p, next(offsets), k, v, h) for p, k, v, h in parts]
+        base = next(offsets) * FRESH
+        batch = [
+            Received(settings.cdc_topic, p, next(offsets), k, _value(v, base), h) for p, k, v, h in parts
+        ]
         if path == "one_by_one":
             # An event the database rejects (no 30 February) sends the batch down the isolation path.
             n = next(offsets)
