@@ -86,22 +86,22 @@ class BatchApplier:
             cur.execute("SET LOCAL synchronous_commit = on")
             cur.execute("SAVEPOINT batch")
             try:
-                applied = sink.apply_events(cur, items, idempotency=self.idempotency)
+                done = sink.apply_events(cur, items, idempotency=self.idempotency)
             except (psycopg2.Error, BadMessageError) as exc:
                 if not isinstance(classify(exc), BadMessageError):
                     raise
                 cur.execute("ROLLBACK TO SAVEPOINT batch")
                 log.warning("batch of %d hit a data error (%s): applying one by one", len(items), _text(exc))
-                applied, rejected = self._isolate(cur, items)
+                done, rejected = self._isolate(cur, items)
                 dead += rejected
-            result = BatchResult(applied.applied, applied.stale, [i.record for i in applied.duplicates])
+            result = BatchResult(done.applied, done.stale, [i.record for i in done.duplicates])
             if dead:
                 result.dead, copies = self._dead_letter(cur, dead, len(batch))
                 result.duplicates += copies
         # Committed: from here on the batch counts.
         self.breaker.record(len(result.dead), len(batch))
         self.stats.incr("consumed", len(batch))
-        for action, n in applied.applied_by_action().items():
+        for action, n in done.applied_by_action().items():
             self.stats.incr(f"applied_{action.lower()}", n)
         self.stats.incr("duplicates", len(result.duplicates))
         self.stats.incr("stale", len(result.stale))
