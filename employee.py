@@ -135,6 +135,7 @@ class Employee:
     def from_mapping(cls, data: Mapping[str, Any], *, lenient: bool = False) -> Employee:
         """Validate a row. ``lenient`` (a DELETE's old image): an invalid field other than
         emp_id is dropped instead of raising."""
+        emp_id = _int(data, "emp_id", INT4_MIN, INT4_MAX, required=True)
         fields = {
             "first_name": _text,
             "last_name": _text,
@@ -149,7 +150,7 @@ class Employee:
             except InvalidEventError:
                 if not lenient:
                     raise
-        return cls(emp_id=_int(data, "emp_id", INT4_MIN, INT4_MAX, required=True), **values)  # type: ignore[arg-type]
+        return cls(emp_id=emp_id, **values)  # type: ignore[arg-type]
 
     def as_tuple(self) -> tuple[Any, ...]:
         return (self.emp_id, self.first_name, self.last_name, self.dob, self.city, self.salary)
