@@ -1,4 +1,4 @@
-"""Hostile messages and odd sequences on the real broker and destination (issue 8, points 1 and 7)."""
+"""Hostile messages and odd sequences on the real broker and destination (issue 8, points 1, 3, 7)."""
 
 from __future__ import annotations
 
