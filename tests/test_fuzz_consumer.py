@@ -211,6 +211,8 @@ def _check_accounting(batch: list[Received], result: BatchResult, before: dict, 
 
 
 @pytest.mark.integration
+# About 0.1 s per batch: a large CDC_FUZZ_EXAMPLES run outlasts the suite's 600 s per test.
+@pytest.mark.timeout(600 + EXAMPLES // 5)
 @pytest.mark.parametrize("path", ["as_generated", "one_by_one"])
 def test_any_batch_is_decided_exactly_once_on_the_real_destination(settings, clean_dest, path):
     db = Database(clean_dest)
