@@ -6,15 +6,12 @@
 
 Each turn of the loop (``ProductionCDCConsumer.run``):
 
-1. Take up to CONSUMER_BATCH_SIZE messages (see ``_next_messages``); decode and validate each (``employee.py``).
-   An invalid message is a dead letter at once.
-2. One destination transaction: dedupe, version guard, write (``cdc/sink.py``). A data error
-   in the set-based path replays the batch one message per savepoint to find the culprit, which
-   is retried up to MAX_ATTEMPTS times, then dead-lettered; the rest of the batch applies.
-3. Dead letters are produced to the DLQ and acknowledged, and their action_ids recorded as
-   ``dlq`` in the same transaction, before it commits: a crash in between re-sends a dead
-   letter at worst, never loses one.
-4. Commit the transaction, then the offsets (last + 1 per partition) synchronously.
+1. Take up to CONSUMER_BATCH_SIZE messages (see ``_next_messages``).
+2. Decide them in one destination transaction (``cdc/batch.py``): decode and validate, apply
+   set-based (``cdc/sink.py``), isolate a bad message one by one, dead-letter what cannot be
+   applied (produced to the DLQ and acknowledged before the commit: a crash in between re-sends
+   a dead letter at worst, never loses one).
+3. Commit the offsets (last + 1 per partition) synchronously.
 
 A transient error (database down, deadlock, DLQ unreachable) rolls the batch back; the
 partitions are paused and the consumer keeps polling, so it stays in its group while it waits
@@ -38,11 +35,11 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from cdc import dlq as dlq_module
 from cdc import sink
+from cdc.batch import BatchApplier
 from cdc.daemon import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, StopSignal, backoff_delay
-from cdc.db import Database, classify
-from cdc.dlq import CircuitBreaker, DeadLetter, DeadLetterQueue
+from cdc.db import Database
+from cdc.dlq import CircuitBreaker, DeadLetterQueue
 from cdc.errors import (
-    BadMessageError,
     CDCError,
     ConfigError,
     DeliveryError,
@@ -50,12 +47,12 @@ from cdc.errors import (
     SchemaMissingError,
     TransientError,
 )
-from cdc.kafka import admin_client, consumer_config, ensure_topics
+from cdc.kafka import Received, admin_client, consumer_config, ensure_topics
 from cdc.logs import configure_logging, quiet_repeats
 from cdc.metrics import MetricsServer
 from cdc.settings import Settings, load_settings, validate
 from cdc.stats import Stats
-from employee import ACTIONS, ChangeEvent, InvalidEventError
+from employee import ACTIONS
 
 log = logging.getLogger("consumer")
 KAFKA_LOG = logging.getLogger("consumer.kafka")
@@ -121,6 +118,14 @@ class ProductionCDCConsumer:
         self._paused = False
         self._uncommitted: dict[TP, int] = {}  # applied in the database, offset not yet committed
         self._healthy = True
+        self.applier = BatchApplier(
+            self.db,
+            dlq=None,
+            breaker=self.breaker,
+            stats=self.stats,
+            max_attempts=s.max_attempts,
+            idempotency=enable_idempotency,
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -175,7 +180,7 @@ class ProductionCDCConsumer:
             return  # stopped while waiting for the database
         ensure_topics(s, admin_client(s))
         if self.enable_dlq:
-            self._dlq = DeadLetterQueue(s)
+            self._dlq = self.applier.dlq = DeadLetterQueue(s)
         if s.metrics_port:
             self._metrics = MetricsServer(self.stats, s.metrics_port, health=lambda: self._healthy)
             self._metrics.start()
@@ -216,7 +221,7 @@ class ProductionCDCConsumer:
             self._consumer = None
         if self._dlq is not None:
             self._dlq.close()
-            self._dlq = None
+            self._dlq = self.applier.dlq = None
         self.db.close()
         if self._metrics is not None:
             self._metrics.stop()
@@ -252,19 +257,19 @@ class ProductionCDCConsumer:
 
     # -- the batch -------------------------------------------------------------------------
 
-    def _usable(self, messages: Sequence[Message]) -> list[Message]:
+    def _usable(self, messages: Sequence[Message]) -> list[Received]:
         batch = []
         for msg in messages:
             err = msg.error()
             if err is None:
-                batch.append(msg)
+                batch.append(Received.of(msg))
             elif err.fatal():
                 raise HaltError(f"kafka fatal error: {err.str()}")
             else:
                 log.warning("kafka: %s", err.str())
         return batch
 
-    def _process(self, batch: list[Message]) -> None:
+    def _process(self, batch: list[Received]) -> None:
         """Apply the batch, waiting out transient errors, then commit its offsets."""
         attempt = 0
         started = time.monotonic()
@@ -284,7 +289,7 @@ class ProductionCDCConsumer:
                     exc,
                 )
                 self._wait_in_group(delay)
-                batch = [m for m in batch if (m.topic(), m.partition()) in self._owned]
+                batch = [m for m in batch if (m.topic, m.partition) in self._owned]
                 if not self.running:
                     return  # nothing committed: these messages are read again
                 if not batch:
@@ -296,148 +301,19 @@ class ProductionCDCConsumer:
         self.stats.incr("batches")
         self.stats.observe("batch_latency", time.monotonic() - started)
         for msg in batch:
-            key = (msg.topic(), msg.partition())
+            key = (msg.topic, msg.partition)
             # A revoke during the batch hands the partition on: its new owner commits it.
             if key in self._owned:
-                self._uncommitted[key] = max(self._uncommitted.get(key, 0), msg.offset() + 1)
+                self._uncommitted[key] = max(self._uncommitted.get(key, 0), msg.offset + 1)
         log.debug("batch applied messages=%d, committing offsets %s", len(batch), self._uncommitted)
         self._commit_pending()
 
-    def _apply(self, batch: list[Message]) -> None:
-        items: list[sink.Delivered] = []
-        dead: list[DeadLetter] = []
-        for msg in batch:
-            try:
-                event = ChangeEvent.from_json(msg.value())
-            except InvalidEventError as exc:
-                dead.append(DeadLetter(msg, type(exc).__name__, str(exc), attempts=1))
-                continue
-            items.append(
-                sink.Delivered(event, msg.topic(), msg.partition(), msg.offset(), dlq_module.is_replayed(msg))
-            )
-        by_position = {(m.topic(), m.partition(), m.offset()): m for m in batch}
-
-        with self.db.connection() as conn, conn.cursor() as cur:
-            # Offsets move once this commit returns, so it must survive a server crash even
-            # where the server is configured with synchronous_commit = off.
-            cur.execute("SET LOCAL synchronous_commit = on")
-            cur.execute("SAVEPOINT batch")
-            try:
-                result = sink.apply_events(cur, items, idempotency=self.enable_idempotency)
-            except psycopg2.Error as exc:
-                if not isinstance(classify(exc), BadMessageError):
-                    raise
-                cur.execute("ROLLBACK TO SAVEPOINT batch")
-                log.warning(
-                    "batch of %d hit a data error (%s): applying one by one",
-                    len(items),
-                    (exc.pgerror or "").strip(),
-                )
-                result, rejected = self._isolate(cur, items)
-                dead += [
-                    DeadLetter(by_position[(i.topic, i.partition, i.offset)], cls, text, attempts)
-                    for i, cls, text, attempts in rejected
-                ]
-            if dead:
-                dead = self._dead_letter(cur, dead, len(batch))
-        # Committed: from here on the batch counts.
-        self.breaker.record(len(dead), len(batch))
-        self.stats.incr("consumed", len(batch))
-        for action, n in result.applied.items():
-            self.stats.incr(f"applied_{action.lower()}", n)
-        self.stats.incr("duplicates", result.duplicates)
-        self.stats.incr("stale", result.stale)
-        self.stats.incr("dlq", len(dead))
+    def _apply(self, batch: list[Received]) -> None:
+        result = self.applier.apply(batch)
         now = datetime.now(UTC)
-        for ev in result.decided:
+        for ev in result.decided_events():
             if ev.captured_at is not None:
                 self.stats.observe("e2e_latency", (now - ev.captured_at).total_seconds())
-
-    def _isolate(
-        self, cur: psycopg2.extensions.cursor, items: list[sink.Delivered]
-    ) -> tuple[sink.ApplyResult, list[tuple[sink.Delivered, str, str, int]]]:
-        """Apply one message per savepoint; a failing one is retried, then rejected."""
-        result = sink.ApplyResult()
-        rejected = []
-        tried: set[int] = set()
-        for item in items:
-            if item.event.action_id in tried:
-                result.duplicates += 1  # a re-sent copy in the same batch: decided once
-                continue
-            tried.add(item.event.action_id)
-            for attempt in range(1, self.settings.max_attempts + 1):
-                cur.execute("SAVEPOINT one")
-                try:
-                    result.add(sink.apply_events(cur, [item], idempotency=self.enable_idempotency))
-                    cur.execute("RELEASE SAVEPOINT one")
-                    break
-                except psycopg2.Error as exc:
-                    if not isinstance(classify(exc), BadMessageError):
-                        raise
-                    cur.execute("ROLLBACK TO SAVEPOINT one")
-                    log.warning(
-                        "action_id=%d topic=%s partition=%d offset=%d attempt %d/%d failed: %s",
-                        item.event.action_id,
-                        item.topic,
-                        item.partition,
-                        item.offset,
-                        attempt,
-                        self.settings.max_attempts,
-                        (exc.pgerror or str(exc)).strip(),
-                    )
-                    if attempt == self.settings.max_attempts:
-                        rejected.append(
-                            (item, type(exc).__name__, (exc.pgerror or str(exc)).strip(), attempt)
-                        )
-                    else:
-                        # At once: a pause per attempt could hold a batch with many bad rows
-                        # past max.poll.interval.ms.
-                        self.stats.incr("retries")
-        return result, rejected
-
-    def _dead_letter(
-        self, cur: psycopg2.extensions.cursor, dead: list[DeadLetter], batch_size: int
-    ) -> list[DeadLetter]:
-        """Record and produce dead letters inside the open transaction. Returns those sent."""
-        first = dead[0]
-        if not self.enable_dlq:
-            raise HaltError(
-                f"message {first.where()} cannot be applied after {first.attempts} attempt(s) "
-                f"({first.error_class}: {first.error}) and the DLQ is off (--no-dlq): stopping "
-                "without committing its offset"
-            )
-        self.breaker.check(len(dead), batch_size)
-        if self.enable_idempotency:
-            unknown: list[DeadLetter] = []
-            # One dead letter per action_id: a re-sent copy in the same batch is the same failure.
-            by_id: dict[int, tuple[DeadLetter, sink.EventRecord]] = {}
-            for letter in dead:
-                m = letter.message
-                ids = sink.salvage_ids(m.value())
-                if ids is None:
-                    unknown.append(letter)
-                    continue
-                record = sink.EventRecord(
-                    *ids, m.topic(), m.partition(), m.offset(), dlq_module.is_replayed(m)
-                )
-                if record.action_id not in by_id or (
-                    record.replayed and not by_id[record.action_id][1].replayed
-                ):
-                    by_id[record.action_id] = (letter, record)
-            new = sink.record_dead(cur, [r for _, r in by_id.values()])
-            # An id already recorded as dlq was dead-lettered before a crash: not sent twice.
-            dead = unknown + [letter for letter, r in by_id.values() if r.action_id in new]
-        for letter in dead:
-            log.warning(
-                "dead letter %s error=%s attempts=%d: %s",
-                letter.where(),
-                letter.error_class,
-                letter.attempts,
-                letter.error,
-            )
-        if dead:
-            self._dlq.send(dead)
-        return dead
 
     def _wait_in_group(self, seconds: float) -> None:
         """Sleep with the partitions paused, polling so the group keeps this member."""

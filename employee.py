@@ -4,28 +4,48 @@ Parsing is strict: every field is checked for type, range and length (matching t
 ``setup_db.sql``), and a problem raises ``InvalidEventError`` naming the field. Unknown JSON keys
 are ignored, so a newer producer can add fields without breaking an older consumer.
 
-Event JSON (topic ``bf_employee_cdc``, key = emp_id as UTF-8 text)::
+Event JSON (topic ``bf_employee_cdc``, key = emp_id as UTF-8 text, header ``cdc.producer: 1``)::
 
     {"action_id": 1042, "action": "UPDATE", "emp_id": 7, "first_name": "Ada",
      "last_name": "Lovelace", "dob": "1815-12-10", "city": "London", "salary": 120000,
      "txid": 88123, "captured_at": "2026-11-24T10:00:00.123456+00:00"}
+
+Every value the source columns can hold is carried exactly:
+
+- ``emp_id``: any int4 (0 and negatives included); ``salary``: any int4 or null.
+- names and ``city``: any text PostgreSQL stores, at most 100 characters (no NUL, no lone
+  surrogate: neither can be UTF-8 text in PostgreSQL).
+- ``dob``: PostgreSQL's ISO date text, kept as text: ``YYYY-MM-DD`` for years 1 to 9999, more
+  year digits above (``12345-01-01``), a `` BC`` suffix (``0044-03-15 BC``), ``infinity`` or
+  ``-infinity``. Only the shape is checked here; the destination casts it with ``::date``, so an
+  impossible date of the right shape (``2023-02-30``) is a database data error, dead-lettered.
+- A DELETE needs only ``action_id``, ``action`` and ``emp_id``: the rest of its old image is
+  carried where it is valid and dropped where not, so an odd image never stops a delete.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from cdc.errors import BadMessageError
 
 ACTIONS = ("INSERT", "UPDATE", "DELETE", "SNAPSHOT")
 TEXT_MAX = 100  # VARCHAR(100) in both schemas
+INT4_MIN = -(2**31)
 INT4_MAX = 2**31 - 1
 INT8_MAX = 2**63 - 1
 XID8_MAX = 2**64 - 1
+# The shape of PostgreSQL's ISO date output (at most 7 year digits: the type ends in 5874897).
+DATE_TEXT = re.compile(r"(?:[0-9]{4}|[1-9][0-9]{4,6})-[0-9]{2}-[0-9]{2}(?: BC)?|-?infinity")
+# The Kafka header producer.py puts on every message: only such messages may record a
+# dead-lettered action_id, so a stranger's message cannot take a real one.
+MARK_HEADER = "cdc.producer"
+MARK_VALUE = b"1"
 
 
 class InvalidEventError(BadMessageError):
@@ -60,27 +80,22 @@ def _text(data: Mapping[str, Any], name: str) -> str | None:
         raise InvalidEventError(f"{name} is {len(value)} characters, at most {TEXT_MAX} allowed", name)
     if "\x00" in value:
         raise InvalidEventError(f"{name} contains a NUL character", name)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidEventError(f"{name} contains a lone surrogate (not UTF-8 text)", name) from None
     return value
 
 
-def _date(data: Mapping[str, Any], name: str) -> date | None:
+def _date(data: Mapping[str, Any], name: str) -> str | None:
     value = data.get(name)
     if value is None:
         return None
-    if isinstance(value, datetime):
-        value = value.date()
-    if isinstance(value, date):
-        parsed = value
-    elif isinstance(value, str):
-        try:
-            parsed = date.fromisoformat(value)
-        except ValueError:
-            raise InvalidEventError(f"{name}={value!r} is not an ISO date (YYYY-MM-DD)", name) from None
-        if len(value) != 10:
-            raise InvalidEventError(f"{name}={value!r} is not an ISO date (YYYY-MM-DD)", name)
-    else:
+    if not isinstance(value, str):
         raise InvalidEventError(f"{name} must be an ISO date string, got {type(value).__name__}", name)
-    return parsed
+    if not DATE_TEXT.fullmatch(value):
+        raise InvalidEventError(f"{name}={value[:40]!r} is not an ISO date (YYYY-MM-DD)", name)
+    return value
 
 
 def _timestamp(data: Mapping[str, Any], name: str) -> datetime | None:
@@ -93,11 +108,15 @@ def _timestamp(data: Mapping[str, Any], name: str) -> datetime | None:
         try:
             parsed = datetime.fromisoformat(value)
         except ValueError:
-            raise InvalidEventError(f"{name}={value!r} is not an ISO timestamp", name) from None
+            raise InvalidEventError(f"{name}={value[:40]!r} is not an ISO timestamp", name) from None
     else:
         raise InvalidEventError(f"{name} must be an ISO timestamp string, got {type(value).__name__}", name)
     if parsed.tzinfo is None:
         raise InvalidEventError(f"{name}={value!r} has no time zone", name)
+    try:
+        parsed.astimezone(UTC)  # 9999-12-31T23:00-05:00 is past the last datetime in UTC
+    except OverflowError:
+        raise InvalidEventError(f"{name}={value!r} is out of range in UTC", name) from None
     return parsed
 
 
@@ -108,20 +127,30 @@ class Employee:
     emp_id: int
     first_name: str | None = None
     last_name: str | None = None
-    dob: date | None = None
+    dob: str | None = None  # PostgreSQL's ISO date text, see the module docstring
     city: str | None = None
     salary: int | None = None
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> Employee:
-        return cls(
-            emp_id=_int(data, "emp_id", 1, INT4_MAX, required=True),  # type: ignore[arg-type]
-            first_name=_text(data, "first_name"),
-            last_name=_text(data, "last_name"),
-            dob=_date(data, "dob"),
-            city=_text(data, "city"),
-            salary=_int(data, "salary", -INT4_MAX - 1, INT4_MAX, required=False),
-        )
+    def from_mapping(cls, data: Mapping[str, Any], *, lenient: bool = False) -> Employee:
+        """Validate a row. ``lenient`` (a DELETE's old image): an invalid field other than
+        emp_id is dropped instead of raising."""
+        emp_id = _int(data, "emp_id", INT4_MIN, INT4_MAX, required=True)
+        fields = {
+            "first_name": _text,
+            "last_name": _text,
+            "dob": _date,
+            "city": _text,
+            "salary": lambda d, n: _int(d, n, INT4_MIN, INT4_MAX, required=False),
+        }
+        values = {}
+        for name, parse in fields.items():
+            try:
+                values[name] = parse(data, name)
+            except InvalidEventError:
+                if not lenient:
+                    raise
+        return cls(emp_id=emp_id, **values)  # type: ignore[arg-type]
 
     def as_tuple(self) -> tuple[Any, ...]:
         return (self.emp_id, self.first_name, self.last_name, self.dob, self.city, self.salary)
@@ -159,7 +188,7 @@ class ChangeEvent:
         return cls(
             action_id=action_id,  # type: ignore[arg-type]
             action=action,
-            employee=Employee.from_mapping(data),
+            employee=Employee.from_mapping(data, lenient=action == "DELETE"),
             txid=_int(data, "txid", 0, XID8_MAX, required=False),
             captured_at=_timestamp(data, "captured_at"),
         )
@@ -190,7 +219,7 @@ class ChangeEvent:
             "emp_id": e.emp_id,
             "first_name": e.first_name,
             "last_name": e.last_name,
-            "dob": e.dob.isoformat() if e.dob else None,
+            "dob": e.dob,
             "city": e.city,
             "salary": e.salary,
             "txid": self.txid,

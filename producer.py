@@ -45,7 +45,7 @@ from cdc.logs import configure_logging, quiet_repeats
 from cdc.metrics import MetricsServer
 from cdc.settings import Settings, load_settings
 from cdc.stats import Stats
-from employee import ChangeEvent, InvalidEventError
+from employee import MARK_HEADER, MARK_VALUE, ChangeEvent, InvalidEventError
 
 log = logging.getLogger("producer")
 kafka_log = logging.getLogger("producer.kafka")
@@ -260,7 +260,9 @@ class ChangeProducer:
         assert self.publisher is not None and self.leader.pid is not None
         encoded = [encode_row(row) for row in rows]
         topic = self.settings.cdc_topic
-        self.publisher.send((topic, key, value, None) for key, value, _ in encoded)
+        # The mark tells the consumer an invalid message is ours, so its action_id is real.
+        mark = [(MARK_HEADER, MARK_VALUE)]
+        self.publisher.send((topic, key, value, mark) for key, value, _ in encoded)
         acked_at = time.time()
         last = rows[-1]
         new = Cursor(last["txid"], last["action_id"])

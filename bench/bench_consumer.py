@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 import uuid
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg2
@@ -30,7 +30,7 @@ from cdc.kafka import Publisher, admin_client, ensure_topics, producer_config
 from cdc.services import PROJECT_DIR, LocalServices, Ports
 from cdc.settings import Settings, load_settings
 from consumer_final import ProductionCDCConsumer
-from employee import ChangeEvent, Employee
+from employee import MARK_HEADER, MARK_VALUE, ChangeEvent, Employee
 
 
 def events(n: int, emps: int, seed: int = 1) -> list[ChangeEvent]:
@@ -49,7 +49,7 @@ def events(n: int, emps: int, seed: int = 1) -> list[ChangeEvent]:
             alive.discard(emp_id)
         else:
             action = "UPDATE"
-        employee = Employee(emp_id, f"First{emp_id}", f"Last{action_id}", date(1980, 1, 1), "Oslo", action_id)
+        employee = Employee(emp_id, f"First{emp_id}", f"Last{action_id}", "1980-01-01", "Oslo", action_id)
         out.append(ChangeEvent(action_id, action, employee, txid=action_id, captured_at=now))
     return out
 
@@ -58,7 +58,8 @@ def produce(settings: Settings, stream: list[ChangeEvent]) -> None:
     publisher = Publisher(
         producer_config(settings), logger=logging.getLogger("bench.kafka"), flush_timeout=120
     )
-    publisher.send((settings.cdc_topic, ev.key(), ev.to_json(), None) for ev in stream)
+    mark = [(MARK_HEADER, MARK_VALUE)]  # as producer.py sends them
+    publisher.send((settings.cdc_topic, ev.key(), ev.to_json(), mark) for ev in stream)
 
 
 def processed(url: str) -> int:

@@ -1,6 +1,6 @@
 """The dead-letter topic: writing failed messages with their story, reading them, replaying them.
 
-A dead letter keeps the original key and value bytes untouched; the why travels in headers:
+A dead letter keeps the original key, value and headers untouched; the why travels in more headers:
 
 =========================  ==========================================================
 ``cdc.original.topic``     topic the message was consumed from
@@ -13,8 +13,9 @@ A dead letter keeps the original key and value bytes untouched; the why travels 
 ``cdc.consumer.group``     the consumer group that gave up
 =========================  ==========================================================
 
-A replayed message carries ``cdc.replayed.from`` (``<dlq topic>/<partition>/<offset>``), which
-lets the sink reconsider an action_id it had recorded as ``dlq``.
+A replayed message gets its original headers back (so ``cdc.producer`` still says it is ours)
+plus ``cdc.replayed.from`` (``<dlq topic>/<partition>/<offset>``), which lets the sink
+reconsider an action_id it had recorded as ``dlq``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from datetime import UTC, datetime
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 
 from cdc.errors import DeliveryError, HaltError
-from cdc.kafka import Outgoing, Publisher, consumer_config, producer_config
+from cdc.kafka import Headers, Outgoing, Publisher, Received, consumer_config, producer_config
 from cdc.logs import quiet_repeats
 from cdc.settings import Settings
 
@@ -47,6 +48,17 @@ H_ATTEMPTS = "cdc.attempts"
 H_FAILED_AT = "cdc.failed.at"
 H_GROUP = "cdc.consumer.group"
 H_REPLAYED_FROM = "cdc.replayed.from"
+# The headers a dead letter adds: a replay takes them off again (and sets its own H_REPLAYED_FROM).
+_DIAGNOSTIC = {
+    H_TOPIC,
+    H_PARTITION,
+    H_OFFSET,
+    H_ERROR_CLASS,
+    H_ERROR_MESSAGE,
+    H_ATTEMPTS,
+    H_FAILED_AT,
+    H_GROUP,
+}
 
 FLUSH_TIMEOUT = 30.0
 ERROR_MESSAGE_MAX = 1000  # characters kept of an error message in a header
@@ -55,26 +67,26 @@ READ_IDLE_TIMEOUT = 30.0  # a partition read to its end offset should never stal
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    message: Message
+    record: Received
     error_class: str
     error: str
     attempts: int
 
     def where(self) -> str:
-        m = self.message
-        return f"topic={m.topic()} partition={m.partition()} offset={m.offset()}"
+        return self.record.where()
 
 
-def is_replayed(message: Message) -> bool:
-    return any(k == H_REPLAYED_FROM for k, _ in message.headers() or ())
+def is_replayed(record: Received) -> bool:
+    return record.has_header(H_REPLAYED_FROM)
 
 
-def headers_of(letter: DeadLetter, group: str) -> list[tuple[str, bytes]]:
-    m = letter.message
+def headers_of(letter: DeadLetter, group: str) -> Headers:
+    m = letter.record
     return [
-        (H_TOPIC, m.topic().encode()),
-        (H_PARTITION, str(m.partition()).encode()),
-        (H_OFFSET, str(m.offset()).encode()),
+        *((k, v) for k, v in m.headers if k not in _DIAGNOSTIC),
+        (H_TOPIC, m.topic.encode()),
+        (H_PARTITION, str(m.partition).encode()),
+        (H_OFFSET, str(m.offset).encode()),
         (H_ERROR_CLASS, letter.error_class.encode()),
         (H_ERROR_MESSAGE, letter.error[:ERROR_MESSAGE_MAX].encode("utf-8", "replace")),
         (H_ATTEMPTS, str(letter.attempts).encode()),
@@ -103,7 +115,7 @@ class DeadLetterQueue:
         """
         self._publisher.send(
             (
-                (self.topic, letter.message.key(), letter.message.value(), headers_of(letter, self.group))
+                (self.topic, letter.record.key, letter.record.value, headers_of(letter, self.group))
                 for letter in letters
             ),
             what=f"dead-letter topic {self.topic}",
@@ -238,7 +250,8 @@ def replay(settings: Settings, *, limit: int | None = None) -> int:
             target = _headers_dict(msg).get(H_TOPIC) or settings.cdc_topic
             source = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
             last[msg.partition()] = msg.offset()
-            yield target, msg.key(), msg.value(), [(H_REPLAYED_FROM, source.encode())]
+            original = [(k, v) for k, v in msg.headers() or () if k not in _DIAGNOSTIC | {H_REPLAYED_FROM}]
+            yield target, msg.key(), msg.value(), [*original, (H_REPLAYED_FROM, source.encode())]
 
     try:
         ends = _assign(consumer, settings.cdc_dlq_topic, from_committed=True)

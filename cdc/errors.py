@@ -29,6 +29,10 @@ class BadMessageError(CDCError):
     """One message cannot be applied: undecodable, invalid, or rejected by a constraint."""
 
 
+class UnencodableValueError(BadMessageError):
+    """psycopg2 could not put a value into a statement (e.g. a lone surrogate, a NUL)."""
+
+
 class DeliveryError(CDCError):
     """Kafka reported a failed delivery; whatever depended on it must not be committed."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -25,6 +26,30 @@ CLIENT_ERRORS = (KafkaException, SystemError)
 Headers = list[tuple[str, bytes]]
 # One message to send: topic, key, value, headers.
 Outgoing = tuple[str, bytes | None, bytes | None, Headers | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One consumed message as plain data: what the sink decides on, without the Kafka client."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers = field(default_factory=list)
+
+    @classmethod
+    def of(cls, msg: Message) -> Received:
+        return cls(
+            msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), list(msg.headers() or ())
+        )
+
+    def has_header(self, name: str, value: bytes | None = None) -> bool:
+        return any(k == name and (value is None or v == value) for k, v in self.headers)
+
+    def where(self) -> str:
+        return f"topic={self.topic} partition={self.partition} offset={self.offset}"
 
 
 def base_config(settings: Settings) -> dict[str, str]:

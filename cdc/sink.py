@@ -8,7 +8,12 @@ Steps (all set-based, one statement each, whatever the batch size):
 2. ``emp_versions``: the version guard. The newest event per emp_id wins only if its action_id
    is above the last one applied to that emp_id, deletes included (the row stays as a tombstone).
 3. ``employees``: the winners are written, deletes and upserts each in one statement.
-4. ``processed_events``: events that lost the guard are marked ``stale``.
+4. ``processed_events``: every other event is marked ``stale``: the ones that lost the guard and
+   the ones a newer event of the same emp_id superseded within the batch. Only what was written
+   counts as applied.
+
+A value psycopg2 cannot put into a statement (it builds statements on the client) raises
+``UnencodableValueError``, a bad message like a database data error.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from typing import Any
 
 import psycopg2.extensions
 
-from employee import ACTIONS, INT4_MAX, INT8_MAX, ChangeEvent
+from cdc.errors import UnencodableValueError
+from cdc.kafka import Received
+from employee import ACTIONS, INT4_MAX, INT4_MIN, INT8_MAX, ChangeEvent
 
 TABLES = ("employees", "processed_events", "emp_versions")
 
@@ -39,32 +46,24 @@ ON CONFLICT (action_id) DO UPDATE
 RETURNING action_id
 """
 
-# `before` reads the versions as they were when the statement started, so it tells which
-# events of the batch were already behind the stored version.
 _GUARD = """
-WITH incoming AS (
-    SELECT * FROM unnest(%(emp_id)s::int[], %(action_id)s::bigint[], %(deleted)s::bool[])
-             AS t(emp_id, action_id, deleted)
-), before AS (
-    SELECT v.emp_id, v.last_action_id FROM emp_versions v JOIN incoming i USING (emp_id)
-), won AS (
-    INSERT INTO emp_versions AS v (emp_id, last_action_id, deleted)
-    SELECT emp_id, action_id, deleted FROM incoming
-    ON CONFLICT (emp_id) DO UPDATE
-       SET last_action_id = EXCLUDED.last_action_id, deleted = EXCLUDED.deleted, updated_at = now()
-     WHERE v.last_action_id < EXCLUDED.last_action_id
-    RETURNING emp_id
-)
-SELECT i.emp_id, b.last_action_id, w.emp_id IS NOT NULL
-  FROM incoming i LEFT JOIN before b USING (emp_id) LEFT JOIN won w USING (emp_id)
+INSERT INTO emp_versions AS v (emp_id, last_action_id, deleted)
+SELECT * FROM unnest(%(emp_id)s::int[], %(action_id)s::bigint[], %(deleted)s::bool[])
+ON CONFLICT (emp_id) DO UPDATE
+   SET last_action_id = EXCLUDED.last_action_id, deleted = EXCLUDED.deleted, updated_at = now()
+ WHERE v.last_action_id < EXCLUDED.last_action_id
+RETURNING emp_id
 """
 
 _DELETE = "DELETE FROM employees WHERE emp_id = ANY(%(emp_id)s::int[])"
 
+# dob travels as PostgreSQL's ISO text (BC, infinity, years above 9999): the server parses it.
 _UPSERT = """
 INSERT INTO employees (emp_id, first_name, last_name, dob, city, salary)
-SELECT * FROM unnest(%(emp_id)s::int[], %(first_name)s::text[], %(last_name)s::text[],
-                     %(dob)s::date[], %(city)s::text[], %(salary)s::int[])
+SELECT emp_id, first_name, last_name, dob::date, city, salary
+  FROM unnest(%(emp_id)s::int[], %(first_name)s::text[], %(last_name)s::text[],
+              %(dob)s::text[], %(city)s::text[], %(salary)s::int[])
+       AS t(emp_id, first_name, last_name, dob, city, salary)
 ON CONFLICT (emp_id) DO UPDATE
    SET first_name = EXCLUDED.first_name, last_name = EXCLUDED.last_name, dob = EXCLUDED.dob,
        city = EXCLUDED.city, salary = EXCLUDED.salary
@@ -75,12 +74,10 @@ _MARK_STALE = "UPDATE processed_events SET outcome = 'stale' WHERE action_id = A
 
 @dataclass(frozen=True, slots=True)
 class Delivered:
-    """A decoded event and the Kafka position it came from."""
+    """A decoded event and the message it came in."""
 
     event: ChangeEvent
-    topic: str
-    partition: int
-    offset: int
+    record: Received
     replayed: bool = False  # republished from the DLQ by the operator
 
 
@@ -99,16 +96,19 @@ class EventRecord:
 
 @dataclass
 class ApplyResult:
-    applied: Counter[str] = field(default_factory=Counter)  # by action
-    stale: int = 0
-    duplicates: int = 0
-    decided: list[ChangeEvent] = field(default_factory=list)  # applied or stale, for latency
+    """The decision on every item given to ``apply_events``: each is in exactly one list."""
+
+    applied: list[Delivered] = field(default_factory=list)  # written to employees
+    stale: list[Delivered] = field(default_factory=list)
+    duplicates: list[Delivered] = field(default_factory=list)
 
     def add(self, other: ApplyResult) -> None:
-        self.applied.update(other.applied)
+        self.applied += other.applied
         self.stale += other.stale
         self.duplicates += other.duplicates
-        self.decided.extend(other.decided)
+
+    def applied_by_action(self) -> Counter[str]:
+        return Counter(i.event.action for i in self.applied)
 
 
 def missing_tables(cur: psycopg2.extensions.cursor) -> list[str]:
@@ -116,27 +116,38 @@ def missing_tables(cur: psycopg2.extensions.cursor) -> list[str]:
     return [row[0] for row in cur.fetchall()]
 
 
-def apply_events(
-    cur: psycopg2.extensions.cursor, items: Sequence[Delivered], *, idempotency: bool
-) -> ApplyResult:
-    """Apply ``items`` in the open transaction of ``cur``. Errors are left to the caller."""
-    result = ApplyResult()
+def dedupe(items: Iterable[Delivered]) -> tuple[dict[int, Delivered], list[Delivered]]:
+    """One item per action_id, and the other copies (a producer re-send in the same batch).
+
+    The operator's replayed copy wins over a plain one: it must not be lost as a duplicate.
+    """
     fresh: dict[int, Delivered] = {}
+    copies: list[Delivered] = []
     for item in items:
         seen = fresh.get(item.event.action_id)
         if seen is None:
             fresh[item.event.action_id] = item
-            continue
-        result.duplicates += 1  # the same event twice in one batch (a producer re-send)
-        if item.replayed and not seen.replayed:
-            fresh[item.event.action_id] = item  # the operator's replay must not be lost as a duplicate
+        elif item.replayed and not seen.replayed:
+            fresh[item.event.action_id] = item
+            copies.append(seen)
+        else:
+            copies.append(item)
+    return fresh, copies
+
+
+def apply_events(
+    cur: psycopg2.extensions.cursor, items: Sequence[Delivered], *, idempotency: bool
+) -> ApplyResult:
+    """Apply ``items`` in the open transaction of ``cur``. Errors are left to the caller."""
+    fresh, copies = dedupe(items)
+    result = ApplyResult(duplicates=copies)
     if idempotency and fresh:
         records = _record_params(
             [_record_of(i) for i in fresh.values()], outcome="applied", replayed=_replayed(fresh.values())
         )
-        cur.execute(_RECORD, records)
+        _execute(cur, _RECORD, records)
         new_ids = {row[0] for row in cur.fetchall()}
-        result.duplicates += len(fresh) - len(new_ids)
+        result.duplicates += [i for a, i in fresh.items() if a not in new_ids]
         fresh = {a: i for a, i in fresh.items() if a in new_ids}
     if not fresh:
         return result
@@ -148,7 +159,8 @@ def apply_events(
             newest[ev.emp_id] = ev
     # Sorted by emp_id so concurrent batches lock version rows in the same order.
     heads = [newest[e] for e in sorted(newest)]
-    cur.execute(
+    _execute(
+        cur,
         _GUARD,
         {
             "emp_id": [ev.emp_id for ev in heads],
@@ -156,15 +168,16 @@ def apply_events(
             "deleted": [ev.is_delete for ev in heads],
         },
     )
-    guard = {emp_id: (before, won) for emp_id, before, won in cur.fetchall()}
+    won = {row[0] for row in cur.fetchall()}
 
-    winners = [ev for ev in heads if guard[ev.emp_id][1]]
+    winners = [ev for ev in heads if ev.emp_id in won]
     deletes = [ev.emp_id for ev in winners if ev.is_delete]
     rows = [ev.employee for ev in winners if not ev.is_delete]
     if deletes:
-        cur.execute(_DELETE, {"emp_id": deletes})
+        _execute(cur, _DELETE, {"emp_id": deletes})
     if rows:
-        cur.execute(
+        _execute(
+            cur,
             _UPSERT,
             {
                 "emp_id": [r.emp_id for r in rows],
@@ -176,23 +189,11 @@ def apply_events(
             },
         )
 
-    stale_ids = []
-    seen: dict[int, int] = {}  # newest action_id delivered so far in this batch, per emp_id
+    written = {ev.action_id for ev in winners}
     for item in fresh.values():
-        ev = item.event
-        before, won = guard[ev.emp_id]
-        newer_seen = seen.get(ev.emp_id, 0) > ev.action_id
-        seen[ev.emp_id] = max(seen.get(ev.emp_id, 0), ev.action_id)
-        # An event of a winning emp_id counts as applied (and superseded within the batch)
-        # unless it was behind the stored version or delivered after a newer one.
-        if won and not newer_seen and (before is None or ev.action_id > before):
-            result.applied[ev.action] += 1
-        else:
-            stale_ids.append(ev.action_id)
-        result.decided.append(ev)
-    result.stale = len(stale_ids)
-    if idempotency and stale_ids:
-        cur.execute(_MARK_STALE, {"action_id": stale_ids})
+        (result.applied if item.event.action_id in written else result.stale).append(item)
+    if idempotency and result.stale:
+        _execute(cur, _MARK_STALE, {"action_id": [i.event.action_id for i in result.stale]})
     return result
 
 
@@ -200,8 +201,10 @@ def record_dead(cur: psycopg2.extensions.cursor, records: Sequence[EventRecord])
     """Record dead-lettered ids as ``dlq``. Returns the ids not recorded before (or replayed)."""
     if not records:
         return set()
-    cur.execute(
-        _RECORD, _record_params(records, outcome="dlq", replayed=[r.action_id for r in records if r.replayed])
+    _execute(
+        cur,
+        _RECORD,
+        _record_params(records, outcome="dlq", replayed=[r.action_id for r in records if r.replayed]),
     )
     return {row[0] for row in cur.fetchall()}
 
@@ -221,9 +224,17 @@ def salvage_ids(value: bytes | None) -> tuple[int, int | None, str | None] | Non
     action = data.get("action")
     return (
         action_id,
-        emp_id if _is_int(emp_id, 1, INT4_MAX) else None,
-        action if action in ACTIONS else None,
+        emp_id if _is_int(emp_id, INT4_MIN, INT4_MAX) else None,
+        action if isinstance(action, str) and action in ACTIONS else None,
     )
+
+
+def _execute(cur: psycopg2.extensions.cursor, statement: str, params: dict[str, Any]) -> None:
+    try:
+        cur.execute(statement, params)
+    except (UnicodeEncodeError, ValueError, OverflowError) as exc:
+        # Raised while psycopg2 builds the statement: the server never saw it, the data is bad.
+        raise UnencodableValueError(f"{type(exc).__name__}: {exc}") from exc
 
 
 def _is_int(value: Any, lo: int, hi: int) -> bool:
@@ -231,10 +242,8 @@ def _is_int(value: Any, lo: int, hi: int) -> bool:
 
 
 def _record_of(item: Delivered) -> EventRecord:
-    ev = item.event
-    return EventRecord(
-        ev.action_id, ev.emp_id, ev.action, item.topic, item.partition, item.offset, item.replayed
-    )
+    ev, m = item.event, item.record
+    return EventRecord(ev.action_id, ev.emp_id, ev.action, m.topic, m.partition, m.offset, item.replayed)
 
 
 def _replayed(items: Iterable[Delivered]) -> list[int]:

@@ -17,11 +17,11 @@ from psycopg2 import sql
 from support import execute, query, wait_until
 
 from cdc import dlq
-from cdc.kafka import Publisher, consumer_config, producer_config
+from cdc.kafka import Headers, Outgoing, Publisher, consumer_config, producer_config
 from cdc.runner import settings_env
 from cdc.settings import Settings
 from consumer_final import ProductionCDCConsumer
-from employee import ChangeEvent, Employee
+from employee import MARK_HEADER, MARK_VALUE, ChangeEvent, Employee
 
 
 def event(action_id: int, action: str, emp_id: int, **fields: object) -> ChangeEvent:
@@ -36,17 +36,27 @@ def event(action_id: int, action: str, emp_id: int, **fields: object) -> ChangeE
     )
 
 
+# The headers producer.py puts on every message it publishes.
+OURS = [(MARK_HEADER, MARK_VALUE)]
+
+
 def produce(
     settings: Settings,
-    items: Iterable[ChangeEvent | tuple[bytes | None, bytes | None]],
+    items: Iterable[
+        ChangeEvent | tuple[bytes | None, bytes | None] | tuple[bytes | None, bytes | None, Headers]
+    ],
     publisher: Publisher | None = None,
 ) -> int:
-    """Produce events (or raw (key, value) pairs) in order; fail unless every one is acknowledged."""
-    publisher = publisher or new_publisher(settings)
-    return publisher.send(
-        (settings.cdc_topic, *((i.key(), i.to_json()) if isinstance(i, ChangeEvent) else i), None)
-        for i in items
-    )
+    """Produce in order; fail unless every one is acknowledged. An event is sent as producer.py
+    sends it (with its mark); a raw (key, value) pair without headers, as a stranger would."""
+
+    def outgoing(item: ChangeEvent | tuple) -> Outgoing:
+        if isinstance(item, ChangeEvent):
+            return settings.cdc_topic, item.key(), item.to_json(), OURS
+        key, value, *headers = item
+        return settings.cdc_topic, key, value, headers[0] if headers else None
+
+    return (publisher or new_publisher(settings)).send(outgoing(i) for i in items)
 
 
 def new_publisher(settings: Settings) -> Publisher:
@@ -75,7 +85,7 @@ def workload(n: int, *, emps: int, seed: int = 7, start: int = 1) -> list[Change
                 emp_id,
                 salary=rnd.randint(0, 500_000),
                 city=rnd.choice(("Oslo", "Lima", "Kyiv", None)),
-                dob=date(1950 + rnd.randint(0, 50), rnd.randint(1, 12), rnd.randint(1, 28)),
+                dob=date(1950 + rnd.randint(0, 50), rnd.randint(1, 12), rnd.randint(1, 28)).isoformat(),
             )
         )
     return out
@@ -92,7 +102,8 @@ def expected_state(events: Iterable[ChangeEvent]) -> dict[int, tuple]:
 
 
 def dest_rows(url: str) -> dict[int, tuple]:
-    rows = query(url, "SELECT emp_id, first_name, last_name, dob, city, salary FROM employees")
+    # dob as text, as events carry it (psycopg2 cannot hold BC, infinity or years above 9999).
+    rows = query(url, "SELECT emp_id, first_name, last_name, dob::text, city, salary FROM employees")
     return {r[0]: tuple(r) for r in rows}
 
 

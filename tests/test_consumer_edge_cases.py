@@ -8,6 +8,7 @@ import sys
 
 import pytest
 from consumer_helpers import (
+    OURS,
     Running,
     dest_constraint,
     dest_rows,
@@ -39,7 +40,7 @@ def test_resent_copies_of_an_invalid_event_are_one_dead_letter(settings, clean_d
     # can reach one consumer batch twice; both copies carry the same action_id.
     bad = json.dumps({"action_id": 50, "action": "UPSERT", "emp_id": 5}).encode()
     good = [event(i, "INSERT", i) for i in range(1, 11)]
-    produce(settings, [*good[:5], (b"5", bad), (b"5", bad), (b"5", DEEP), *good[5:]])
+    produce(settings, [*good[:5], (b"5", bad, OURS), (b"5", bad, OURS), (b"5", DEEP, OURS), *good[5:]])
 
     consumer = ProductionCDCConsumer(settings=fast(settings))
     with Running(consumer) as r:

@@ -108,6 +108,9 @@ def test_breaker_settings_are_validated():
     [
         (json.dumps({"action_id": 7, "emp_id": 3, "action": "INSERT", "dob": "bad"}), (7, 3, "INSERT")),
         (json.dumps({"action_id": 7, "emp_id": "x", "action": "UPSERT"}), (7, None, None)),
+        (json.dumps({"action_id": 7, "emp_id": -(2**31), "action": "DELETE"}), (7, -(2**31), "DELETE")),
+        (json.dumps({"action_id": 7, "emp_id": 0, "action": ["INSERT"]}), (7, 0, None)),
+        (json.dumps({"action_id": 7, "emp_id": 2**31}), (7, None, None)),
         (json.dumps({"action_id": True, "emp_id": 3}), None),
         (json.dumps({"action_id": 0}), None),
         (json.dumps([1, 2]), None),

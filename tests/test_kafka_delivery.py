@@ -29,7 +29,7 @@ import producer as producer_module
 from cdc import dlq
 from cdc.daemon import StopSignal
 from cdc.errors import DeliveryError
-from cdc.kafka import Publisher, consumer_config, producer_config
+from cdc.kafka import Publisher, Received, consumer_config, producer_config
 from cdc.settings import Settings
 from consumer_final import ProductionCDCConsumer
 from producer import ChangeProducer
@@ -193,7 +193,7 @@ def test_dead_letter_queue_recovers_from_a_fatal_producer_error(settings):
     finally:
         c.close()
     queue = dlq.DeadLetterQueue(settings)
-    letter = dlq.DeadLetter(msg, "InvalidEventError", "not JSON", attempts=1)
+    letter = dlq.DeadLetter(Received.of(msg), "InvalidEventError", "not JSON", attempts=1)
     make_fatal(queue._publisher._producer, f"{settings.consumer_group_id}-dlq")
     with pytest.raises(
         DeliveryError, match=f"dead-letter topic {settings.cdc_dlq_topic}: kafka producer fatal"

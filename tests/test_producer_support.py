@@ -31,6 +31,7 @@ class Record:
     offset: int
     key: str
     value: dict[str, Any]
+    headers: tuple[tuple[str, bytes], ...] = ()
 
     @property
     def action_id(self) -> int:
@@ -57,7 +58,13 @@ def read_topic(settings: Settings, want: int, timeout: float = 60.0, settle: flo
             for msg in consumer.consume(num_messages=5000, timeout=0.2):
                 assert msg.error() is None, msg.error()
                 records.append(
-                    Record(msg.partition(), msg.offset(), msg.key().decode(), json.loads(msg.value()))
+                    Record(
+                        msg.partition(),
+                        msg.offset(),
+                        msg.key().decode(),
+                        json.loads(msg.value()),
+                        tuple(msg.headers() or ()),
+                    )
                 )
         return records
     finally:

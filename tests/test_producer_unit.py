@@ -46,8 +46,18 @@ def test_encode_row_is_the_event_contract_in_utc():
 
 
 @pytest.mark.parametrize(
+    "change", [{"emp_id": 0}, {"emp_id": -(2**31)}, {"dob": "infinity"}, {"dob": "0044-03-15 BC"}]
+)
+def test_every_value_the_source_holds_is_a_valid_event(change):
+    key, value, ok = encode_row({**ROW, **change})
+    assert ok and key == str({**ROW, **change}["emp_id"]).encode()
+    assert json.loads(value).items() >= change.items()
+
+
+@pytest.mark.parametrize(
     ("change", "field"),
-    [({"emp_id": 0}, "emp_id"), ({"dob": "infinity"}, "dob"), ({"dob": "0044-03-15 BC"}, "dob")],
+    # A dob in a non-ISO DateStyle, a name longer than the column.
+    [({"dob": "12/10/1815"}, "dob"), ({"first_name": "x" * 101}, "first_name")],
 )
 def test_invalid_row_is_logged_and_passed_on_as_is(caplog, change, field):
     row = {**ROW, **change}

@@ -1,0 +1,196 @@
+"""The batch decision: every consumed message ends applied, stale, duplicate or dead-lettered.
+
+``BatchApplier.apply(records)``, in one destination transaction:
+
+1. Decode and validate each record (``employee.py``). An invalid one is a dead letter at once.
+2. Apply the rest set-based (``cdc/sink.py``) in a savepoint.
+3. A bad message in the batch (a database data error, SQLSTATE class 22 or 23, or a value
+   psycopg2 cannot encode): roll back to the savepoint and apply one message per savepoint; a
+   failing one is retried up to ``max_attempts`` times, then it is a dead letter.
+4. Dead letters: the circuit breaker is asked, their action_ids are recorded as ``dlq`` (only
+   for messages that carry producer.py's mark, so a stranger cannot take a real id), and they are
+   produced to the DLQ and acknowledged, all before the transaction commits.
+5. Commit. Anything else (transient, a bug) rolls the whole batch back and leaves this module.
+
+Works on plain records (``cdc.kafka.Received``), so it runs the same with or without a consumer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import psycopg2
+import psycopg2.extensions
+
+from cdc import sink
+from cdc.db import Database, classify
+from cdc.dlq import CircuitBreaker, DeadLetter, DeadLetterQueue, is_replayed
+from cdc.errors import BadMessageError, HaltError
+from cdc.kafka import Received
+from cdc.stats import Stats
+from employee import MARK_HEADER, MARK_VALUE, ChangeEvent, InvalidEventError
+
+log = logging.getLogger("consumer.batch")
+
+
+@dataclass
+class BatchResult:
+    """Where every record of a batch ended: each is in exactly one list."""
+
+    applied: list[sink.Delivered] = field(default_factory=list)
+    stale: list[sink.Delivered] = field(default_factory=list)
+    duplicates: list[Received] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+
+    def decided_events(self) -> list[ChangeEvent]:
+        return [i.event for i in self.applied + self.stale]
+
+
+class BatchApplier:
+    """Decides batches on ``db``. ``dlq`` None: a message that cannot be applied raises HaltError."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        dlq: DeadLetterQueue | None,
+        breaker: CircuitBreaker,
+        stats: Stats,
+        max_attempts: int,
+        idempotency: bool,
+    ) -> None:
+        self.db = db
+        self.dlq = dlq
+        self.breaker = breaker
+        self.stats = stats
+        self.max_attempts = max_attempts
+        self.idempotency = idempotency
+
+    def apply(self, batch: Sequence[Received]) -> BatchResult:
+        """Decide and commit ``batch``; count it in the stats. Raises TransientError and bugs."""
+        items: list[sink.Delivered] = []
+        dead: list[DeadLetter] = []
+        for record in batch:
+            try:
+                event = ChangeEvent.from_json(record.value)
+            except InvalidEventError as exc:
+                dead.append(DeadLetter(record, type(exc).__name__, str(exc), attempts=1))
+                continue
+            items.append(sink.Delivered(event, record, is_replayed(record)))
+
+        with self.db.connection() as conn, conn.cursor() as cur:
+            # Offsets move once this commit returns, so it must survive a server crash even
+            # where the server is configured with synchronous_commit = off.
+            cur.execute("SET LOCAL synchronous_commit = on")
+            cur.execute("SAVEPOINT batch")
+            try:
+                done = sink.apply_events(cur, items, idempotency=self.idempotency)
+            except (psycopg2.Error, BadMessageError) as exc:
+                if not isinstance(classify(exc), BadMessageError):
+                    raise
+                cur.execute("ROLLBACK TO SAVEPOINT batch")
+                log.warning("batch of %d hit a data error (%s): applying one by one", len(items), _text(exc))
+                done, rejected = self._isolate(cur, items)
+                dead += rejected
+            result = BatchResult(done.applied, done.stale, [i.record for i in done.duplicates])
+            if dead:
+                result.dead, copies = self._dead_letter(cur, dead, len(batch))
+                result.duplicates += copies
+        # Committed: from here on the batch counts.
+        self.breaker.record(len(result.dead), len(batch))
+        self.stats.incr("consumed", len(batch))
+        for action, n in done.applied_by_action().items():
+            self.stats.incr(f"applied_{action.lower()}", n)
+        self.stats.incr("duplicates", len(result.duplicates))
+        self.stats.incr("stale", len(result.stale))
+        self.stats.incr("dlq", len(result.dead))
+        return result
+
+    def _isolate(
+        self, cur: psycopg2.extensions.cursor, items: list[sink.Delivered]
+    ) -> tuple[sink.ApplyResult, list[DeadLetter]]:
+        """Apply one message per savepoint; a failing one is retried, then rejected."""
+        fresh, copies = sink.dedupe(items)  # the replayed copy of an id wins here too
+        result = sink.ApplyResult(duplicates=copies)
+        rejected = []
+        for item in fresh.values():
+            for attempt in range(1, self.max_attempts + 1):
+                cur.execute("SAVEPOINT one")
+                try:
+                    result.add(sink.apply_events(cur, [item], idempotency=self.idempotency))
+                    cur.execute("RELEASE SAVEPOINT one")
+                    break
+                except (psycopg2.Error, BadMessageError) as exc:
+                    if not isinstance(classify(exc), BadMessageError):
+                        raise
+                    cur.execute("ROLLBACK TO SAVEPOINT one")
+                    log.warning(
+                        "action_id=%d %s attempt %d/%d failed: %s",
+                        item.event.action_id,
+                        item.record.where(),
+                        attempt,
+                        self.max_attempts,
+                        _text(exc),
+                    )
+                    if attempt == self.max_attempts:
+                        rejected.append(DeadLetter(item.record, type(exc).__name__, _text(exc), attempt))
+                    else:
+                        # At once: a pause per attempt could hold a batch with many bad rows
+                        # past max.poll.interval.ms.
+                        self.stats.incr("retries")
+        return result, rejected
+
+    def _dead_letter(
+        self, cur: psycopg2.extensions.cursor, dead: list[DeadLetter], batch_size: int
+    ) -> tuple[list[DeadLetter], list[Received]]:
+        """Record and produce dead letters inside the open transaction.
+
+        Returns the letters sent and the records not sent because their action_id was already
+        decided (another copy in this batch, or a dead letter sent before a crash).
+        """
+        first = dead[0]
+        if self.dlq is None:
+            raise HaltError(
+                f"message {first.where()} cannot be applied after {first.attempts} attempt(s) "
+                f"({first.error_class}: {first.error}) and the DLQ is off (--no-dlq): stopping "
+                "without committing its offset"
+            )
+        self.breaker.check(len(dead), batch_size)
+        copies: list[Received] = []
+        if self.idempotency:
+            unknown: list[DeadLetter] = []
+            by_id: dict[int, tuple[DeadLetter, sink.EventRecord]] = {}
+            for letter in dead:
+                m = letter.record
+                ids = sink.salvage_ids(m.value) if m.has_header(MARK_HEADER, MARK_VALUE) else None
+                if ids is None:
+                    unknown.append(letter)
+                    continue
+                record = sink.EventRecord(*ids, m.topic, m.partition, m.offset, is_replayed(m))
+                kept = by_id.get(record.action_id)
+                if kept is None or (record.replayed and not kept[1].replayed):
+                    by_id[record.action_id] = (letter, record)
+                    if kept is not None:
+                        copies.append(kept[0].record)
+                else:
+                    copies.append(m)
+            new = sink.record_dead(cur, [r for _, r in by_id.values()])
+            copies += [letter.record for letter, r in by_id.values() if r.action_id not in new]
+            dead = unknown + [letter for letter, r in by_id.values() if r.action_id in new]
+        for letter in dead:
+            log.warning(
+                "dead letter %s error=%s attempts=%d: %s",
+                letter.where(),
+                letter.error_class,
+                letter.attempts,
+                letter.error,
+            )
+        if dead:
+            self.dlq.send(dead)
+        return dead, copies
+
+
+def _text(exc: BaseException) -> str:
+    return (getattr(exc, "pgerror", None) or str(exc)).strip()
