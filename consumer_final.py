@@ -208,7 +208,7 @@ class ProductionCDCConsumer:
                     return False
         if missing:
             raise SchemaMissingError(
-                f"destination {self.db.url} has no table {', '.join(missing)}: "
+                f"destination {self.db.url} lacks {', '.join(missing)}: "
                 "apply setup_db_with_idempotency.sql (or run `make up`)"
             )
         return True

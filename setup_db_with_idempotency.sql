@@ -21,8 +21,14 @@ CREATE TABLE IF NOT EXISTS processed_events (
     topic        TEXT,
     "partition"  INTEGER,
     "offset"     BIGINT,
-    processed_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    processed_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    -- The event's captured_at: a later event under the same action_id with another one means
+    -- the source's action_id sequence went back (the consumer stops instead of dropping it).
+    captured_at  TIMESTAMPTZ
 );
+
+-- Destinations set up before captured_at was recorded.
+ALTER TABLE processed_events ADD COLUMN IF NOT EXISTS captured_at TIMESTAMPTZ;
 
 CREATE INDEX IF NOT EXISTS processed_events_emp_id_idx ON processed_events (emp_id);
 

@@ -43,3 +43,8 @@ class LeadershipLost(CDCError):
 
 class HaltError(CDCError):
     """The consumer must stop: going on would skip a message or dead-letter the whole stream."""
+
+
+class ActionIdReusedError(HaltError):
+    """An action_id the destination decided before came again as a different change: the source's
+    action_id sequence went back, and taking the new change for a duplicate would lose it."""

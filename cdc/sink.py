@@ -22,28 +22,41 @@ import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import psycopg2.extensions
 
-from cdc.errors import UnencodableValueError
+from cdc.errors import ActionIdReusedError, UnencodableValueError
 from cdc.kafka import Received
 from employee import ACTIONS, INT4_MAX, INT4_MIN, INT8_MAX, ChangeEvent
 
 TABLES = ("employees", "processed_events", "emp_versions")
 
 _RECORD = """
-INSERT INTO processed_events AS p (action_id, emp_id, action, outcome, topic, "partition", "offset")
-SELECT t.action_id, t.emp_id, t.action, %(outcome)s, t.topic, t.part, t.off
+INSERT INTO processed_events AS p
+       (action_id, emp_id, action, outcome, topic, "partition", "offset", captured_at)
+SELECT t.action_id, t.emp_id, t.action, %(outcome)s, t.topic, t.part, t.off, t.captured_at
   FROM unnest(%(action_id)s::bigint[], %(emp_id)s::int[], %(action)s::text[],
-              %(topic)s::text[], %(part)s::int[], %(off)s::bigint[])
-       AS t(action_id, emp_id, action, topic, part, off)
+              %(topic)s::text[], %(part)s::int[], %(off)s::bigint[], %(captured_at)s::timestamptz[])
+       AS t(action_id, emp_id, action, topic, part, off, captured_at)
 ON CONFLICT (action_id) DO UPDATE
    SET emp_id = EXCLUDED.emp_id, action = EXCLUDED.action, outcome = EXCLUDED.outcome,
        topic = EXCLUDED.topic, "partition" = EXCLUDED."partition", "offset" = EXCLUDED."offset",
-       processed_at = now()
+       captured_at = EXCLUDED.captured_at, processed_at = now()
  WHERE p.outcome = 'dlq' AND p.action_id = ANY(%(replayed)s::bigint[])
 RETURNING action_id
+"""
+
+# A re-sent copy carries the captured_at the id was recorded with; a different one means the
+# source handed the id out again.
+_REUSED = """
+SELECT p.action_id, p.captured_at, t.captured_at
+  FROM unnest(%(action_id)s::bigint[], %(captured_at)s::timestamptz[]) AS t(action_id, captured_at)
+  JOIN processed_events p USING (action_id)
+ WHERE p.captured_at <> t.captured_at
+ ORDER BY p.action_id
+ LIMIT 1
 """
 
 _GUARD = """
@@ -92,6 +105,7 @@ class EventRecord:
     partition: int
     offset: int
     replayed: bool = False
+    captured_at: datetime | None = None
 
 
 @dataclass
@@ -112,8 +126,18 @@ class ApplyResult:
 
 
 def missing_tables(cur: psycopg2.extensions.cursor) -> list[str]:
+    """Tables (and columns added since, as ``table.column``) the destination lacks."""
     cur.execute("SELECT t FROM unnest(%s::text[]) AS t WHERE to_regclass(t) IS NULL", (list(TABLES),))
-    return [row[0] for row in cur.fetchall()]
+    missing = [row[0] for row in cur.fetchall()]
+    if "processed_events" not in missing:
+        cur.execute(
+            "SELECT 1 FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND table_name = 'processed_events'"
+            " AND column_name = 'captured_at'"
+        )
+        if cur.fetchone() is None:
+            missing.append("processed_events.captured_at")
+    return missing
 
 
 def dedupe(items: Iterable[Delivered]) -> tuple[dict[int, Delivered], list[Delivered]]:
@@ -147,7 +171,9 @@ def apply_events(
         )
         _execute(cur, _RECORD, records)
         new_ids = {row[0] for row in cur.fetchall()}
-        result.duplicates += [i for a, i in fresh.items() if a not in new_ids]
+        seen_before = [i for a, i in fresh.items() if a not in new_ids]
+        _check_not_reused(cur, seen_before)
+        result.duplicates += seen_before
         fresh = {a: i for a, i in fresh.items() if a in new_ids}
     if not fresh:
         return result
@@ -229,6 +255,27 @@ def salvage_ids(value: bytes | None) -> tuple[int, int | None, str | None] | Non
     )
 
 
+def _check_not_reused(cur: psycopg2.extensions.cursor, seen_before: Sequence[Delivered]) -> None:
+    """Raise ActionIdReusedError if an id decided before now names a different change."""
+    timed = [i.event for i in seen_before if i.event.captured_at is not None]
+    if not timed:
+        return
+    _execute(
+        cur,
+        _REUSED,
+        {"action_id": [e.action_id for e in timed], "captured_at": [e.captured_at for e in timed]},
+    )
+    row = cur.fetchone()
+    if row is not None:
+        action_id, recorded, incoming = row
+        raise ActionIdReusedError(
+            f"action_id={action_id} came again as another change (captured_at {incoming.isoformat()}, "
+            f"recorded with {recorded.isoformat()}): the source's action_id sequence went back (a "
+            "point-in-time recovery or a sequence reset), and its new changes would be dropped as "
+            "duplicates; stopping without committing. See USAGE.md, 'A source that went back in time'"
+        )
+
+
 def _execute(cur: psycopg2.extensions.cursor, statement: str, params: dict[str, Any]) -> None:
     try:
         cur.execute(statement, params)
@@ -243,7 +290,9 @@ def _is_int(value: Any, lo: int, hi: int) -> bool:
 
 def _record_of(item: Delivered) -> EventRecord:
     ev, m = item.event, item.record
-    return EventRecord(ev.action_id, ev.emp_id, ev.action, m.topic, m.partition, m.offset, item.replayed)
+    return EventRecord(
+        ev.action_id, ev.emp_id, ev.action, m.topic, m.partition, m.offset, item.replayed, ev.captured_at
+    )
 
 
 def _replayed(items: Iterable[Delivered]) -> list[int]:
@@ -259,5 +308,6 @@ def _record_params(records: Sequence[EventRecord], *, outcome: str, replayed: li
         "topic": [r.topic for r in records],
         "part": [r.partition for r in records],
         "off": [r.offset for r in records],
+        "captured_at": [r.captured_at for r in records],
         "replayed": replayed,
     }
