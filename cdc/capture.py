@@ -61,15 +61,20 @@ SELECT action_id, action, emp_id, first_name, last_name, dob::text, city, salary
 
 # The UPDATE is fenced: it applies only while this producer's lock connection holds the lock,
 # and the cursor never moves backwards.
-_ADVANCE = """
+# True only while the session %(pid)s holds the producer lock: the fence of every cursor write.
+_HOLDS_LOCK = """
+EXISTS (SELECT 1 FROM pg_locks
+         WHERE locktype = 'advisory' AND classid = %(lock_class)s AND objid = %(lock_id)s
+           AND objsubid = 2 AND pid = %(pid)s AND granted)
+"""
+
+_ADVANCE = f"""
 UPDATE cdc_producer_state
    SET last_txid = %(txid)s::text::xid8, last_action_id = %(action_id)s,
        published_total = published_total + %(count)s, updated_at = now()
  WHERE name = %(name)s
    AND (last_txid, last_action_id) < (%(txid)s::text::xid8, %(action_id)s)
-   AND EXISTS (SELECT 1 FROM pg_locks
-                WHERE locktype = 'advisory' AND classid = %(lock_class)s AND objid = %(lock_id)s
-                  AND objsubid = 2 AND pid = %(pid)s AND granted)
+   AND {_HOLDS_LOCK}
 """
 
 # The outbox is a queue: its statistics lag behind (a fresh backlog has none), and a planner
@@ -101,12 +106,9 @@ SELECT pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint FROM
 """
 
 # Moves the cursor anywhere, but only while the caller's lock session holds the producer lock.
-_RESET = """
+_RESET = f"""
 UPDATE cdc_producer_state SET last_txid = %(txid)s::text::xid8, last_action_id = %(action_id)s, updated_at = now()
- WHERE name = %(name)s
-   AND EXISTS (SELECT 1 FROM pg_locks
-                WHERE locktype = 'advisory' AND classid = %(lock_class)s AND objid = %(lock_id)s
-                  AND objsubid = 2 AND pid = %(pid)s AND granted)
+ WHERE name = %(name)s AND {_HOLDS_LOCK}
 """
 
 _LAST = """
@@ -276,9 +278,8 @@ class Outbox:
     def fetch(self, after: Cursor, limit: int) -> list[dict[str, Any]]:
         """The next rows after ``after`` whose transactions have all ended, in cursor order."""
         with self.db.connection() as conn, conn.cursor() as cur:
-            cur.execute(_INDEX_ONLY)
             # dob::text follows DateStyle: the event carries ISO text, whatever the session says.
-            cur.execute("SET LOCAL DateStyle = ISO")
+            cur.execute(_INDEX_ONLY + "; SET LOCAL DateStyle = ISO")
             cur.execute(_FETCH, {"txid": after.txid, "action_id": after.action_id, "limit": limit})
             return [dict(zip(COLUMNS, row, strict=True)) for row in cur.fetchall()]
 
