@@ -117,8 +117,18 @@ def _read_pid(path: Path) -> int | None:
 class PostgresServer:
     """One PostgreSQL cluster in ``datadir`` listening on 127.0.0.1:``port``."""
 
-    def __init__(self, *, name: str, home: Path, port: int, dbname: str, password: str) -> None:
+    def __init__(
+        self,
+        *,
+        name: str,
+        home: Path,
+        port: int,
+        dbname: str,
+        password: str,
+        settings: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
+        self.settings = dict(settings or {})  # extra server settings (-c name=value) at start
         self.datadir = home / f"pg-{name}"
         self.logfile = home / "logs" / f"pg-{name}.log"
         self.port = port
@@ -225,7 +235,10 @@ class PostgresServer:
             str(self.logfile),
             "-o",
             # Prepared transactions on: the producer's horizon warning must be testable with one.
-            f"-p {self.port} -c max_prepared_transactions=10",
+            " ".join(
+                [f"-p {self.port} -c max_prepared_transactions=10"]
+                + [f"-c {k}={v}" for k, v in self.settings.items()]
+            ),
             "-w",
             "-t",
             str(int(START_TIMEOUT)),
@@ -546,7 +559,15 @@ def resolve_kafka_jars(libdir: Path) -> Path:
 class LocalServices:
     """The three services of the pipeline under one folder (``home``)."""
 
-    def __init__(self, *, home: Path, ports: Ports | None = None, password: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        home: Path,
+        ports: Ports | None = None,
+        password: str | None = None,
+        pg_settings: dict[str, str] | None = None,
+    ) -> None:
+        """``pg_settings``: extra settings for both PostgreSQL servers (the benchmarks use it)."""
         self.home = home.resolve()
         self.statefile = self.home / "services.json"
         saved = self._load_state()
@@ -556,10 +577,20 @@ class LocalServices:
         self.password = password or os.environ.get("CDC_PG_PASSWORD") or PG_PASSWORD_DEFAULT
         self.kafka = KafkaBroker(home=self.home, port=ports.kafka, controller_port=ports.controller)
         self.source = PostgresServer(
-            name="source", home=self.home, port=ports.source_pg, dbname=SOURCE_DB, password=self.password
+            name="source",
+            home=self.home,
+            port=ports.source_pg,
+            dbname=SOURCE_DB,
+            password=self.password,
+            settings=pg_settings,
         )
         self.dest = PostgresServer(
-            name="dest", home=self.home, port=ports.dest_pg, dbname=DEST_DB, password=self.password
+            name="dest",
+            home=self.home,
+            port=ports.dest_pg,
+            dbname=DEST_DB,
+            password=self.password,
+            settings=pg_settings,
         )
 
     def _load_state(self) -> dict | None:
