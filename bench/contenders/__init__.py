@@ -1,0 +1,1 @@
+"""The replicators `make bench` compares, each behind the ``Contender`` interface of ``base.py``."""
