@@ -1,0 +1,103 @@
+"""This project's pipeline as a contender: ``producer.py`` and ``consumer_final.py``, run as the
+user runs them (separate processes, settings from an env file), on a fresh topic and group."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from bench.contenders.base import BenchEnv
+from cdc.services import PROJECT_DIR
+
+PARTS = ("producer", "consumer")
+SCRIPTS = {"producer": "producer.py", "consumer": "consumer_final.py"}
+
+
+class Pipeline:
+    name = "cdc"
+    uses_kafka = True
+    needs_outbox = True
+
+    def __init__(self, *, settings: dict[str, str] | None = None, consumer_script: str | None = None) -> None:
+        self.settings = dict(settings or {})  # extra variables for the daemons' env file
+        self.scripts = dict(SCRIPTS)
+        if consumer_script:
+            self.scripts["consumer"] = consumer_script
+        self.env: BenchEnv | None = None
+        self.initial_load = False
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.logs: dict[str, Path] = {}
+        self.topic = ""
+        self.envfile: Path | None = None
+
+    def prepare(self) -> None:
+        pass
+
+    def setup(self, env: BenchEnv, *, initial_load: bool) -> None:
+        # The outbox trigger was installed by the harness before any change: capture is fixed.
+        self.env = env
+        self.initial_load = initial_load
+        tag = uuid.uuid4().hex[:8]
+        self.topic = f"bench_{tag}"
+        values = {
+            **env.env,
+            "CDC_TOPIC": self.topic,
+            "CDC_DLQ_TOPIC": f"{self.topic}_dlq",
+            "CONSUMER_GROUP_ID": f"bench_{tag}",
+            "LOG_LEVEL": "INFO",
+            "STATS_INTERVAL": "10",
+            **self.settings,
+        }
+        self.envfile = env.home / f"{self.name}.env"
+        self.envfile.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+
+    def resume(self, parts: tuple[str, ...] = PARTS) -> None:
+        for part in parts:
+            self.start(part)
+
+    def start(self, part: str) -> None:
+        assert self.env is not None and self.envfile is not None
+        args = [sys.executable, self.scripts[part], "--env-file", str(self.envfile)]
+        if part == "producer" and self.initial_load:
+            args.append("--snapshot")
+        log = self.env.home / f"{self.name}-{part}.log"
+        self.logs[part] = log
+        with open(log, "ab") as out:
+            self.procs[part] = subprocess.Popen(args, cwd=PROJECT_DIR, stdout=out, stderr=subprocess.STDOUT)
+
+    def check_alive(self) -> None:
+        for part, proc in self.procs.items():
+            if proc.poll() is not None:
+                tail = self.logs[part].read_text(errors="replace").strip().splitlines()[-3:]
+                raise RuntimeError(f"{self.name} {part} exited with {proc.returncode}: {' | '.join(tail)}")
+
+    def processes(self) -> dict[str, int]:
+        return {part: p.pid for part, p in self.procs.items() if p.poll() is None}
+
+    def stop_part(self, part: str) -> None:
+        proc = self.procs.pop(part, None)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+    def stop(self) -> None:
+        for part in list(self.procs):
+            self.stop_part(part)
+
+
+class Naive(Pipeline):
+    """The seed's "before": this project's producer, and a consumer that, per message, connects,
+    applies one row, commits, and commits the offset (``bench/naive_consumer.py``)."""
+
+    name = "naive"
+
+    def __init__(self) -> None:
+        super().__init__(consumer_script=str(Path(__file__).resolve().parent.parent / "naive_consumer.py"))

@@ -1,0 +1,390 @@
+"""The machinery of ``make bench``: private services per scenario, one change set for every
+contender, waiting until the destination equals the source, and sampling what it cost.
+
+Nothing here knows a contender's internals; they sit behind ``contenders/base.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import random
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg2
+import psycopg2.extensions
+
+from bench.contenders.base import BenchEnv
+from cdc.services import PROJECT_DIR, SETUP_DEST_SQL, SETUP_SOURCE_SQL, LocalServices, Ports, find_pg_bindir
+
+# Both servers: logical decoding for the replication contenders (the project's pipeline does not
+# need it, but every contender runs on the same servers).
+PG_SETTINGS = {
+    "wal_level": "logical",
+    "max_replication_slots": "10",
+    "max_wal_senders": "10",
+    "track_commit_timestamp": "on",
+}
+
+EMPLOYEES_DDL = """
+CREATE TABLE IF NOT EXISTS employees (
+    emp_id      INTEGER PRIMARY KEY,
+    first_name  VARCHAR(100),
+    last_name   VARCHAR(100),
+    dob         DATE,
+    city        VARCHAR(100),
+    salary      INTEGER
+)
+"""
+
+# One number pair per table state: equal on both sides means the same rows (row text compared).
+FINGERPRINT = "SELECT count(*), coalesce(sum(hashtextextended(e::text, 0)::numeric), 0) FROM employees e"
+
+FIRST_NAMES = ["Ada", "Alan", "Grace", "Edsger", "Barbara", "Ken", "Zoë", "José", "Åsa", "李"]
+LAST_NAMES = ["Lovelace", "Turing", "Hopper", "Dijkstra", "Liskov", "Thompson", "O'Brien", "Müller"]
+CITIES = ["London", "Oslo", "Zürich", "São Paulo", "Kraków", "東京", None]
+
+
+# -- the change set ----------------------------------------------------------------------------
+
+
+@dataclass
+class ChangeSet:
+    """Transactions as ready SQL text, generated once from a seed: identical for every contender."""
+
+    transactions: list[str]
+    changes: int
+    actions: dict[str, int] = field(default_factory=dict)
+
+    def prefix(self, changes: int) -> ChangeSet:
+        """The first transactions holding ``changes`` changes (whole transactions)."""
+        per = self.changes / max(1, len(self.transactions))
+        count = max(1, round(changes / per))
+        return ChangeSet(self.transactions[:count], round(count * per), {})
+
+
+def _row(rnd: random.Random, emp_id: int) -> tuple:
+    dob = (
+        None
+        if rnd.random() < 0.05
+        else f"{rnd.randint(1940, 2004)}-{rnd.randint(1, 12):02d}-{rnd.randint(1, 28):02d}"
+    )
+    return (
+        emp_id,
+        rnd.choice(FIRST_NAMES),
+        None if rnd.random() < 0.05 else rnd.choice(LAST_NAMES),
+        dob,
+        rnd.choice(CITIES),
+        None if rnd.random() < 0.05 else rnd.randint(30_000, 250_000),
+    )
+
+
+def literal(value) -> str:
+    """A value as an SQL literal, quoted by psycopg2 (UTF-8), for the pre-built change set."""
+    adapted = psycopg2.extensions.adapt(value)
+    if hasattr(adapted, "encoding"):
+        adapted.encoding = "UTF8"
+    return adapted.getquoted().decode()
+
+
+def _values(row: tuple) -> str:
+    return ", ".join(literal(v) for v in row)
+
+
+def generate(changes: int, *, per_txn: int = 10, seed: int = 20261128) -> ChangeSet:
+    """``changes`` changes, 50 % INSERT / 35 % UPDATE / 15 % DELETE, ``per_txn`` per transaction.
+
+    Updates and deletes pick a live row, so every statement changes exactly one row.
+    """
+    rnd = random.Random(seed)
+    alive: list[int] = []
+    next_id = 1
+    counts = {"INSERT": 0, "UPDATE": 0, "DELETE": 0}
+    txns: list[str] = []
+    statements: list[str] = []
+    for _ in range(changes):
+        roll = rnd.random()
+        if not alive or roll < 0.50:
+            row = _row(rnd, next_id)
+            alive.append(next_id)
+            next_id += 1
+            sql = f"INSERT INTO employees VALUES ({_values(row)})"
+            counts["INSERT"] += 1
+        elif roll < 0.85:
+            emp_id = alive[rnd.randrange(len(alive))]
+            _, first, last, dob, city, salary = _row(rnd, emp_id)
+            sql = (
+                f"UPDATE employees SET first_name = {literal(first)}, last_name = {literal(last)},"
+                f" dob = {literal(dob)}, city = {literal(city)}, salary = {literal(salary)}"
+                f" WHERE emp_id = {emp_id}"
+            )
+            counts["UPDATE"] += 1
+        else:
+            i = rnd.randrange(len(alive))
+            emp_id = alive[i]
+            alive[i] = alive[-1]
+            alive.pop()
+            sql = f"DELETE FROM employees WHERE emp_id = {emp_id}"
+            counts["DELETE"] += 1
+        statements.append(sql)
+        if len(statements) == per_txn:
+            txns.append("BEGIN;" + ";".join(statements) + ";COMMIT")
+            statements = []
+    if statements:
+        txns.append("BEGIN;" + ";".join(statements) + ";COMMIT")
+    return ChangeSet(txns, changes, counts)
+
+
+def write_changes(url: str, changes: ChangeSet) -> float:
+    """Commit every transaction of ``changes`` on the source, in order. Returns seconds taken."""
+    started = time.monotonic()
+    with contextlib.closing(psycopg2.connect(url)) as conn:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            for txn in changes.transactions:
+                cur.execute(txn)
+    return time.monotonic() - started
+
+
+def load_rows(url: str, rows: int) -> None:
+    """Fill ``employees`` with ``rows`` rows set-based (the initial-load scenario's table)."""
+    with contextlib.closing(psycopg2.connect(url)) as conn, conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO employees"
+            " SELECT g, 'First' || g, CASE WHEN g %% 20 = 0 THEN NULL ELSE 'Last' || (g %% 997) END,"
+            "        date '1950-01-01' + (g %% 20000), (ARRAY['London','Oslo','Zürich','東京'])[1 + g %% 4],"
+            "        30000 + g %% 200000"
+            "   FROM generate_series(1, %s) AS g",
+            (rows,),
+        )
+        conn.commit()
+    with contextlib.closing(psycopg2.connect(url)) as conn:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("VACUUM ANALYZE employees")
+
+
+# -- services ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def scenario(name: str, *, outbox: bool, keep: bool = False) -> Iterator[tuple[BenchEnv, LocalServices]]:
+    """Fresh private services (both PostgreSQL servers and one broker) under a new folder."""
+    home = Path(tempfile.mkdtemp(prefix=f"cdc-bench-{name}-"))
+    services = LocalServices(home=home, ports=Ports.free(), pg_settings=PG_SETTINGS)
+    try:
+        services.up(apply_schema=False)
+        with contextlib.closing(psycopg2.connect(services.source.url)) as conn, conn.cursor() as cur:
+            cur.execute(EMPLOYEES_DDL)
+            conn.commit()
+        with contextlib.closing(psycopg2.connect(services.dest.url)) as conn, conn.cursor() as cur:
+            cur.execute(EMPLOYEES_DDL)
+            conn.commit()
+        if outbox:
+            services.source.apply_sql(SETUP_SOURCE_SQL)
+            services.dest.apply_sql(SETUP_DEST_SQL)
+        yield (
+            BenchEnv(
+                home=home,
+                source_url=services.source.url,
+                dest_url=services.dest.url,
+                bootstrap=services.kafka.bootstrap,
+                env=services.env(),
+            ),
+            services,
+        )
+    finally:
+        try:
+            services.down()
+        finally:
+            if not keep:
+                shutil.rmtree(home, ignore_errors=True)
+
+
+# -- waiting and checking ----------------------------------------------------------------------
+
+
+def fingerprint(url: str) -> tuple[int, str]:
+    with contextlib.closing(psycopg2.connect(url)) as conn, conn.cursor() as cur:
+        cur.execute(FINGERPRINT)
+        count, digest = cur.fetchone()
+        return count, str(digest)
+
+
+@dataclass
+class Arrival:
+    """When the destination first changed and when it became equal to the source (monotonic)."""
+
+    first: float
+    done: float
+
+
+def wait_equal(
+    dest_url: str,
+    target: tuple[int, str],
+    *,
+    timeout: float,
+    interval: float = 0.05,
+    alive: Callable[[], None] | None = None,
+) -> Arrival:
+    """Poll the destination until its fingerprint is ``target``.
+
+    ``alive``: raises if the contender died (checked between polls).
+    """
+    deadline = time.monotonic() + timeout
+    with contextlib.closing(psycopg2.connect(dest_url)) as conn:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            initial = None
+            first = None
+            while True:
+                cur.execute(FINGERPRINT)
+                count, digest = cur.fetchone()
+                now = time.monotonic()
+                state = (count, str(digest))
+                if initial is None:
+                    initial = state
+                elif first is None and state != initial:
+                    first = now
+                if state == target:
+                    return Arrival(first if first is not None else now, now)
+                if now > deadline:
+                    raise TimeoutError(
+                        f"destination not equal to the source after {timeout:.0f} s ({count} rows of {target[0]})"
+                    )
+                if alive is not None:
+                    alive()
+                time.sleep(interval)
+
+
+def rows_identical(source_url: str, dest_url: str) -> bool:
+    """Row-by-row check after the fingerprints matched: every column of every row, in order."""
+    query = "SELECT md5(coalesce(string_agg(e::text, E'\\n' ORDER BY emp_id), '')) FROM employees e"
+    digests = []
+    for url in (source_url, dest_url):
+        with contextlib.closing(psycopg2.connect(url)) as conn, conn.cursor() as cur:
+            cur.execute(query)
+            digests.append(cur.fetchone()[0])
+    return digests[0] == digests[1]
+
+
+# -- cost --------------------------------------------------------------------------------------
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU of ``pid`` and its waited-for children, None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return (utime + stime + cutime + cstime) / CLK_TCK
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def machine_cpu_seconds() -> float:
+    """Busy CPU seconds of the whole machine so far (all cores): everything a run costs."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / CLK_TCK
+
+
+class CostMeter:
+    """CPU seconds of each daemon and of the machine between ``start`` and ``stop``; peak RSS."""
+
+    def __init__(self, processes) -> None:
+        self.processes = processes  # callable -> {name: pid}
+        self.cpu: dict[str, float] = {}
+        self.rss: dict[str, float] = {}
+        self.machine = 0.0
+        self._start: dict[int, float] = {}
+        self._machine0 = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last: dict[str, tuple[int, float]] = {}
+
+    def start(self) -> None:
+        self._machine0 = machine_cpu_seconds()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        # Processes appear after resume() (the apply worker, the JVM's work) and may end: keep
+        # the last reading of each, and its first reading as the base.
+        while True:
+            self._read()
+            if self._stop.wait(0.2):
+                break
+
+    def _read(self) -> None:
+        try:
+            procs = self.processes()
+        except Exception:  # noqa: BLE001 - a contender between states; try again next tick
+            return
+        for name, pid in procs.items():
+            now = cpu_seconds(pid)
+            if now is None:
+                continue
+            self._start.setdefault(pid, now)
+            self._last[name] = (pid, now)
+            rss = peak_rss_mib(pid)
+            if rss is not None:
+                self.rss[name] = max(self.rss.get(name, 0.0), rss)
+
+    def stop(self) -> None:
+        self._read()
+        self._stop.set()
+        if self._thread:
+            self._thread.join(5)
+        self.machine = machine_cpu_seconds() - self._machine0
+        for name, (pid, last) in self._last.items():
+            self.cpu[name] = last - self._start.get(pid, last)
+
+
+# -- the machine -------------------------------------------------------------------------------
+
+
+def describe_machine() -> dict[str, str]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = "unknown"
+    with contextlib.suppress(OSError):
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f"{kb / 1024 / 1024:.1f} GiB"
+    pg = subprocess.run(
+        [str(find_pg_bindir() / "postgres"), "--version"], capture_output=True, text=True
+    ).stdout
+    java = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr.splitlines()[:1]
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "memory": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "postgresql": pg.strip(),
+        "java": java[0] if java else "unknown",
+        "project_dir": str(PROJECT_DIR),
+    }
