@@ -13,7 +13,8 @@ help:
 	@echo "make status  - say what runs where"
 	@echo "make down    - stop the local services"
 	@echo "make lint    - ruff check and format check"
-	@echo "make bench   - all benchmarks below (private services; results in bench-results/)"
+	@echo "make bench   - side by side: this pipeline, PostgreSQL logical replication, Debezium, a naive consumer"
+	@echo "               (drain, latency, initial load, cost; ~40 min; bench-results/report.md). BENCH_ARGS=--smoke: ~3 min"
 	@echo "make bench-verify - time and peak memory of verify on 1M rows (private PostgreSQL servers)"
 	@echo "make bench-producer - producer throughput on a 100k backlog and idle CPU (private services)"
 	@echo "make bench-consumer - consumer throughput on a 100k-event backlog (private services)"
@@ -63,7 +64,9 @@ clean: down
 	rm -rf .cdc
 
 # Benchmarks start their own private services; results in bench-results/.
-bench: bench-producer bench-consumer bench-verify
+BENCH_ARGS ?=
+bench: deps
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 bench-producer: deps
 	$(PY) bench/bench_producer.py

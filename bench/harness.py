@@ -291,6 +291,27 @@ def cpu_seconds(pid: int) -> float | None:
     return (utime + stime + cutime + cstime) / CLK_TCK
 
 
+def tree_cpu_seconds(root: int) -> float | None:
+    """CPU of a server process and all its children, live or ended (a PostgreSQL postmaster and
+    its backends; a JVM). Ended children are in the parent's cutime once reaped."""
+    total = cpu_seconds(root)
+    if total is None:
+        return None
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == root:
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
+
+
+def service_pids(services: LocalServices) -> dict[str, int]:
+    pids = {"source pg": services.source.pid(), "dest pg": services.dest.pid(), "kafka": services.kafka.pid()}
+    return {k: v for k, v in pids.items() if v}
+
+
 def peak_rss_mib(pid: int) -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -311,8 +332,11 @@ def machine_cpu_seconds() -> float:
 class CostMeter:
     """CPU seconds of each daemon and of the machine between ``start`` and ``stop``; peak RSS."""
 
-    def __init__(self, processes) -> None:
+    def __init__(self, processes, services: dict[str, int] | None = None) -> None:
         self.processes = processes  # callable -> {name: pid}
+        self.services = services or {}  # server processes measured with their children
+        self.service_cpu: dict[str, float] = {}
+        self._service0: dict[str, float] = {}
         self.cpu: dict[str, float] = {}
         self.rss: dict[str, float] = {}
         self.machine = 0.0
@@ -324,6 +348,8 @@ class CostMeter:
 
     def start(self) -> None:
         self._machine0 = machine_cpu_seconds()
+        for name, pid in self.services.items():
+            self._service0[name] = tree_cpu_seconds(pid) or 0.0
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
@@ -356,6 +382,10 @@ class CostMeter:
         if self._thread:
             self._thread.join(5)
         self.machine = machine_cpu_seconds() - self._machine0
+        for name, pid in self.services.items():
+            now = tree_cpu_seconds(pid)
+            if now is not None:
+                self.service_cpu[name] = now - self._service0[name]
         for name, (pid, last) in self._last.items():
             self.cpu[name] = last - self._start.get(pid, last)
 

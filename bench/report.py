@@ -144,18 +144,18 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             "From the start of the replicator until the destination equals the source (polled every 50 ms, "
             "then checked row by row); start-up: until the destination first changed; steady: the rate after "
-            "that. CPU: the replicator's own processes; machine CPU: every core, "
-            "servers and broker included.",
+            "that. CPU: the replicator's own processes; servers' CPU: each PostgreSQL "
+            "server (all its backends) and the broker; machine CPU: every core, everything on the machine.",
             "",
             "| contender | changes | seconds | changes/s | start-up s | steady changes/s | identical "
-            "| CPU s / 100k | machine CPU s / 100k | peak RSS MiB |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| CPU s / 100k | servers' CPU s / 100k | machine CPU s / 100k | peak RSS MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for key, v in drain.items():
             lines.append(
                 f"| {NAMES.get(key, key)} | {_fmt(v['changes'])} | {_fmt(v['seconds'])} | {_fmt(v['changes_per_s'])} "
                 f"| {_fmt(v.get('startup_seconds'))} | {_fmt(v.get('steady_changes_per_s'))} | {v.get('identical', '-')} | {_costs(v, 'cpu_seconds_per_100k')} "
-                f"| {_fmt(v.get('machine_cpu_seconds_per_100k'))} | {_costs(v, 'peak_rss_mib')} |"
+                f"| {_costs(v, 'service_cpu_seconds_per_100k')} | {_fmt(v.get('machine_cpu_seconds_per_100k'))} | {_costs(v, 'peak_rss_mib')} |"
             )
         if "events_summary" in drain.get("cdc", {}):
             lines += ["", f"This pipeline's event check after the drain: {drain['cdc']['events_summary']}"]

@@ -35,6 +35,7 @@ def _cost(meter: harness.CostMeter, changes: int) -> dict[str, Any]:
         "cpu_seconds": {k: round(v, 2) for k, v in meter.cpu.items()},
         "cpu_seconds_per_100k": {k: round(v * per, 2) for k, v in meter.cpu.items()},
         "peak_rss_mib": {k: round(v, 1) for k, v in meter.rss.items()},
+        "service_cpu_seconds_per_100k": {k: round(v * per, 2) for k, v in meter.service_cpu.items()},
         "machine_cpu_seconds": round(meter.machine, 2),
         "machine_cpu_seconds_per_100k": round(meter.machine * per, 2),
     }
@@ -65,12 +66,12 @@ def _pipeline_checks(contender, env: BenchEnv) -> dict[str, Any]:
 
 def drain(contender, changes: harness.ChangeSet, *, profile_dir: Path | None = None) -> dict[str, Any]:
     """The change set written while the contender is stopped; then time until identical."""
-    with harness.scenario("drain", outbox=contender.needs_outbox) as (env, _services):
+    with harness.scenario("drain", outbox=contender.needs_outbox) as (env, services):
         contender.setup(env, initial_load=False)
         try:
             write_s = harness.write_changes(env.source_url, changes)
             target = harness.fingerprint(env.source_url)
-            meter = harness.CostMeter(contender.processes)
+            meter = harness.CostMeter(contender.processes, harness.service_pids(services))
             meter.start()
             started = time.monotonic()
             contender.resume()
@@ -100,12 +101,12 @@ def drain_parts(changes: harness.ChangeSet, settings: dict[str, str] | None = No
     """This pipeline's two halves alone: the producer publishing the backlog (until the topic
     holds every change), then the consumer applying the pre-loaded topic (until identical)."""
     contender = Pipeline(settings=settings)
-    with harness.scenario("parts", outbox=True) as (env, _services):
+    with harness.scenario("parts", outbox=True) as (env, services):
         contender.setup(env, initial_load=False)
         try:
             harness.write_changes(env.source_url, changes)
             target = harness.fingerprint(env.source_url)
-            meter = harness.CostMeter(contender.processes)
+            meter = harness.CostMeter(contender.processes, harness.service_pids(services))
             meter.start()
             started = time.monotonic()
             contender.resume(("producer",))
@@ -118,7 +119,7 @@ def drain_parts(changes: harness.ChangeSet, settings: dict[str, str] | None = No
                 **_cost(meter, changes.changes),
             }
             contender.stop_part("producer")
-            meter = harness.CostMeter(contender.processes)
+            meter = harness.CostMeter(contender.processes, harness.service_pids(services))
             meter.start()
             started = time.monotonic()
             contender.resume(("consumer",))
@@ -327,7 +328,7 @@ def initial_load(contender, rows: int) -> dict[str, Any]:
         target = harness.fingerprint(env.source_url)
         contender.setup(env, initial_load=True)
         try:
-            meter = harness.CostMeter(contender.processes)
+            meter = harness.CostMeter(contender.processes, harness.service_pids(services))
             meter.start()
             started = time.monotonic()
             contender.resume()
