@@ -108,10 +108,11 @@ def ensure_topics(settings: Settings, admin: AdminClient | None = None, *, timeo
     admin = admin or admin_client(settings)
     wait_for_broker(admin, timeout=timeout)
     existing = set(admin.list_topics(timeout=10).topics)
+    rf = settings.topic_replication_factor
+    # Replicated: an acknowledged write (acks=all) is on two brokers before the producer moves on.
+    config = {"min.insync.replicas": "2"} if rf >= 3 else {}
     wanted = [
-        NewTopic(
-            t, num_partitions=settings.topic_partitions, replication_factor=settings.topic_replication_factor
-        )
+        NewTopic(t, num_partitions=settings.topic_partitions, replication_factor=rf, config=config)
         for t in (settings.cdc_topic, settings.cdc_dlq_topic)
         if t not in existing
     ]
@@ -120,7 +121,7 @@ def ensure_topics(settings: Settings, admin: AdminClient | None = None, *, timeo
     for topic, future in admin.create_topics(wanted, operation_timeout=timeout).items():
         try:
             future.result()
-            log.info("created topic=%s partitions=%d", topic, settings.topic_partitions)
+            log.info("created topic=%s partitions=%d replication=%d", topic, settings.topic_partitions, rf)
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise ServiceError(f"could not create topic {topic}: {exc.args[0].str()}") from exc

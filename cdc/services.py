@@ -53,6 +53,18 @@ class Ports:
     controller: int = 9093
     source_pg: int = 5432
     dest_pg: int = 5433
+    # Brokers 2..n of a local cluster: (broker, controller) port pairs, flattened.
+    extra: tuple[int, ...] = ()
+
+    def kafka_nodes(self, count: int) -> list[tuple[int, int]]:
+        """(broker port, controller port) of each node of a ``count``-node cluster."""
+        nodes = [(self.kafka, self.controller)]
+        for k in range(1, count):
+            if len(self.extra) >= 2 * k:
+                nodes.append((self.extra[2 * k - 2], self.extra[2 * k - 1]))
+            else:  # next to the first node's ports: 9094/9095, 9096/9097 by default
+                nodes.append((self.kafka + 2 * k, self.controller + 2 * k))
+        return nodes
 
     @classmethod
     def from_env(cls) -> Ports:
@@ -72,15 +84,16 @@ class Ports:
         )
 
     @classmethod
-    def free(cls) -> Ports:
-        """Four distinct free loopback ports, for tests."""
+    def free(cls, brokers: int = 1) -> Ports:
+        """Distinct free loopback ports for the services (two more per extra broker), for tests."""
         socks = []
         try:
-            for _ in range(4):
+            for _ in range(4 + 2 * (brokers - 1)):
                 s = socket.socket()
                 s.bind(("127.0.0.1", 0))
                 socks.append(s)
-            return cls(*(s.getsockname()[1] for s in socks))
+            ports = [s.getsockname()[1] for s in socks]
+            return cls(*ports[:4], extra=tuple(ports[4:]))
         finally:
             for s in socks:
                 s.close()
@@ -296,13 +309,29 @@ def apply_sql(url: str, path: Path) -> None:
 
 
 class KafkaBroker:
-    """A single-node KRaft broker (broker + controller in one JVM) on 127.0.0.1."""
+    """One KRaft node in combined mode (broker + controller in one JVM) on 127.0.0.1.
 
-    def __init__(self, *, home: Path, port: int, controller_port: int) -> None:
+    Alone (the default) it is a single-node cluster; ``KafkaCluster`` runs several that share
+    ``voters``.
+    """
+
+    def __init__(
+        self,
+        *,
+        home: Path,
+        port: int,
+        controller_port: int,
+        node_id: int = 1,
+        voters: str | None = None,
+        cluster_size: int = 1,
+    ) -> None:
         self.home = home
-        self.dir = home / "kafka"
+        self.node_id = node_id
+        self.voters = voters or f"{node_id}@127.0.0.1:{controller_port}"
+        self.cluster_size = cluster_size
+        self.dir = home / ("kafka" if node_id == 1 else f"kafka-{node_id}")
         self.datadir = self.dir / "data"
-        self.logdir = home / "logs"
+        self.logdir = home / "logs" if node_id == 1 else home / "logs" / f"kafka-{node_id}"
         self.config = self.dir / "server.properties"
         self.pidfile = self.dir / "broker.pid"
         self.port = port
@@ -339,10 +368,13 @@ class KafkaBroker:
     def _write_config(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.logdir.mkdir(parents=True, exist_ok=True)
+        # Internal topics replicated like the data topics: three copies, two needed to write.
+        rf = min(3, self.cluster_size)
+        isr = 2 if rf >= 3 else 1
         self.config.write_text(
             "process.roles=broker,controller\n"
-            "node.id=1\n"
-            f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}\n"
+            f"node.id={self.node_id}\n"
+            f"controller.quorum.voters={self.voters}\n"
             f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}\n"
             f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}\n"
             "controller.listener.names=CONTROLLER\n"
@@ -350,22 +382,32 @@ class KafkaBroker:
             "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT\n"
             f"log.dirs={self.datadir}\n"
             "num.partitions=6\n"
-            "offsets.topic.replication.factor=1\n"
+            f"default.replication.factor={rf}\n"
+            f"min.insync.replicas={isr}\n"
+            f"offsets.topic.replication.factor={rf}\n"
             "offsets.topic.num.partitions=10\n"
-            "transaction.state.log.replication.factor=1\n"
-            "transaction.state.log.min.isr=1\n"
-            "share.coordinator.state.topic.replication.factor=1\n"
-            "share.coordinator.state.topic.min.isr=1\n"
+            f"transaction.state.log.replication.factor={rf}\n"
+            f"transaction.state.log.min.isr={isr}\n"
+            f"share.coordinator.state.topic.replication.factor={rf}\n"
+            f"share.coordinator.state.topic.min.isr={isr}\n"
             "group.initial.rebalance.delay.ms=0\n"
             "auto.create.topics.enable=false\n"
             "log.retention.hours=168\n"
             "log.segment.bytes=67108864\n"
         )
 
+    def cluster_id(self) -> str | None:
+        """The id this node's storage was formatted with, None before the first start."""
+        with contextlib.suppress(OSError):
+            for line in (self.datadir / "meta.properties").read_text().splitlines():
+                if line.startswith("cluster.id="):
+                    return line.split("=", 1)[1].strip()
+        return None
+
     def _format(self, cluster_id: str | None = None) -> None:
         if (self.datadir / "meta.properties").exists():
             return
-        cluster_id = cluster_id or base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        cluster_id = cluster_id or new_cluster_id()
         # One argv element: an id starting with "-" (1 in 64) must not be read as an option.
         cmd = [
             *self._java(),
@@ -381,6 +423,10 @@ class KafkaBroker:
     def start(self) -> None:
         if self.running():
             return
+        self._wait_ready(self.launch())
+
+    def launch(self, cluster_id: str | None = None) -> subprocess.Popen[bytes]:
+        """Configure, format if new, and start the JVM; ``_wait_ready`` waits for it."""
         for port in (self.port, self.controller_port):
             if port_open(port):
                 raise ServiceError(
@@ -388,7 +434,7 @@ class KafkaBroker:
                     "choose others with CDC_KAFKA_PORT / CDC_KAFKA_CONTROLLER_PORT"
                 )
         self._write_config()
-        self._format()
+        self._format(cluster_id)
         cmd = [
             *KAFKA_HEAP.split(),
             "-XX:+UseG1GC",
@@ -408,7 +454,7 @@ class KafkaBroker:
                 start_new_session=True,
             )
         self.pidfile.write_text(f"{proc.pid}\n")
-        self._wait_ready(proc)
+        return proc
 
     def _wait_ready(self, proc: subprocess.Popen[bytes]) -> None:
         from confluent_kafka.admin import AdminClient
@@ -456,7 +502,93 @@ class KafkaBroker:
     def status(self) -> str:
         pid = self.pid()
         state = f"running pid={pid}" if pid else "stopped"
-        return f"kafka            {state:<22} {self.bootstrap} controller=127.0.0.1:{self.controller_port}"
+        name = "kafka" if self.cluster_size == 1 else f"kafka-{self.node_id}"
+        return f"{name:<16} {state:<22} {self.bootstrap} controller=127.0.0.1:{self.controller_port}"
+
+
+def new_cluster_id() -> str:
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+
+
+class KafkaCluster:
+    """``count`` KRaft nodes in combined mode (each a broker and a controller voter).
+
+    Combined mode: three JVMs instead of six on a two-core machine, and a controller quorum that
+    survives one lost node, like the brokers. One node is the plain single-node broker.
+    """
+
+    def __init__(self, *, home: Path, nodes: list[tuple[int, int]]) -> None:
+        voters = ",".join(f"{i}@127.0.0.1:{c}" for i, (_, c) in enumerate(nodes, 1))
+        self.brokers = [
+            KafkaBroker(
+                home=home, port=p, controller_port=c, node_id=i, voters=voters, cluster_size=len(nodes)
+            )
+            for i, (p, c) in enumerate(nodes, 1)
+        ]
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(b.bootstrap for b in self.brokers)
+
+    def broker(self, node_id: int) -> KafkaBroker:
+        return self.brokers[node_id - 1]
+
+    def pid(self) -> int | None:
+        return self.brokers[0].pid()
+
+    def pids(self) -> dict[int, int]:
+        return {b.node_id: pid for b in self.brokers if (pid := b.pid())}
+
+    def running(self) -> bool:
+        return all(b.running() for b in self.brokers)
+
+    def start(self) -> None:
+        """Start every node that is not running, then wait until all have joined the cluster."""
+        if len(self.brokers) == 1:
+            self.brokers[0].start()
+            return
+        cluster_id = next((cid for b in self.brokers if (cid := b.cluster_id())), None) or new_cluster_id()
+        # All at once: a node alone cannot elect a controller, so none is ready before a majority runs.
+        started = [(b, b.launch(cluster_id)) for b in self.brokers if not b.running()]
+        for broker, proc in started:
+            broker._wait_ready(proc)
+        self._wait_members()
+
+    def _wait_members(self) -> None:
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
+        deadline = time.monotonic() + START_TIMEOUT
+        seen = 0
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                seen = len(admin.list_topics(timeout=2).brokers)
+                if seen == len(self.brokers):
+                    return
+            time.sleep(0.2)
+        raise ServiceError(
+            f"kafka cluster: {seen} of {len(self.brokers)} brokers joined after {START_TIMEOUT:.0f}s"
+        )
+
+    def stop(self, hard: bool = False) -> None:
+        """Stop every node: all signalled at once, so the last one is not left without a quorum."""
+        pids = [(b, b.pid()) for b in self.brokers]
+        sig = signal.SIGKILL if hard else signal.SIGTERM
+        for _, pid in pids:
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, sig)
+        for broker, pid in pids:
+            if pid is not None:
+                _terminate(pid, hard=hard, timeout=STOP_TIMEOUT)
+            broker.pidfile.unlink(missing_ok=True)
+
+    def rss_mb(self) -> float | None:
+        values = [v for b in self.brokers if (v := b.rss_mb()) is not None]
+        return sum(values) if values else None
+
+    def status_lines(self) -> list[str]:
+        return [b.status() for b in self.brokers]
 
 
 def _terminate(pid: int, *, hard: bool, timeout: float) -> None:
@@ -566,16 +698,22 @@ class LocalServices:
         ports: Ports | None = None,
         password: str | None = None,
         pg_settings: dict[str, str] | None = None,
+        brokers: int | None = None,
     ) -> None:
-        """``pg_settings``: extra settings for both PostgreSQL servers (the benchmarks use it)."""
+        """``pg_settings``: extra settings for both PostgreSQL servers (the benchmarks use it).
+        ``brokers``: Kafka nodes (default: ``CDC_KAFKA_BROKERS``, else what runs, else 1)."""
         self.home = home.resolve()
         self.statefile = self.home / "services.json"
         saved = self._load_state()
         if ports is None:
-            ports = Ports(**saved["ports"]) if saved and not _ports_in_env() else Ports.from_env()
+            if saved and not _ports_in_env():
+                ports = Ports(**{**saved["ports"], "extra": tuple(saved["ports"].get("extra", ()))})
+            else:
+                ports = Ports.from_env()
         self.ports = ports
+        self.brokers = brokers or _brokers_from_env() or (saved or {}).get("brokers") or 1
         self.password = password or os.environ.get("CDC_PG_PASSWORD") or PG_PASSWORD_DEFAULT
-        self.kafka = KafkaBroker(home=self.home, port=ports.kafka, controller_port=ports.controller)
+        self.kafka = KafkaCluster(home=self.home, nodes=ports.kafka_nodes(self.brokers))
         self.source = PostgresServer(
             name="source",
             home=self.home,
@@ -600,11 +738,14 @@ class LocalServices:
             return None
 
     def env(self) -> dict[str, str]:
-        return {
+        env = {
             "SOURCE_DB_URL": self.source.url,
             "DEST_DB_URL": self.dest.url,
             "KAFKA_BOOTSTRAP_SERVERS": self.kafka.bootstrap,
         }
+        # Always written, so .env follows a switch between one broker and the cluster.
+        env["CDC_TOPIC_REPLICATION_FACTOR"] = str(min(3, self.brokers))
+        return env
 
     def up(self, *, apply_schema: bool = True) -> dict[str, float]:
         """Start whatever is not running, wait until all three answer, apply the setup SQL.
@@ -612,6 +753,12 @@ class LocalServices:
         Returns how long each part took, in seconds.
         """
         self.home.mkdir(parents=True, exist_ok=True)
+        saved = (self._load_state() or {}).get("brokers", 1)
+        if saved != self.brokers and self.kafka.brokers[0].cluster_id() is not None:
+            raise ServiceError(
+                f"the local Kafka data in {self.home} belongs to a {saved}-broker setup; "
+                f"`make down && make clean` (deletes it) to switch to {self.brokers}"
+            )
         timings = {}
         t = time.monotonic()
         self.source.start()
@@ -620,7 +767,8 @@ class LocalServices:
         t = time.monotonic()
         self.kafka.start()
         timings["kafka"] = time.monotonic() - t
-        self.statefile.write_text(json.dumps({"ports": self.ports.__dict__}, indent=1))
+        state = {"ports": {**self.ports.__dict__, "extra": list(self.ports.extra)}, "brokers": self.brokers}
+        self.statefile.write_text(json.dumps(state, indent=1))
         if apply_schema:
             self.source.apply_sql(SETUP_SOURCE_SQL)
             self.dest.apply_sql(SETUP_DEST_SQL)
@@ -637,10 +785,19 @@ class LocalServices:
             raise ServiceError("; ".join(errors))
 
     def status_lines(self) -> list[str]:
-        return [self.kafka.status(), self.source.status(), self.dest.status()]
+        return [*self.kafka.status_lines(), self.source.status(), self.dest.status()]
 
     def all_running(self) -> bool:
         return self.kafka.running() and self.source.running() and self.dest.running()
+
+
+def _brokers_from_env() -> int | None:
+    raw = os.environ.get("CDC_KAFKA_BROKERS", "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) not in (1, 3):
+        raise ServiceError(f"CDC_KAFKA_BROKERS={raw!r}: 1 (one broker) or 3 (a replicated cluster)")
+    return int(raw)
 
 
 def _ports_in_env() -> bool:

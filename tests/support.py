@@ -114,8 +114,7 @@ def fresh_settings(service_env: Mapping[str, str], prefix: str = "cdc_test", **o
         cdc_topic=f"{prefix}_{tag}",
         cdc_dlq_topic=f"{prefix}_{tag}_dlq",
         consumer_group_id=f"{prefix}_group_{tag}",
-        topic_partitions=3,
-        **overrides,
+        **{"topic_partitions": 3, **overrides},
     )
     ensure_topics(s, admin_client(s))
     return s
