@@ -129,3 +129,17 @@ def test_active_controller_killed(pipeline: Pipeline):
     pipeline.stop_load()
     pipeline.check()
     pipeline.stop_all()
+
+
+def test_three_consumers_one_killed_one_added_mid_stream(pipeline: Pipeline):
+    """Scale-out: one group, six partitions, cooperative rebalancing while the load runs."""
+    pipeline.start(consumers=3)
+    pipeline.pause(3.0, 5.0)
+    pipeline.consumers[1].kill()  # -9: its partitions move to the others, uncommitted work is redone
+    pipeline.pause(3.0, 5.0)
+    pipeline.add_consumer()
+    pipeline.pause(3.0, 5.0)
+    pipeline.stop_load()
+    pipeline.check()
+    assert sum(c.running() for c in pipeline.consumers) == 3
+    pipeline.stop_all()
