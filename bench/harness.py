@@ -176,10 +176,13 @@ def load_rows(url: str, rows: int) -> None:
 
 
 @contextlib.contextmanager
-def scenario(name: str, *, outbox: bool, keep: bool = False) -> Iterator[tuple[BenchEnv, LocalServices]]:
-    """Fresh private services (both PostgreSQL servers and one broker) under a new folder."""
+def scenario(
+    name: str, *, outbox: bool, keep: bool = False, brokers: int = 1
+) -> Iterator[tuple[BenchEnv, LocalServices]]:
+    """Fresh private services (both PostgreSQL servers, one broker or a 3-node cluster) under a
+    new folder."""
     home = Path(tempfile.mkdtemp(prefix=f"cdc-bench-{name}-"))
-    services = LocalServices(home=home, ports=Ports.free(), pg_settings=PG_SETTINGS)
+    services = LocalServices(home=home, ports=Ports.free(brokers), pg_settings=PG_SETTINGS, brokers=brokers)
     try:
         services.up(apply_schema=False)
         with contextlib.closing(psycopg2.connect(services.source.url)) as conn, conn.cursor() as cur:
@@ -308,7 +311,10 @@ def tree_cpu_seconds(root: int) -> float | None:
 
 
 def service_pids(services: LocalServices) -> dict[str, int]:
-    pids = {"source pg": services.source.pid(), "dest pg": services.dest.pid(), "kafka": services.kafka.pid()}
+    pids = {"source pg": services.source.pid(), "dest pg": services.dest.pid()}
+    nodes = services.kafka.pids()
+    for node, pid in nodes.items():
+        pids["kafka" if len(services.kafka.brokers) == 1 else f"kafka-{node}"] = pid
     return {k: v for k, v in pids.items() if v}
 
 

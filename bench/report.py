@@ -205,6 +205,26 @@ def markdown(results: dict[str, Any]) -> str:
             )
         lines.append("")
 
+    scale = results.get("scaleout", [])
+    if scale:
+        lines += [
+            "## Consumer scale-out (3-broker cluster, replication factor 3)",
+            "",
+            "One pre-loaded topic (6 partitions); each row: that many consumers in a new group drain it into "
+            "an emptied destination.",
+            "",
+            "| consumers | changes | seconds | changes/s | steady changes/s | identical | consumers' CPU s / 100k "
+            "| servers' CPU s / 100k | machine CPU s / 100k |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for v in scale:
+            lines.append(
+                f"| {v['consumers']} | {_fmt(v['changes'])} | {_fmt(v['seconds'])} | {_fmt(v['changes_per_s'])} "
+                f"| {_fmt(v.get('steady_changes_per_s'))} | {v.get('identical')} | {_costs(v, 'cpu_seconds_per_100k')} "
+                f"| {_costs(v, 'service_cpu_seconds_per_100k')} | {_fmt(v.get('machine_cpu_seconds_per_100k'))} |"
+            )
+        lines += ["", scale_note(scale), ""]
+
     profile = drain.get("cdc", {}).get("profile")
     if profile:
         lines += [
@@ -227,3 +247,26 @@ def markdown(results: dict[str, Any]) -> str:
                 lines.append(f"| `{fi}` | {pi} | `{fs}` | {ps} |")
             lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def scale_note(scale: list[dict[str, Any]]) -> str:
+    """What limits scaling, read from the figures: the machine's cores, or something else."""
+    one = next((v for v in scale if v["consumers"] == 1), None)
+    best = max(scale, key=lambda v: v["changes_per_s"])
+    if not one:
+        return ""
+    machine_s = one.get("machine_cpu_seconds", 0.0)
+    busy = machine_s / one["seconds"] if one.get("seconds") else 0.0
+    return (
+        f"With one consumer the machine was {busy:.1f} of {_cores()} cores busy; the best rate was with "
+        f"{best['consumers']} consumer(s), {best['changes_per_s'] / one['changes_per_s']:.2f}x one consumer. "
+        "Every consumer, the three brokers and the destination server share the same cores, so more "
+        "consumers only help while cores are idle: on two cores the destination's CPU and the consumers' "
+        "own CPU per change bound the sum, not the partition count."
+    )
+
+
+def _cores() -> int:
+    import os
+
+    return os.cpu_count() or 1

@@ -29,7 +29,7 @@ from bench.contenders.pipeline import Naive, Pipeline
 from cdc.services import PROJECT_DIR
 
 ALL_CONTENDERS = ("cdc", "logical", "debezium", "naive")
-ALL_SCENARIOS = ("drain", "latency", "load")
+ALL_SCENARIOS = ("drain", "latency", "load", "scaleout")
 
 
 def make_contender(name: str):
@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--latency-seconds", type=float, default=60.0)
     p.add_argument("--idle-seconds", type=float, default=10.0)
     p.add_argument("--load-rows", type=int, default=1_000_000, help="rows for the initial load (default 1M)")
+    p.add_argument("--scaleout-changes", type=int, default=100_000, help="backlog for the scale-out runs")
     p.add_argument("--contenders", default=",".join(ALL_CONTENDERS))
     p.add_argument("--scenarios", default=",".join(ALL_SCENARIOS))
     p.add_argument("--no-profile", action="store_true", help="skip py-spy during this pipeline's drain")
@@ -64,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=PROJECT_DIR / "bench-results")
     args = p.parse_args(argv)
     if args.smoke:
-        args.changes, args.naive_changes, args.load_rows = 3000, 300, 20_000
+        args.changes, args.naive_changes, args.load_rows, args.scaleout_changes = 3000, 300, 20_000, 2000
         args.rates, args.txn_sizes, args.latency_seconds, args.idle_seconds = "200", "1", 6.0, 1.0
     return args
 
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         "drain": {},
         "latency": {},
         "load": {},
+        "scaleout": [],
         "failures": [],
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -159,6 +161,16 @@ def main(argv: list[str] | None = None) -> int:
             )
             if r is not None:
                 results["load"][name] = r
+
+    if "scaleout" in wanted and "cdc" in contenders:
+        data = harness.generate(args.scaleout_changes)
+        r = attempt(
+            f"scale-out: 1, 2, 3 consumers on a 3-broker cluster ({data.changes} changes)",
+            scenarios.scaleout,
+            data,
+        )
+        if r is not None:
+            results["scaleout"] = r
 
     results["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     results["ratios"] = report.ratios(results)

@@ -139,6 +139,50 @@ def drain_parts(changes: harness.ChangeSet, settings: dict[str, str] | None = No
     return {"producer": producer, "consumer": consumer}
 
 
+def scaleout(changes: harness.ChangeSet, counts: tuple[int, ...] = (1, 2, 3)) -> list[dict[str, Any]]:
+    """Apply throughput of 1, 2, 3 consumers in one group on a 3-broker cluster (replication
+    factor 3): the producer publishes the backlog once; each count then drains the whole topic
+    into an emptied destination from a new group."""
+    contender = Pipeline()
+    results = []
+    with harness.scenario("scaleout", outbox=True, brokers=3) as (env, services):
+        contender.setup(env, initial_load=False)
+        try:
+            harness.write_changes(env.source_url, changes)
+            target = harness.fingerprint(env.source_url)
+            contender.resume(("producer",))
+            _wait_topic(env.bootstrap, contender.topic, changes.changes, _alive(contender))
+            contender.stop_part("producer")
+            for count in counts:
+                _exec(env.dest_url, "TRUNCATE employees, processed_events, emp_versions")
+                contender.new_group()
+                meter = harness.CostMeter(contender.processes, harness.service_pids(services))
+                meter.start()
+                started = time.monotonic()
+                for k in range(count):
+                    contender.start("consumer" if k == 0 else f"consumer-{k + 1}")
+                arrival = harness.wait_equal(
+                    env.dest_url, target, timeout=DRAIN_TIMEOUT, alive=_alive(contender)
+                )
+                meter.stop()
+                results.append(
+                    {
+                        "consumers": count,
+                        "changes": changes.changes,
+                        "seconds": round(arrival.done - started, 3),
+                        "changes_per_s": _rate(changes.changes, arrival.done - started),
+                        **_steady(changes.changes, started, arrival),
+                        "identical": harness.rows_identical(env.source_url, env.dest_url),
+                        **_cost(meter, changes.changes),
+                    }
+                )
+                for part in [p for p in contender.procs if p.startswith("consumer")]:
+                    contender.stop_part(part)
+        finally:
+            contender.stop()
+    return results
+
+
 def _wait_topic(bootstrap: str, topic: str, count: int, alive: Callable[[], None]) -> float:
     """Poll the topic's high watermarks until they add up to ``count``; monotonic time seen."""
     consumer = Consumer(

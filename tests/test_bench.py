@@ -50,6 +50,8 @@ def test_smoke_run_reports_every_contender_identical(tmp_path):
         assert run["missing"] == 0 and run["measured"] > 0
         assert results["load"][name]["identical"] is True
     assert results["ratios"]["drain_cdc_over_logical"] > 0
+    assert [r["consumers"] for r in results["scaleout"]] == [1, 2, 3]
+    assert all(r["identical"] is True for r in results["scaleout"])
     text = (tmp_path / "report.md").read_text()
     assert "## Backlog drain" in text and "## Steady latency" in text and "## Initial load" in text
 

@@ -54,13 +54,23 @@ class Pipeline:
         self.envfile = env.home / f"{self.name}.env"
         self.envfile.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
 
+    def new_group(self) -> None:
+        """Consumers started from now on join a new group: they read the topic from the start."""
+        assert self.envfile is not None
+        group = f"bench_{uuid.uuid4().hex[:8]}"
+        lines = [
+            ln for ln in self.envfile.read_text().splitlines() if not ln.startswith("CONSUMER_GROUP_ID=")
+        ]
+        self.envfile.write_text("\n".join([*lines, f"CONSUMER_GROUP_ID={group}"]) + "\n")
+
     def resume(self, parts: tuple[str, ...] = PARTS) -> None:
         for part in parts:
             self.start(part)
 
     def start(self, part: str) -> None:
+        """Start ``part``: "producer", "consumer", or another consumer as "consumer-2" etc."""
         assert self.env is not None and self.envfile is not None
-        args = [sys.executable, self.scripts[part], "--env-file", str(self.envfile)]
+        args = [sys.executable, self.scripts[part.split("-")[0]], "--env-file", str(self.envfile)]
         if part == "producer" and self.initial_load:
             args.append("--snapshot")
         log = self.env.home / f"{self.name}-{part}.log"
