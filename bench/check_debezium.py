@@ -108,6 +108,15 @@ def load_rows(url: str, rows: int) -> None:
         conn.commit()
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of ``pid`` so far (0 when unknown)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def digest(url: str) -> tuple[int, str]:
     with contextlib.closing(psycopg2.connect(url)) as conn, conn.cursor() as cur:
         cur.execute(ROWS_DIGEST)
@@ -135,11 +144,26 @@ def wait_equal(contender: Debezium, source_url: str, dest_url: str, timeout: flo
                 time.sleep(0.1)
 
 
-def run(mode: str, changes: int, rows: int, batch_size: int, timeout: float, keep: bool) -> bool:
+def _timed(contender: Debezium, env: BenchEnv, timeout: float) -> tuple[float, float, float]:
+    """resume(), then wait until equal: (seconds to equal, seconds resume() took, JVM CPU seconds)."""
+    pid = contender.processes().get("connect")
+    cpu = cpu_seconds(pid)
+    started = time.monotonic()
+    contender.resume()
+    resumed = time.monotonic() - started
+    seen = wait_equal(contender, env.source_url, env.dest_url, timeout)
+    return seen - started, resumed, cpu_seconds(pid) - cpu
+
+
+def run(mode: str, args: argparse.Namespace) -> bool:
     initial_load = mode == "initial-load"
     home = Path(tempfile.mkdtemp(prefix=f"cdc-check-debezium-{mode}-"))
     services = LocalServices(home=home, ports=Ports.free(), pg_settings=PG_SETTINGS)
-    contender = Debezium(batch_size=batch_size)
+    contender = Debezium(
+        batch_size=args.batch_size,
+        source_overrides=dict(kv.split("=", 1) for kv in args.source_set),
+        sink_overrides=dict(kv.split("=", 1) for kv in args.sink_set),
+    )
     ok = False
     try:
         services.up(apply_schema=False)
@@ -157,52 +181,39 @@ def run(mode: str, changes: int, rows: int, batch_size: int, timeout: float, kee
         contender.prepare()
         if initial_load:
             # The rows exist first: set-based, then changed a little (NULLs, old dates, empty strings).
-            load_rows(services.source.url, rows)
-            write_changes(services.source.url, min(rows, 2000), seed=11, per_txn=100)
-            count = digest(services.source.url)[0]
-            t = time.monotonic()
-            contender.setup(env, initial_load=True)
-            print(f"  setup {time.monotonic() - t:.1f} s", flush=True)
-            started = time.monotonic()
-            contender.resume()
-            resumed = time.monotonic() - started
-            seen = wait_equal(contender, services.source.url, services.dest.url, timeout)
-            took = seen - started
-            print(
-                f"debezium {mode}: {count} rows copied in {took:.2f} s = {count / took:,.0f} rows/s"
-                f" (resume() returned in {resumed:.2f} s)",
-                flush=True,
-            )
+            load_rows(env.source_url, args.rows)
+            write_changes(env.source_url, min(args.rows, 2000), seed=11, per_txn=100)
+            count = digest(env.source_url)[0]
+        t = time.monotonic()
+        contender.setup(env, initial_load=initial_load)
+        print(f"  setup {time.monotonic() - t:.1f} s", flush=True)
+        if not initial_load:
+            wrote = write_changes(env.source_url, args.changes)
+            print(f"  {args.changes} changes written in {wrote:.1f} s while paused", flush=True)
+        if args.pause:
+            print(f"  waiting {args.pause:.0f} s before resume()", flush=True)
+            time.sleep(args.pause)
+        contender.check_alive()
+        if digest(env.dest_url)[0] != 0:
+            raise AssertionError("rows reached the destination before resume()")
+        took, resumed, cpu = _timed(contender, env, args.timeout)
+        done, unit = (count, "rows copied") if initial_load else (args.changes, "changes drained")
+        print(
+            f"debezium {mode}: {done} {unit} in {took:.2f} s = {done / took:,.0f}/s"
+            f" (resume() returned in {resumed:.2f} s; JVM CPU {cpu:.1f} s)",
+            flush=True,
+        )
+        if initial_load:
             # Then it follows changes.
-            wrote = write_changes(services.source.url, changes // 10, seed=12)
-            started = time.monotonic()
-            seen = wait_equal(contender, services.source.url, services.dest.url, timeout)
-            print(
-                f"  then {changes // 10} changes written in {wrote:.1f} s, equal {seen - started:.2f} s after the"
-                " last commit",
-                flush=True,
-            )
-        else:
+            n = max(1, args.changes // 10)
+            wrote = write_changes(env.source_url, n, seed=12)
             t = time.monotonic()
-            contender.setup(env, initial_load=False)
-            print(f"  setup {time.monotonic() - t:.1f} s", flush=True)
-            wrote = write_changes(services.source.url, changes)
-            print(f"  {changes} changes written in {wrote:.1f} s while paused", flush=True)
-            if digest(services.dest.url)[0] != 0:
-                raise AssertionError("rows reached the destination before resume()")
-            started = time.monotonic()
-            contender.resume()
-            resumed = time.monotonic() - started
-            seen = wait_equal(contender, services.source.url, services.dest.url, timeout)
-            took = seen - started
+            seen = wait_equal(contender, env.source_url, env.dest_url, args.timeout)
             print(
-                f"debezium {mode}: {changes} changes drained in {took:.2f} s = {changes / took:,.0f} changes/s"
-                f" (resume() returned in {resumed:.2f} s)",
-                flush=True,
+                f"  then {n} changes written in {wrote:.1f} s: equal {seen - t:.2f} s after the last commit"
             )
-        pids = contender.processes()
+        print(f"  rows equal (count and md5 of every row); processes {contender.processes()}", flush=True)
         ok = True
-        print(f"  rows equal (count and md5 of every row); processes {pids}", flush=True)
     finally:
         pid = contender.proc.pid if contender.proc else None
         contender.stop()
@@ -215,7 +226,7 @@ def run(mode: str, changes: int, rows: int, batch_size: int, timeout: float, kee
         try:
             services.down()
         finally:
-            if keep or not ok:
+            if args.keep or not ok:
                 print(f"  kept {home}", flush=True)
             else:
                 shutil.rmtree(home, ignore_errors=True)
@@ -229,12 +240,15 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=Debezium().batch_size)
     p.add_argument("--mode", choices=["stream", "initial-load", "both"], default="both")
     p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--pause", type=float, default=0, help="seconds to wait between the changes and resume()")
+    p.add_argument("--source-set", action="append", default=[], metavar="KEY=VALUE", help="source config")
+    p.add_argument("--sink-set", action="append", default=[], metavar="KEY=VALUE", help="sink config")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, configs)")
     args = p.parse_args()
     modes = ["stream", "initial-load"] if args.mode == "both" else [args.mode]
     ok = True
     for mode in modes:
-        ok = run(mode, args.changes, args.rows, args.batch_size, args.timeout, args.keep) and ok
+        ok = run(mode, args) and ok
     return 0 if ok else 1
 
 

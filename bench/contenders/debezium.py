@@ -120,10 +120,13 @@ def _template(name: str, values: dict[str, str]) -> dict[str, str]:
 
 
 def _first_line(text: str | None) -> str:
-    for line in (text or "").splitlines():
-        if line.strip():
-            return line.strip()[:300]
-    return "no trace"
+    """A trace's first line, and its root cause (the last "Caused by:") when it has one."""
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    if not lines:
+        return "no trace"
+    causes = [ln for ln in lines if ln.startswith("Caused by:")]
+    first = lines[0][:300]
+    return f"{first} (root cause: {causes[-1][10:].strip()[:300]})" if causes else first
 
 
 class Debezium:
@@ -131,9 +134,19 @@ class Debezium:
     uses_kafka = True
     needs_outbox = False
 
-    def __init__(self, *, batch_size: int = BATCH_SIZE, heap: str = HEAP) -> None:
+    def __init__(
+        self,
+        *,
+        batch_size: int = BATCH_SIZE,
+        heap: str = HEAP,
+        source_overrides: dict[str, str] | None = None,
+        sink_overrides: dict[str, str] | None = None,
+    ) -> None:
+        """``*_overrides``: connector config entries set over the templates (for experiments)."""
         self.batch_size = batch_size
         self.heap = heap
+        self.source_overrides = dict(source_overrides or {})
+        self.sink_overrides = dict(sink_overrides or {})
         self.libdir = cache_dir()
         self.env: BenchEnv | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -196,6 +209,8 @@ class Debezium:
             "sink.json",
             {**_pg(env.dest_url), "topic": self.topic, "batch_size": str(self.batch_size)},
         )
+        source.update(self.source_overrides)
+        sink.update(self.sink_overrides)
         for name, config in ((self.source_name, source), (self.sink_name, sink)):
             shown = {k: ("***" if k.endswith("password") else v) for k, v in config.items()}
             (self.dir / f"{name}.json").write_text(json.dumps(shown, indent=1) + "\n")
