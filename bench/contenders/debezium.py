@@ -45,6 +45,7 @@ LOG4J = CONF_DIR / "log4j2.properties"
 
 BATCH_SIZE = 4000  # sink batch.size = consumer max.poll.records = source max.batch.size
 HEAP = "1g"
+RECORD_BYTES = 4096  # a change event as JSON with its schemas is about 3.6 KiB
 START_TIMEOUT = 180.0  # the worker's JVM start and plugin scan, on a busy 2-core machine
 TASK_TIMEOUT = 120.0
 STOP_TIMEOUT = 30.0
@@ -113,9 +114,10 @@ def _pg(url: str) -> dict[str, str]:
     }
 
 
-def _template(name: str, values: dict[str, str]) -> dict[str, str]:
-    """A connector config from ``bench/debezium/<name>``: each value filled in on its own."""
-    raw = json.loads((CONF_DIR / name).read_text())
+def _template(name: str, values: dict[str, str], overrides: dict[str, str]) -> dict[str, str]:
+    """A connector config from ``bench/debezium/<name>`` with ``overrides`` set over it: each value
+    filled in on its own (``$port``, ``$batch_size``, ... work in overrides too)."""
+    raw = {**json.loads((CONF_DIR / name).read_text()), **overrides}
     return {k: string.Template(v).substitute(values) for k, v in raw.items()}
 
 
@@ -204,13 +206,19 @@ class Debezium:
                 "batch_size": str(self.batch_size),
                 "queue_size": str(4 * self.batch_size),
             },
+            self.source_overrides,
         )
         sink = _template(
             "sink.json",
-            {**_pg(env.dest_url), "topic": self.topic, "batch_size": str(self.batch_size)},
+            {
+                **_pg(env.dest_url),
+                "topic": self.topic,
+                "batch_size": str(self.batch_size),
+                # A change event is about 3.6 KiB as JSON with its schemas: one fetch holds a whole batch.
+                "fetch_bytes": str(max(RECORD_BYTES * self.batch_size, 1 << 20)),
+            },
+            self.sink_overrides,
         )
-        source.update(self.source_overrides)
-        sink.update(self.sink_overrides)
         for name, config in ((self.source_name, source), (self.sink_name, sink)):
             shown = {k: ("***" if k.endswith("password") else v) for k, v in config.items()}
             (self.dir / f"{name}.json").write_text(json.dumps(shown, indent=1) + "\n")
