@@ -98,11 +98,11 @@ def load_rows(url: str, rows: int) -> None:
     with contextlib.closing(psycopg2.connect(url)) as conn, conn.cursor() as cur:
         cur.execute(
             "INSERT INTO employees"
-            " SELECT g, 'First' || g, CASE WHEN g % 20 = 0 THEN NULL ELSE 'Last' || (g % 997) END,"
-            "        CASE WHEN g % 13 = 0 THEN NULL ELSE date '1815-12-10' + (g % 70000) END,"
-            "        (ARRAY['London', 'Oslo', 'Zürich', '東京', ''])[1 + g % 5],"
-            "        CASE WHEN g % 17 = 0 THEN NULL ELSE 30000 + g % 200000 END"
-            "   FROM generate_series(1, %s) AS g",
+            " SELECT g, 'First' || g, CASE WHEN g %% 20 = 0 THEN NULL ELSE 'Last' || (g %% 997) END,"
+            "        CASE WHEN g %% 13 = 0 THEN NULL ELSE date '1815-12-10' + (g %% 70000) END,"
+            "        (ARRAY['London', 'Oslo', 'Zürich', '東京', ''])[1 + g %% 5],"
+            "        CASE WHEN g %% 17 = 0 THEN NULL ELSE 30000 + g %% 200000 END"
+            "   FROM generate_series(1, %s) AS g",  # %% is a literal % next to a parameter
             (rows,),
         )
         conn.commit()
