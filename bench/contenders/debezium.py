@@ -158,6 +158,7 @@ class Debezium:
         self.id = ""
         self.source_name = self.sink_name = ""
         self.slot = self.publication = self.topic = ""
+        self._checked = 0.0  # when check_alive last asked for the tasks' states
 
     # -- the interface -----------------------------------------------------------------------
 
@@ -177,6 +178,8 @@ class Debezium:
         self.dir = env.home / "debezium"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log = self.dir / "connect.log"
+        for old in (self.log, self.dir / "connect-stdout.log"):
+            old.unlink(missing_ok=True)  # this run's errors only
 
         # The publication: public.employees only, made by us (Debezium's is then left alone).
         with contextlib.closing(psycopg2.connect(env.source_url)) as conn:
@@ -254,10 +257,17 @@ class Debezium:
         return {"connect": self.proc.pid}
 
     def check_alive(self) -> None:
-        """Raise RuntimeError if the worker died or a task failed (for the harness's wait loop)."""
+        """Raise RuntimeError if the worker died or a task failed (for the harness's wait loop).
+
+        Cheap enough for a tight loop: the tasks' states are asked at most once a second.
+        """
         if self.proc is None:
             return
         self._check_worker()
+        now = time.monotonic()
+        if now - self._checked < 1.0:
+            return
+        self._checked = now
         for name in (self.sink_name, self.source_name):
             status = self._status(name)
             for task in status.get("tasks", []) if status else []:
@@ -300,7 +310,7 @@ class Debezium:
             raise RuntimeError("java not found: install a Java 17+ runtime")
         cmd = [
             java,
-            f"-Xms{self.heap}",
+            "-Xms256m",
             f"-Xmx{self.heap}",
             "-XX:+UseG1GC",
             "-Djava.awt.headless=true",
@@ -364,8 +374,9 @@ class Debezium:
                 message = json.loads(raw).get("message", "")
             except ValueError:
                 message = raw.decode(errors="replace")
+            detail = f" (log: {self._log_error()})" if exc.code >= 500 else ""
             raise RuntimeError(
-                f"debezium: {method} {path} -> {exc.code}: {_first_line(message)}; see {self.log}"
+                f"debezium: {method} {path} -> {exc.code}: {_first_line(message)}{detail}; see {self.log}"
             ) from None
 
     def _create(self, name: str, config: dict[str, str], *, paused: bool) -> None:
