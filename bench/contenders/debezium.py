@@ -12,9 +12,14 @@
   not start, so the slot and the snapshot are made only after ``resume()``.
 - ``resume()`` resumes the source connector and waits for its task to run.
 
-Tuning, as a user would set it: the sink's ``batch.size`` equals its consumer's
-``max.poll.records`` and the source's ``max.batch.size``; the sink's reduction buffer is on (one
-statement per key and batch); the source emits no tombstones (the sink deletes on the ``d`` event).
+Tuning, as a user would set it (``bench/debezium/*.json``): the sink's ``batch.size`` (4000)
+equals its consumer's ``max.poll.records`` and the source's ``max.batch.size``; the sink's
+consumer fetches enough bytes for a whole batch (an event is about 3.6 KiB as JSON with schemas);
+the sink's reduction buffer is on (one statement per key and batch); the source emits no
+tombstones (the sink deletes on the ``d`` event); the source's producer sends 512 KiB batches
+compressed with lz4, as the project's own producer does (the Java default of 16 KiB holds about
+four events). One JVM, heap from 256 MiB up to 1 GiB. Converters: JSON with schemas (there is no
+schema registry here).
 """
 
 from __future__ import annotations
@@ -388,8 +393,8 @@ class Debezium:
     def _status(self, name: str) -> dict | None:
         try:
             _, status = self._request("GET", f"/connectors/{name}/status")
-        except RuntimeError:
-            return None  # not created yet, or the worker is busy
+        except (RuntimeError, OSError):
+            return None  # not created yet, or the worker is busy (the caller checks the JVM)
         return status if isinstance(status, dict) else None
 
     def _raise_failed(self, name: str, task: dict) -> None:
