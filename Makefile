@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: help venv deps up demo down status test test-unit lint format clean bench bench-verify bench-producer bench-consumer
+.PHONY: help venv deps up demo down status test test-unit lint format clean bench soak bench-verify bench-producer bench-consumer
 
 help:
 	@echo "make demo    - start local services, run producer + consumer under load, verify (DEMO_SECONDS=30)"
@@ -15,6 +15,7 @@ help:
 	@echo "make lint    - ruff check and format check"
 	@echo "make bench   - side by side: this pipeline, PostgreSQL logical replication, Debezium, a naive consumer"
 	@echo "               (drain, latency, initial load, cost; ~40 min; bench-results/report.md). BENCH_ARGS=--smoke: ~3 min"
+	@echo "make soak    - the pipeline for SOAK_MINUTES (30) with a fault every 3 min; memory/fds must stay flat"
 	@echo "make bench-verify - time and peak memory of verify on 1M rows (private PostgreSQL servers)"
 	@echo "make bench-producer - producer throughput on a 100k backlog and idle CPU (private services)"
 	@echo "make bench-consumer - consumer throughput on a 100k-event backlog (private services)"
@@ -67,6 +68,10 @@ clean: down
 BENCH_ARGS ?=
 bench: deps
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+SOAK_MINUTES ?= 30
+soak: deps
+	$(PY) -m bench.soak --minutes $(SOAK_MINUTES)
 
 bench-producer: deps
 	$(PY) bench/bench_producer.py

@@ -31,7 +31,7 @@ class BenchEnv:
     home: Path  # this scenario's private folder: put logs and generated config here
     source_url: str  # postgresql://user:password@127.0.0.1:port/db
     dest_url: str
-    bootstrap: str  # one Kafka broker, 127.0.0.1:port (KRaft, auto topic creation on)
+    bootstrap: str  # Kafka bootstrap servers, 127.0.0.1:port (KRaft; automatic topic creation is off)
     env: dict[str, str]  # SOURCE_DB_URL, DEST_DB_URL, KAFKA_BOOTSTRAP_SERVERS for the project's daemons
 
 
