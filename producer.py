@@ -26,8 +26,6 @@ import time
 from datetime import UTC
 from typing import Any
 
-from confluent_kafka.admin import AdminClient
-
 from cdc.capture import Cursor, Leadership, Outbox
 from cdc.daemon import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, StopSignal, backoff_delay
 from cdc.db import Database
@@ -40,7 +38,7 @@ from cdc.errors import (
     ServiceError,
     TransientError,
 )
-from cdc.kafka import Publisher, base_config, ensure_topics, producer_config, wait_for_broker
+from cdc.kafka import Publisher, admin_client, ensure_topics, producer_config, wait_for_broker
 from cdc.logs import configure_logging, quiet_repeats
 from cdc.metrics import MetricsServer
 from cdc.settings import Settings, load_settings
@@ -143,7 +141,7 @@ class ChangeProducer:
         self.stop.wait(delay)
 
     def _wait_for_kafka(self) -> bool:
-        admin = AdminClient({**base_config(self.settings), "logger": kafka_log})
+        admin = admin_client(self.settings, logger=kafka_log)
         while self.stop.running:
             try:
                 # It logs one "waiting for Kafka at ..." line per call.

@@ -37,7 +37,18 @@ _TRANSIENT_CODES = {
 # Errors that belong to one message's data, not to the database.
 _DATA_CLASSES = ("22", "23")  # data exception, integrity constraint violation
 # Connection failures that no wait fixes (libpq reports them without a SQLSTATE).
-_FATAL_CONNECT = ("authentication failed", "does not exist", "no pg_hba.conf entry", "no password supplied")
+_FATAL_CONNECT = (
+    "authentication failed",
+    "does not exist",
+    "no pg_hba.conf entry",
+    "no password supplied",
+    # TLS: an untrusted or mismatched server certificate, a missing CA file, no TLS on the server.
+    "certificate verify failed",
+    "root certificate file",
+    "does not match host name",
+    "does not support SSL",
+    "invalid sslmode",
+)
 _SCHEMA_CODES = {
     psycopg2.errorcodes.UNDEFINED_TABLE,
     psycopg2.errorcodes.UNDEFINED_COLUMN,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from cdc.errors import DeliveryError, ServiceError
+from cdc.errors import ConfigError, DeliveryError, ServiceError
 from cdc.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,42 @@ def consumer_config(settings: Settings, **extra: object) -> dict[str, object]:
     }
 
 
-def admin_client(settings: Settings) -> AdminClient:
-    return AdminClient(base_config(settings))
+# Errors no waiting fixes: the cluster refuses our credentials or we refuse its certificate.
+REFUSED = (KafkaError._AUTHENTICATION, KafkaError._SSL, KafkaError.SASL_AUTHENTICATION_FAILED)
+
+
+class _Refusals:
+    """An ``error_cb`` keeping the first refusal (wrong password, untrusted certificate)."""
+
+    def __init__(self) -> None:
+        self.first: KafkaError | None = None
+
+    def __call__(self, err: KafkaError) -> None:
+        if self.first is None and err.code() in REFUSED:
+            self.first = err
+
+
+def admin_client(settings: Settings, **extra: object) -> AdminClient:
+    """An admin client whose refused connections ``wait_for_broker`` reports at once."""
+    refusals = _Refusals()
+    admin = AdminClient({**base_config(settings), "error_cb": refusals, **extra})
+    admin.cdc_refusals = refusals
+    return admin
+
+
+def _raise_if_refused(admin: AdminClient, what: str) -> None:
+    refusals = getattr(admin, "cdc_refusals", None)
+    if refusals is None:
+        return
+    admin.poll(0)  # serves the error callbacks
+    err = refusals.first
+    if err is not None:
+        hint = (
+            "check KAFKA_SSL_CA_LOCATION (the CA that signed the brokers' certificate)"
+            if err.code() == KafkaError._SSL
+            else "check KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD and KAFKA_SASL_MECHANISMS"
+        )
+        raise ConfigError(f"{what} refused the connection: {err.str()}; {hint}")
 
 
 def wait_for_broker(admin: AdminClient, *, timeout: float, what: str = "Kafka") -> None:
@@ -95,6 +129,7 @@ def wait_for_broker(admin: AdminClient, *, timeout: float, what: str = "Kafka") 
             admin.list_topics(timeout=5)
             return
         except KafkaException as exc:
+            _raise_if_refused(admin, what)
             if not announced:
                 log.warning("waiting for %s: %s", what, exc.args[0].str())
                 announced = True

@@ -28,6 +28,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from cdc.errors import ServiceError
+from cdc.tls import Certificates, make_ca
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +84,21 @@ class Ports:
             dest_pg=port("CDC_DEST_PG_PORT", cls.dest_pg),
         )
 
+    def sasl_ports(self, count: int) -> list[int]:
+        """The SASL_SSL listener port of each node: after the node pairs in ``extra``, else the
+        node's broker port + 100 (9192 by default)."""
+        pairs = 2 * (count - 1)
+        if len(self.extra) >= pairs + count:
+            return list(self.extra[pairs : pairs + count])
+        return [port + 100 for port, _ in self.kafka_nodes(count)]
+
     @classmethod
-    def free(cls, brokers: int = 1) -> Ports:
-        """Distinct free loopback ports for the services (two more per extra broker), for tests."""
+    def free(cls, brokers: int = 1, secure: bool = False) -> Ports:
+        """Distinct free loopback ports for the services (two more per extra broker, one more
+        per broker with the SASL_SSL listener), for tests."""
         socks = []
         try:
-            for _ in range(4 + 2 * (brokers - 1)):
+            for _ in range(4 + 2 * (brokers - 1) + (brokers if secure else 0)):
                 s = socket.socket()
                 s.bind(("127.0.0.1", 0))
                 socks.append(s)
@@ -139,9 +149,11 @@ class PostgresServer:
         dbname: str,
         password: str,
         settings: dict[str, str] | None = None,
+        tls: Certificates | None = None,
     ) -> None:
         self.name = name
         self.settings = dict(settings or {})  # extra server settings (-c name=value) at start
+        self.tls = tls  # TLS on, with this server certificate
         self.datadir = home / f"pg-{name}"
         self.logfile = home / "logs" / f"pg-{name}.log"
         self.port = port
@@ -151,7 +163,11 @@ class PostgresServer:
 
     @property
     def url(self) -> str:
-        return self._url(self.dbname)
+        """The URL clients use: with TLS, ``sslmode=verify-full`` against the local CA."""
+        url = self._url(self.dbname)
+        if self.tls:
+            url += f"?sslmode=verify-full&sslrootcert={quote(str(self.tls.ca), safe='/')}"
+        return url
 
     def _url(self, dbname: str) -> str:
         return f"postgresql://{PG_USER}:{quote(self.password, safe='')}@127.0.0.1:{self.port}/{dbname}"
@@ -235,6 +251,16 @@ class PostgresServer:
                 f"choose another with CDC_{self.name.upper()}_PG_PORT"
             )
         self.init()
+        settings = dict(self.settings)
+        if self.tls:
+            # The server reads its key only if the server's user owns it with mode 0600.
+            for src, dst in ((self.tls.cert, "server.crt"), (self.tls.key, "server.key")):
+                shutil.copyfile(src, self.datadir / dst)
+                (self.datadir / dst).chmod(0o600)
+                if os.geteuid() == 0:
+                    pg = pwd.getpwnam("postgres")
+                    os.chown(self.datadir / dst, pg.pw_uid, pg.pw_gid)
+            settings.update({"ssl": "on", "ssl_cert_file": "server.crt", "ssl_key_file": "server.key"})
         if os.geteuid() == 0:
             pg = pwd.getpwnam("postgres")
             self.logfile.parent.mkdir(parents=True, exist_ok=True)
@@ -250,7 +276,7 @@ class PostgresServer:
             # Prepared transactions on: the producer's horizon warning must be testable with one.
             " ".join(
                 [f"-p {self.port} -c max_prepared_transactions=10"]
-                + [f"-c {k}={v}" for k, v in self.settings.items()]
+                + [f"-c {k}={v}" for k, v in settings.items()]
             ),
             "-w",
             "-t",
@@ -324,9 +350,16 @@ class KafkaBroker:
         node_id: int = 1,
         voters: str | None = None,
         cluster_size: int = 1,
+        sasl_port: int | None = None,
+        tls: Certificates | None = None,
+        scram: tuple[str, str] | None = None,
     ) -> None:
         self.home = home
         self.node_id = node_id
+        # Opt-in: a SASL_SSL listener (SCRAM-SHA-512 over TLS) for clients, next to PLAINTEXT.
+        self.sasl_port = sasl_port
+        self.tls = tls
+        self.scram = scram  # (user, password) created when the storage is formatted
         self.voters = voters or f"{node_id}@127.0.0.1:{controller_port}"
         self.cluster_size = cluster_size
         self.dir = home / ("kafka" if node_id == 1 else f"kafka-{node_id}")
@@ -340,6 +373,10 @@ class KafkaBroker:
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def secure_bootstrap(self) -> str:
+        return f"127.0.0.1:{self.sasl_port}"
 
     def classpath(self) -> str:
         kafka_home = os.environ.get("KAFKA_HOME")
@@ -375,11 +412,14 @@ class KafkaBroker:
             "process.roles=broker,controller\n"
             f"node.id={self.node_id}\n"
             f"controller.quorum.voters={self.voters}\n"
-            f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}\n"
-            f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}\n"
+            f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}"
+            f"{f',SASL_SSL://127.0.0.1:{self.sasl_port}' if self.secure else ''}\n"
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}"
+            f"{f',SASL_SSL://127.0.0.1:{self.sasl_port}' if self.secure else ''}\n"
             "controller.listener.names=CONTROLLER\n"
             "inter.broker.listener.name=PLAINTEXT\n"
-            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT\n"
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL\n"
+            f"{self._sasl_config()}"
             f"log.dirs={self.datadir}\n"
             "num.partitions=6\n"
             f"default.replication.factor={rf}\n"
@@ -394,6 +434,22 @@ class KafkaBroker:
             "auto.create.topics.enable=false\n"
             "log.retention.hours=168\n"
             "log.segment.bytes=67108864\n"
+        )
+
+    @property
+    def secure(self) -> bool:
+        return self.sasl_port is not None and self.tls is not None
+
+    def _sasl_config(self) -> str:
+        if not self.secure:
+            return ""
+        assert self.tls is not None
+        return (
+            "sasl.enabled.mechanisms=SCRAM-SHA-512\n"
+            "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config="
+            "org.apache.kafka.common.security.scram.ScramLoginModule required;\n"
+            "listener.name.sasl_ssl.ssl.keystore.type=PEM\n"
+            f"listener.name.sasl_ssl.ssl.keystore.location={self.tls.bundle}\n"
         )
 
     def cluster_id(self) -> str | None:
@@ -416,9 +472,15 @@ class KafkaBroker:
             f"--cluster-id={cluster_id}",
             f"--config={self.config}",
         ]
+        if self.secure and self.scram:
+            user, password = self.scram
+            cmd.append(f"--add-scram=SCRAM-SHA-512=[name={user},password={password}]")
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
         if proc.returncode != 0:
-            raise ServiceError(f"kafka storage format failed: {(proc.stderr or proc.stdout).strip()[-500:]}")
+            detail = (proc.stderr or proc.stdout).strip()[-500:]
+            if self.scram:
+                detail = detail.replace(self.scram[1], "***")
+            raise ServiceError(f"kafka storage format failed: {detail}")
 
     def start(self) -> None:
         if self.running():
@@ -427,7 +489,7 @@ class KafkaBroker:
 
     def launch(self, cluster_id: str | None = None) -> subprocess.Popen[bytes]:
         """Configure, format if new, and start the JVM; ``_wait_ready`` waits for it."""
-        for port in (self.port, self.controller_port):
+        for port in (self.port, self.controller_port, *([self.sasl_port] if self.secure else [])):
             if port_open(port):
                 raise ServiceError(
                     f"kafka: port {port} is already in use by another program; "
@@ -517,18 +579,40 @@ class KafkaCluster:
     survives one lost node, like the brokers. One node is the plain single-node broker.
     """
 
-    def __init__(self, *, home: Path, nodes: list[tuple[int, int]]) -> None:
+    def __init__(
+        self,
+        *,
+        home: Path,
+        nodes: list[tuple[int, int]],
+        sasl_ports: list[int] | None = None,
+        tls: Certificates | None = None,
+        scram: tuple[str, str] | None = None,
+    ) -> None:
         voters = ",".join(f"{i}@127.0.0.1:{c}" for i, (_, c) in enumerate(nodes, 1))
         self.brokers = [
             KafkaBroker(
-                home=home, port=p, controller_port=c, node_id=i, voters=voters, cluster_size=len(nodes)
+                home=home,
+                port=p,
+                controller_port=c,
+                node_id=i,
+                voters=voters,
+                cluster_size=len(nodes),
+                sasl_port=sasl_ports[i - 1] if sasl_ports else None,
+                tls=tls,
+                scram=scram,
             )
             for i, (p, c) in enumerate(nodes, 1)
         ]
 
     @property
     def bootstrap(self) -> str:
+        """The PLAINTEXT listeners (the services' own tools use them)."""
         return ",".join(b.bootstrap for b in self.brokers)
+
+    @property
+    def secure_bootstrap(self) -> str:
+        """The SASL_SSL listeners, for clients, when the services run secured."""
+        return ",".join(b.secure_bootstrap for b in self.brokers)
 
     def broker(self, node_id: int) -> KafkaBroker:
         return self.brokers[node_id - 1]
@@ -699,9 +783,13 @@ class LocalServices:
         password: str | None = None,
         pg_settings: dict[str, str] | None = None,
         brokers: int | None = None,
+        secure: bool | None = None,
     ) -> None:
         """``pg_settings``: extra settings for both PostgreSQL servers (the benchmarks use it).
-        ``brokers``: Kafka nodes (default: ``CDC_KAFKA_BROKERS``, else what runs, else 1)."""
+        ``brokers``: Kafka nodes (default: ``CDC_KAFKA_BROKERS``, else what runs, else 1).
+        ``secure``: clients reach Kafka only over SASL/SCRAM-SHA-512 + TLS and PostgreSQL with
+        ``sslmode=verify-full``, all against a CA made here (default: ``CDC_SECURE``, else what
+        runs, else off)."""
         self.home = home.resolve()
         self.statefile = self.home / "services.json"
         saved = self._load_state()
@@ -713,7 +801,19 @@ class LocalServices:
         self.ports = ports
         self.brokers = brokers or _brokers_from_env() or (saved or {}).get("brokers") or 1
         self.password = password or os.environ.get("CDC_PG_PASSWORD") or PG_PASSWORD_DEFAULT
-        self.kafka = KafkaCluster(home=self.home, nodes=ports.kafka_nodes(self.brokers))
+        if secure is None:
+            secure = _secure_from_env()
+        self.secure = bool((saved or {}).get("secure")) if secure is None else secure
+        self.tls = Certificates(self.home / "tls") if self.secure else None
+        self.kafka_user = "cdc"
+        self.kafka_password = self._kafka_password() if self.secure else ""
+        self.kafka = KafkaCluster(
+            home=self.home,
+            nodes=ports.kafka_nodes(self.brokers),
+            sasl_ports=ports.sasl_ports(self.brokers) if self.secure else None,
+            tls=self.tls,
+            scram=(self.kafka_user, self.kafka_password) if self.secure else None,
+        )
         self.source = PostgresServer(
             name="source",
             home=self.home,
@@ -721,6 +821,7 @@ class LocalServices:
             dbname=SOURCE_DB,
             password=self.password,
             settings=pg_settings,
+            tls=self.tls,
         )
         self.dest = PostgresServer(
             name="dest",
@@ -729,6 +830,7 @@ class LocalServices:
             dbname=DEST_DB,
             password=self.password,
             settings=pg_settings,
+            tls=self.tls,
         )
 
     def _load_state(self) -> dict | None:
@@ -737,12 +839,36 @@ class LocalServices:
         except (OSError, ValueError):
             return None
 
+    def _kafka_password(self) -> str:
+        """The SCRAM password of the Kafka user: ``CDC_KAFKA_PASSWORD``, else one made once."""
+        given = os.environ.get("CDC_KAFKA_PASSWORD")
+        if given:
+            return given
+        path = self.home / "tls" / "kafka-password"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(base64.urlsafe_b64encode(os.urandom(18)).decode())
+            path.chmod(0o600)
+        return path.read_text().strip()
+
     def env(self) -> dict[str, str]:
         env = {
             "SOURCE_DB_URL": self.source.url,
             "DEST_DB_URL": self.dest.url,
             "KAFKA_BOOTSTRAP_SERVERS": self.kafka.bootstrap,
         }
+        if self.secure:
+            assert self.tls is not None
+            env.update(
+                {
+                    "KAFKA_BOOTSTRAP_SERVERS": self.kafka.secure_bootstrap,
+                    "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+                    "KAFKA_SASL_MECHANISMS": "SCRAM-SHA-512",
+                    "KAFKA_SASL_USERNAME": self.kafka_user,
+                    "KAFKA_SASL_PASSWORD": self.kafka_password,
+                    "KAFKA_SSL_CA_LOCATION": str(self.tls.ca),
+                }
+            )
         # Always written, so .env follows a switch between one broker and the cluster.
         env["CDC_TOPIC_REPLICATION_FACTOR"] = str(min(3, self.brokers))
         return env
@@ -759,6 +885,8 @@ class LocalServices:
                 f"the local Kafka data in {self.home} belongs to a {saved}-broker setup; "
                 f"`make down && make clean` (deletes it) to switch to {self.brokers}"
             )
+        if self.secure:
+            make_ca(self.home / "tls")
         timings = {}
         t = time.monotonic()
         self.source.start()
@@ -767,7 +895,11 @@ class LocalServices:
         t = time.monotonic()
         self.kafka.start()
         timings["kafka"] = time.monotonic() - t
-        state = {"ports": {**self.ports.__dict__, "extra": list(self.ports.extra)}, "brokers": self.brokers}
+        state = {
+            "ports": {**self.ports.__dict__, "extra": list(self.ports.extra)},
+            "brokers": self.brokers,
+            "secure": self.secure,
+        }
         self.statefile.write_text(json.dumps(state, indent=1))
         if apply_schema:
             self.source.apply_sql(SETUP_SOURCE_SQL)
@@ -789,6 +921,15 @@ class LocalServices:
 
     def all_running(self) -> bool:
         return self.kafka.running() and self.source.running() and self.dest.running()
+
+
+def _secure_from_env() -> bool | None:
+    raw = os.environ.get("CDC_SECURE", "").strip().lower()
+    if not raw:
+        return None
+    if raw not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+        raise ServiceError(f"CDC_SECURE={raw!r}: 1 (SASL/TLS and sslmode=verify-full) or 0")
+    return raw in ("1", "true", "yes", "on")
 
 
 def _brokers_from_env() -> int | None:
