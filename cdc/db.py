@@ -73,6 +73,11 @@ def classify(exc: BaseException) -> CDCError | None:
         return TransientError(text)
     if code in _SCHEMA_CODES:
         return SchemaMissingError(f"{text} (run the setup SQL, e.g. `make up`)")
+    if code == psycopg2.errorcodes.INSUFFICIENT_PRIVILEGE:
+        return ConfigError(
+            f"{text}: the daemon's role lacks this grant (setup_roles_source.sql / setup_roles_dest.sql "
+            "list what each daemon needs)"
+        )
     if code[:2] in _DATA_CLASSES:
         return BadMessageError(text)
     # No SQLSTATE: the connection itself failed. A wrong password or database name will not

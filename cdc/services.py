@@ -37,6 +37,10 @@ KAFKA_POM = PROJECT_DIR / "services" / "kafka" / "pom.xml"
 KAFKA_LOG4J = PROJECT_DIR / "services" / "kafka" / "log4j2.properties"
 SETUP_SOURCE_SQL = PROJECT_DIR / "setup_db.sql"
 SETUP_DEST_SQL = PROJECT_DIR / "setup_db_with_idempotency.sql"
+SETUP_ROLES_SOURCE_SQL = PROJECT_DIR / "setup_roles_source.sql"
+SETUP_ROLES_DEST_SQL = PROJECT_DIR / "setup_roles_dest.sql"
+# The daemons' least-privilege roles: (role, server) pairs; see the setup_roles_*.sql files.
+ROLES = {"cdc_producer": "source", "cdc_consumer": "dest"}
 
 PG_USER = "postgres"
 PG_PASSWORD_DEFAULT = "postgres"
@@ -169,8 +173,13 @@ class PostgresServer:
             url += f"?sslmode=verify-full&sslrootcert={quote(str(self.tls.ca), safe='/')}"
         return url
 
-    def _url(self, dbname: str) -> str:
-        return f"postgresql://{PG_USER}:{quote(self.password, safe='')}@127.0.0.1:{self.port}/{dbname}"
+    def _url(self, dbname: str, user: str = PG_USER, password: str | None = None) -> str:
+        secret = quote(self.password if password is None else password, safe="")
+        return f"postgresql://{user}:{secret}@127.0.0.1:{self.port}/{dbname}"
+
+    def url_as(self, user: str, password: str) -> str:
+        """``url`` for another role (TLS parameters kept)."""
+        return self._url(self.dbname, user, password) + self.url[len(self._url(self.dbname)) :]
 
     @property
     def bindir(self) -> Path:
@@ -904,7 +913,43 @@ class LocalServices:
         if apply_schema:
             self.source.apply_sql(SETUP_SOURCE_SQL)
             self.dest.apply_sql(SETUP_DEST_SQL)
+            self.source.apply_sql(SETUP_ROLES_SOURCE_SQL)
+            self.dest.apply_sql(SETUP_ROLES_DEST_SQL)
+            self._set_role_passwords()
         return timings
+
+    def role_passwords(self) -> dict[str, str]:
+        """The daemons' role passwords, made once and kept (mode 0600) under ``home``."""
+        path = self.home / "role-passwords.json"
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            saved = {}
+        if set(saved) != set(ROLES):
+            saved = {role: base64.urlsafe_b64encode(os.urandom(12)).decode() for role in ROLES}
+            path.write_text(json.dumps(saved))
+            path.chmod(0o600)
+        return saved
+
+    def _set_role_passwords(self) -> None:
+        import psycopg2
+        from psycopg2 import sql
+
+        for role, password in self.role_passwords().items():
+            server = self.source if ROLES[role] == "source" else self.dest
+            with contextlib.closing(psycopg2.connect(server.url)) as conn, conn.cursor() as cur:
+                cur.execute(sql.SQL("ALTER ROLE {} PASSWORD %s").format(sql.Identifier(role)), (password,))
+                conn.commit()
+
+    def role_env(self) -> dict[str, str]:
+        """``env()`` with the daemons' least-privilege roles in the URLs: the producer's source
+        URL as cdc_producer, the consumer's destination URL as cdc_consumer."""
+        passwords = self.role_passwords()
+        return {
+            **self.env(),
+            "SOURCE_DB_URL": self.source.url_as("cdc_producer", passwords["cdc_producer"]),
+            "DEST_DB_URL": self.dest.url_as("cdc_consumer", passwords["cdc_consumer"]),
+        }
 
     def down(self) -> None:
         errors = []

@@ -1,7 +1,7 @@
 """The whole pipeline under faults: no change lost, none applied twice, destination = source.
 
 Each test runs the real daemons (``producer.py``, ``consumer_final.py``) as subprocesses against
-private services, drives the workload generator (concurrent writers, long transactions that
+private services, as their least-privilege roles (``cdc_producer``, ``cdc_consumer``), drives the workload generator (concurrent writers, long transactions that
 commit out of order, emp_id changes, re-used ids), injects its faults while the load runs, then
 stops the load and checks, in the manner of Kafka's transactions_test.py:
 
@@ -55,7 +55,10 @@ class Pipeline:
         self.workdir = workdir
         self.seed = seed
         self.rng = random.Random(seed)
-        self.producer = Daemon("producer.py", settings, workdir / "producer")
+        # The daemons run as their least-privilege roles (setup_roles_*.sql), as in production.
+        roles = services.role_env()
+        self.as_roles = {"SOURCE_DB_URL": roles["SOURCE_DB_URL"], "DEST_DB_URL": roles["DEST_DB_URL"]}
+        self.producer = Daemon("producer.py", settings, workdir / "producer", **self.as_roles)
         self.consumers: list[Daemon] = []
         self.workload: Workload | None = None
 
@@ -65,6 +68,7 @@ class Pipeline:
             self.settings,
             self.workdir / f"consumer{len(self.consumers) + 1}",
             CONSUMER_BATCH_SIZE=CONSUMER_BATCH,
+            **self.as_roles,
         )
         self.consumers.append(daemon)
         return daemon.start()

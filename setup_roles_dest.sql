@@ -1,0 +1,24 @@
+-- Destination: the consumer's least-privilege role. Run after setup_db_with_idempotency.sql, as
+-- the tables' owner. Idempotent and atomic; re-running it also takes back any broader grant.
+-- The role is created without a password: set one (ALTER ROLE cdc_consumer PASSWORD '...').
+--
+-- cdc_consumer may only write the three tables it keeps: the replicated rows, the idempotency
+-- record and the version guard. No DDL, no TRUNCATE, nothing else.
+
+BEGIN;
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'cdc_consumer') THEN
+        CREATE ROLE cdc_consumer LOGIN;
+    END IF;
+END
+$$;
+
+REVOKE ALL ON ALL TABLES IN SCHEMA public FROM cdc_consumer;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM cdc_consumer;
+
+GRANT SELECT, INSERT, UPDATE, DELETE ON employees TO cdc_consumer;
+GRANT SELECT, INSERT, UPDATE ON processed_events, emp_versions TO cdc_consumer;
+
+COMMIT;
