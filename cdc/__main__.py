@@ -1,7 +1,8 @@
 """``python -m cdc COMMAND``: local services and operator tools.
 
 Commands: up, down, status (local services without Docker); verify (reconcile the destination
-with the source) and workload (a realistic write load on the source), the operator tools.
+with the source), workload (a realistic write load on the source) and dlq (list, show, correct
+and replay dead letters), the operator tools.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
+from cdc import dlq_workbench
 from cdc.demo import run_demo
 from cdc.errors import CDCError
 from cdc.kafka import ensure_topics
@@ -25,13 +27,15 @@ from cdc.services import (
     resolve_kafka_jars,
     write_dotenv,
 )
-from cdc.settings import load_settings
+from cdc.settings import Settings, load_settings
 from cdc.verify import DEFAULT_LIMIT, verify
 from cdc.workload import Workload
 
 EXIT_OK = 0
 EXIT_DIFFERENT = 1
 EXIT_ERROR = 2
+
+DLQ_AUDIT_FILE = "dlq-audit.jsonl"  # under --home, unless --audit-file says otherwise
 
 log = logging.getLogger("cdc")
 
@@ -114,6 +118,55 @@ def cmd_demo(args: argparse.Namespace) -> int:
         settings, duration=args.duration, rate=args.rate, writers=args.writers, seed=args.seed
     )
     return EXIT_OK if identical else EXIT_DIFFERENT
+
+
+def _dlq_selection(args: argparse.Namespace, settings: Settings) -> dlq_workbench.Selection:
+    return dlq_workbench.selection(
+        settings,
+        action_ids=args.action_id,
+        emp_ids=args.emp_id,
+        error_classes=args.error_class,
+        partitions=args.partition,
+        offsets=args.offset,
+        since=args.since,
+        until=args.until,
+        positions=args.dlq,
+    )
+
+
+def cmd_dlq_list(args: argparse.Namespace) -> int:
+    settings = load_settings(dotenv_path=args.env_file)
+    chosen = _dlq_selection(args, settings)
+    return dlq_workbench.list_command(settings, chosen, limit=args.limit, as_json=args.json)
+
+
+def cmd_dlq_show(args: argparse.Namespace) -> int:
+    settings = load_settings(dotenv_path=args.env_file)
+    chosen = _dlq_selection(args, settings)
+    return dlq_workbench.show_command(
+        settings,
+        chosen,
+        limit=args.limit,
+        as_json=args.json,
+        edit_file=Path(args.edit_file) if args.edit_file else None,
+        force=args.force,
+    )
+
+
+def cmd_dlq_replay(args: argparse.Namespace) -> int:
+    settings = load_settings(dotenv_path=args.env_file)
+    chosen = _dlq_selection(args, settings)
+    return dlq_workbench.replay_command(
+        settings,
+        chosen,
+        limit=args.limit,
+        edit_file=Path(args.edit_file) if args.edit_file else None,
+        everything=args.all,
+        dry_run=args.dry_run,
+        wait=args.wait,
+        audit_file=Path(args.audit_file) if args.audit_file else Path(args.home) / DLQ_AUDIT_FILE,
+        note=args.note,
+    )
 
 
 def _non_negative(text: str) -> float:
@@ -199,7 +252,72 @@ def build_parser() -> argparse.ArgumentParser:
         help="no long source transactions (they hold later changes back, which dominates latency)",
     )
     demo.set_defaults(func=cmd_demo)
+    _add_dlq(sub)
     return parser
+
+
+def _add_dlq(sub: argparse._SubParsersAction) -> None:
+    filters = argparse.ArgumentParser(add_help=False)
+    f = filters.add_argument_group(
+        "filters (all must match; a filter's values, comma-separated or repeated, are alternatives)"
+    )
+    f.add_argument("--action-id", action="append", default=[], metavar="IDS", help="e.g. 42, 40..50, 42,97")
+    f.add_argument("--emp-id", action="append", default=[], metavar="IDS", help="e.g. 7, -3, 1..100")
+    f.add_argument(
+        "--error-class",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="cdc.error.class, e.g. CheckViolation",
+    )
+    f.add_argument("--partition", action="append", default=[], metavar="N", help="original partition")
+    f.add_argument(
+        "--offset", action="append", default=[], metavar="RANGE", help="original offset: 120, 100..200, 100.."
+    )
+    f.add_argument(
+        "--since", metavar="TIME", help="cdc.failed.at at or after: ISO 8601 (UTC unless given) or an age, 2h"
+    )
+    f.add_argument("--until", metavar="TIME", help="cdc.failed.at before: ISO 8601 or an age")
+    f.add_argument(
+        "--dlq", action="append", default=[], metavar="P/O", help="DLQ position as `list` shows it, e.g. 0/12"
+    )
+    f.add_argument("--limit", type=_positive_int, help="at most this many (the first in DLQ order)")
+
+    dlq = sub.add_parser("dlq", help="the dead-letter queue: list, show, correct and replay dead letters")
+    cmds = dlq.add_subparsers(dest="dlq_command", required=True)
+    listing = cmds.add_parser("list", parents=[filters], help="one line per dead letter")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    listing.set_defaults(func=cmd_dlq_list)
+
+    show = cmds.add_parser("show", parents=[filters], help="whole messages: headers, key, value")
+    show.add_argument("--json", action="store_true", help="one JSON object per line")
+    show.add_argument(
+        "--edit-file", metavar="FILE", help="write the selected events to FILE for correcting, then replay it"
+    )
+    show.add_argument("--force", action="store_true", help="with --edit-file: overwrite FILE")
+    show.set_defaults(func=cmd_dlq_show)
+
+    replay = cmds.add_parser(
+        "replay", parents=[filters], help="republish to the CDC topic (exit 1 if --wait saw any not applied)"
+    )
+    replay.add_argument(
+        "--edit-file", metavar="FILE", help="replay FILE's entries, with their corrected values"
+    )
+    replay.add_argument("--all", action="store_true", help="without filters: the whole DLQ")
+    replay.add_argument(
+        "--dry-run", action="store_true", help="print what would be sent (and diffs); send nothing"
+    )
+    replay.add_argument(
+        "--wait",
+        type=_non_negative,
+        metavar="SECONDS",
+        help="then wait for the consumer's decisions (processed_events, DEST_DB_URL) and report them",
+    )
+    replay.add_argument(
+        "--audit-file", metavar="FILE", help=f"JSON-lines audit (default: <--home>/{DLQ_AUDIT_FILE})"
+    )
+    replay.add_argument("--note", help="a free-text reason, kept in the audit file")
+    replay.set_defaults(func=cmd_dlq_replay)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 
-from cdc.errors import DeliveryError, HaltError
+from cdc.errors import DeliveryError, HaltError, ServiceError
 from cdc.kafka import Headers, Outgoing, Publisher, Received, consumer_config, producer_config
 from cdc.logs import quiet_repeats
 from cdc.settings import Settings
@@ -228,6 +228,20 @@ def _read_until(consumer: Consumer, ends: dict[int, int], limit: int | None) -> 
         yield msg
 
 
+def replay_headers(headers: Headers, source: str) -> Headers:
+    """A dead letter's headers for its replay: the original ones back, plus ``cdc.replayed.from``."""
+    original = [(k, v) for k, v in headers if k not in _DIAGNOSTIC | {H_REPLAYED_FROM}]
+    return [*original, (H_REPLAYED_FROM, source.encode())]
+
+
+def target_topic(headers: Headers, default: str) -> str:
+    """Where a dead letter is replayed to: the topic it was consumed from (``default`` if unknown)."""
+    for k, v in headers:
+        if k == H_TOPIC and v:
+            return v.decode("utf-8", "replace")
+    return default
+
+
 def replay(settings: Settings, *, limit: int | None = None) -> int:
     """Republish DLQ messages to the topic they came from; returns how many.
 
@@ -247,11 +261,11 @@ def replay(settings: Settings, *, limit: int | None = None) -> int:
 
     def republished() -> Iterator[Outgoing]:
         for msg in _read_until(consumer, ends, limit):
-            target = _headers_dict(msg).get(H_TOPIC) or settings.cdc_topic
+            headers = list(msg.headers() or ())
             source = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
             last[msg.partition()] = msg.offset()
-            original = [(k, v) for k, v in msg.headers() or () if k not in _DIAGNOSTIC | {H_REPLAYED_FROM}]
-            yield target, msg.key(), msg.value(), [*original, (H_REPLAYED_FROM, source.encode())]
+            target = target_topic(headers, settings.cdc_topic)
+            yield target, msg.key(), msg.value(), replay_headers(headers, source)
 
     try:
         ends = _assign(consumer, settings.cdc_dlq_topic, from_committed=True)
@@ -269,21 +283,34 @@ def replay(settings: Settings, *, limit: int | None = None) -> int:
     return count
 
 
-def show(settings: Settings, *, limit: int | None = None) -> Iterator[dict[str, object]]:
-    """Every DLQ message from the beginning as a dict (key/value as text, or base64 if binary)."""
-    consumer = Consumer(consumer_config(settings, **{"group.id": f"{settings.consumer_group_id}.dlq-show"}))
+def read(settings: Settings, *, limit: int | None = None, **config: object) -> Iterator[Message]:
+    """Every DLQ message from the beginning up to its end now, without moving any group's offsets.
+
+    ``config`` adds consumer properties. Raises ServiceError if Kafka does not answer, and
+    DeliveryError if the DLQ topic does not exist.
+    """
+    group = f"{settings.consumer_group_id}.dlq-show"
+    consumer = Consumer(consumer_config(settings, **{"group.id": group, **config}))
     try:
-        ends = _assign(consumer, settings.cdc_dlq_topic, from_committed=False)
-        for msg in _read_until(consumer, ends, limit):
-            yield {
-                "partition": msg.partition(),
-                "offset": msg.offset(),
-                "key": _text(msg.key()),
-                "value": _text(msg.value()),
-                "headers": _headers_dict(msg),
-            }
+        try:
+            ends = _assign(consumer, settings.cdc_dlq_topic, from_committed=False)
+        except KafkaException as exc:
+            raise ServiceError(f"Kafka {settings.kafka_bootstrap_servers}: {exc.args[0].str()}") from exc
+        yield from _read_until(consumer, ends, limit)
     finally:
         consumer.close()
+
+
+def show(settings: Settings, *, limit: int | None = None) -> Iterator[dict[str, object]]:
+    """Every DLQ message from the beginning as a dict (key/value as text, or base64 if binary)."""
+    for msg in read(settings, limit=limit):
+        yield {
+            "partition": msg.partition(),
+            "offset": msg.offset(),
+            "key": _text(msg.key()),
+            "value": _text(msg.value()),
+            "headers": _headers_dict(msg),
+        }
 
 
 def _text(raw: bytes | None) -> str | None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -165,10 +166,11 @@ def ensure_topics(settings: Settings, admin: AdminClient | None = None, *, timeo
 class _Batch:
     """Delivery reports of one send(): a late report of an earlier batch never counts here."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_delivered: Callable[[int, Message], None] | None = None) -> None:
         self.pending = 0
         self.failed = 0
         self.first_error: KafkaError | None = None
+        self.on_delivered = on_delivered
 
     def __call__(self, err: KafkaError | None, msg: Message) -> None:
         self.pending -= 1
@@ -176,6 +178,11 @@ class _Batch:
             self.failed += 1
             if self.first_error is None:
                 self.first_error = err
+
+    def numbered(self, index: int, err: KafkaError | None, msg: Message) -> None:
+        self(err, msg)
+        if err is None and self.on_delivered is not None:
+            self.on_delivered(index, msg)
 
 
 def _is_fatal(err: KafkaError) -> bool:
@@ -221,17 +228,26 @@ class Publisher:
             # Transport errors are retried by librdkafka and already in its own log lines.
             self._log.debug("kafka: %s", err.str())
 
-    def send(self, messages: Iterable[Outgoing], *, what: str = "") -> int:
+    def send(
+        self,
+        messages: Iterable[Outgoing],
+        *,
+        what: str = "",
+        on_delivered: Callable[[int, Message], None] | None = None,
+    ) -> int:
         """Produce and flush; return the count once Kafka acknowledged all, else raise DeliveryError.
 
-        ``what`` prefixes the error message (e.g. ``dead-letter topic x``).
+        ``what`` prefixes the error message (e.g. ``dead-letter topic x``). ``on_delivered(i, msg)``
+        is called for each acknowledged message (``i`` its place in ``messages``), also when
+        others fail: where each one landed (delivery reports carry no headers to tell them apart).
         """
         prefix = f"{what}: " if what else ""
-        batch = _Batch()
+        batch = _Batch(on_delivered)
         count = 0
         try:
             for topic, key, value, headers in messages:
-                self._produce(batch, topic, key, value, headers)
+                report = batch if on_delivered is None else partial(batch.numbered, count)
+                self._produce(report, batch, topic, key, value, headers)
                 count += 1
             self._flush(batch, count)
         except CLIENT_ERRORS as exc:
@@ -259,11 +275,17 @@ class Publisher:
         return count
 
     def _produce(
-        self, batch: _Batch, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None
+        self,
+        report: Callable[[KafkaError | None, Message], None],
+        batch: _Batch,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Headers | None,
     ) -> None:
         while True:
             try:
-                self._producer.produce(topic, key=key, value=value, headers=headers, on_delivery=batch)
+                self._producer.produce(topic, key=key, value=value, headers=headers, on_delivery=report)
                 break
             except BufferError:
                 # The local queue is full: serve delivery reports to make room, then retry.
