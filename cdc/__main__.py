@@ -14,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from cdc import dlq_workbench
+from cdc import dlq_letters, dlq_workbench
 from cdc.demo import run_demo
 from cdc.errors import CDCError
 from cdc.kafka import ensure_topics
@@ -120,8 +120,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK if identical else EXIT_DIFFERENT
 
 
-def _dlq_selection(args: argparse.Namespace, settings: Settings) -> dlq_workbench.Selection:
-    return dlq_workbench.selection(
+def _dlq_selection(args: argparse.Namespace, settings: Settings) -> dlq_letters.Selection:
+    return dlq_letters.selection(
         settings,
         action_ids=args.action_id,
         emp_ids=args.emp_id,
@@ -137,13 +137,14 @@ def _dlq_selection(args: argparse.Namespace, settings: Settings) -> dlq_workbenc
 def cmd_dlq_list(args: argparse.Namespace) -> int:
     settings = load_settings(dotenv_path=args.env_file)
     chosen = _dlq_selection(args, settings)
-    return dlq_workbench.list_command(settings, chosen, limit=args.limit, as_json=args.json)
+    dlq_workbench.list_command(settings, chosen, limit=args.limit, as_json=args.json)
+    return EXIT_OK
 
 
 def cmd_dlq_show(args: argparse.Namespace) -> int:
     settings = load_settings(dotenv_path=args.env_file)
     chosen = _dlq_selection(args, settings)
-    return dlq_workbench.show_command(
+    written = dlq_workbench.show_command(
         settings,
         chosen,
         limit=args.limit,
@@ -151,12 +152,14 @@ def cmd_dlq_show(args: argparse.Namespace) -> int:
         edit_file=Path(args.edit_file) if args.edit_file else None,
         force=args.force,
     )
+    return EXIT_OK if written else EXIT_DIFFERENT
 
 
 def cmd_dlq_replay(args: argparse.Namespace) -> int:
+    """Exit 0 when replayed (with --wait: every message applied), 1 when not, 2 on errors."""
     settings = load_settings(dotenv_path=args.env_file)
     chosen = _dlq_selection(args, settings)
-    return dlq_workbench.replay_command(
+    done = dlq_workbench.replay_command(
         settings,
         chosen,
         limit=args.limit,
@@ -167,6 +170,7 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
         audit_file=Path(args.audit_file) if args.audit_file else Path(args.home) / DLQ_AUDIT_FILE,
         note=args.note,
     )
+    return EXIT_OK if done else EXIT_DIFFERENT
 
 
 def _non_negative(text: str) -> float:

@@ -307,13 +307,14 @@ def show(settings: Settings, *, limit: int | None = None) -> Iterator[dict[str, 
         yield {
             "partition": msg.partition(),
             "offset": msg.offset(),
-            "key": _text(msg.key()),
-            "value": _text(msg.value()),
+            "key": text_of(msg.key()),
+            "value": text_of(msg.value()),
             "headers": _headers_dict(msg),
         }
 
 
-def _text(raw: bytes | None) -> str | None:
+def text_of(raw: bytes | None) -> str | None:
+    """Bytes as text: UTF-8, else ``base64:...``."""
     if raw is None:
         return None
     try:

@@ -1,19 +1,15 @@
-"""The DLQ workbench behind ``python -m cdc dlq list|show|replay``: find dead letters, read them,
-correct them, replay them, and learn what the consumer made of the replay.
+"""The DLQ workbench behind ``python -m cdc dlq list|show|replay``: correct dead letters, replay
+them, and learn what the consumer made of the replay. Finding and reading them is ``dlq_letters``.
 
-1. Read the dead-letter topic from the beginning up to its end now (``dlq.read``). Each message
-   becomes a ``Letter``, parsed leniently: a value that is not UTF-8 or not JSON still lists,
-   with what can be shown.
-2. Select: a ``Selection`` holds the filters; different filters must all match, the values of one
-   filter are alternatives. A letter without the field (no action_id in a non-JSON value) never
-   matches a filter on it.
-3. ``list`` and ``show`` print the selection; ``show --edit-file`` writes it as an edit file.
-4. ``replay`` plans every selected letter: its original bytes, or the operator's corrected value,
+1. ``list`` and ``show`` print a selection; ``show --edit-file`` writes it as an edit file: a JSON
+   list of ``{"dlq": "<topic>/<partition>/<offset>", "value": {...}}`` entries (plus, for the
+   reader only, the original position, the error, the key) whose values the operator corrects.
+2. ``replay`` plans every selected letter: its original bytes, or the operator's corrected value,
    checked as a change event. ``--dry-run`` prints the plan (a field-by-field diff for edited
    ones, and what the destination would make of it as it stands now) and produces nothing.
    Otherwise the plan goes through the project's ``Publisher`` with the original headers plus
    ``cdc.replayed.from``, and every acknowledged message gets an audit line (log and file).
-5. Replay only republishes; the consumer decides. ``--wait`` reads the decision back:
+3. Replay only republishes; the consumer decides. ``--wait`` reads the decision back:
    ``processed_events`` row of the action_id at the replayed copy's topic/partition/offset says
    applied, stale or dlq; a consumer group whose committed offset passed the copy without such
    a row took it for a duplicate of an earlier decision.
@@ -21,18 +17,15 @@ correct them, replay them, and learn what the consumer made of the replay.
 
 from __future__ import annotations
 
-import base64
 import getpass
 import json
 import logging
 import os
-import re
 import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import closing
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +33,7 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from cdc import dlq
 from cdc.db import Database
+from cdc.dlq_letters import QUIET, Letter, Selection, list_lines, parse_position, read_letters, show_lines
 from cdc.errors import CDCError, ConfigError
 from cdc.kafka import Headers, Publisher, consumer_config, producer_config
 from cdc.settings import Settings
@@ -49,393 +43,11 @@ log = logging.getLogger(__name__)
 
 WAIT_INTERVAL = 0.5  # seconds between two looks at processed_events while waiting
 KAFKA_TIMEOUT = 10.0
-ERROR_SHORT = 60  # characters of the error message in a list line
-# librdkafka's own connection lines stay quiet: a failure reaches the operator as one error line.
-QUIET = {"log_level": 0}
 
 Printer = Callable[[str], None]
 
 
-# -- 1. letters ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Letter:
-    """One dead letter as found on the DLQ topic, with what could be parsed out of it."""
-
-    topic: str
-    partition: int
-    offset: int
-    timestamp: datetime | None  # the Kafka message time (when it was dead-lettered)
-    key: bytes | None
-    value: bytes | None
-    headers: Headers = field(default_factory=list)
-    value_format: str = "none"  # json, text (UTF-8, not JSON), binary (not UTF-8), none (no value)
-    data: Any = None  # the decoded JSON when value_format is json
-
-    @classmethod
-    def of(cls, msg: Message) -> Letter:
-        kind, ms = msg.timestamp()
-        stamp = datetime.fromtimestamp(ms / 1000, UTC) if kind and ms >= 0 else None
-        value = msg.value()
-        value_format, data = _decode(value)
-        return cls(
-            msg.topic(),
-            msg.partition(),
-            msg.offset(),
-            stamp,
-            msg.key(),
-            value,
-            list(msg.headers() or ()),
-            value_format,
-            data,
-        )
-
-    @property
-    def position(self) -> str:
-        return f"{self.topic}/{self.partition}/{self.offset}"
-
-    def header(self, name: str) -> str | None:
-        for k, v in self.headers:
-            if k == name:
-                return None if v is None else v.decode("utf-8", "replace")
-        return None
-
-    @property
-    def error_class(self) -> str | None:
-        return self.header(dlq.H_ERROR_CLASS)
-
-    @property
-    def error(self) -> str | None:
-        return self.header(dlq.H_ERROR_MESSAGE)
-
-    @property
-    def original_topic(self) -> str | None:
-        return self.header(dlq.H_TOPIC)
-
-    @property
-    def original_partition(self) -> int | None:
-        return _int_or_none(self.header(dlq.H_PARTITION))
-
-    @property
-    def original_offset(self) -> int | None:
-        return _int_or_none(self.header(dlq.H_OFFSET))
-
-    @property
-    def original(self) -> str | None:
-        parts = (self.original_topic, self.original_partition, self.original_offset)
-        return None if None in parts else "/".join(map(str, parts))
-
-    @property
-    def failed_at(self) -> datetime | None:
-        """``cdc.failed.at``, else the Kafka time of the dead letter (a stranger's message)."""
-        text = self.header(dlq.H_FAILED_AT)
-        if text:
-            try:
-                stamp = datetime.fromisoformat(text)
-                return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
-            except ValueError:
-                pass
-        return self.timestamp
-
-    def _field(self, name: str) -> Any:
-        return self.data.get(name) if isinstance(self.data, dict) else None
-
-    @property
-    def action_id(self) -> int | None:
-        return _as_int(self._field("action_id"))
-
-    @property
-    def emp_id(self) -> int | None:
-        return _as_int(self._field("emp_id"))
-
-    @property
-    def action(self) -> str | None:
-        action = self._field("action")
-        return action if isinstance(action, str) else None
-
-    def notes(self) -> list[str]:
-        """What a list line adds after the error: an odd value, a replay that failed again."""
-        notes = [] if self.value_format == "json" else [f"value: {self.value_format}"]
-        replayed = self.header(dlq.H_REPLAYED_FROM)
-        if replayed:
-            notes.append("replay of " + "/".join(replayed.rsplit("/", 2)[-2:]))
-        return notes
-
-    def value_text(self, *, pretty: bool = False) -> str | None:
-        """The value as a human reads it: JSON (indented if ``pretty``), text, or base64."""
-        if self.value_format == "json":
-            return json.dumps(self.data, ensure_ascii=False, indent=2 if pretty else None)
-        return _text(self.value)
-
-    def summary(self) -> dict[str, Any]:
-        """The ``list --json`` record."""
-        failed = self.failed_at
-        return {
-            "dlq": self.position,
-            "partition": self.partition,
-            "offset": self.offset,
-            "failed_at": failed.isoformat() if failed else None,
-            "error_class": self.error_class,
-            "error": self.error,
-            "attempts": _int_or_none(self.header(dlq.H_ATTEMPTS)),
-            "original_topic": self.original_topic,
-            "original_partition": self.original_partition,
-            "original_offset": self.original_offset,
-            "action_id": self.action_id,
-            "emp_id": self.emp_id,
-            "action": self.action,
-            "value_format": self.value_format,
-            "replayed_from": self.header(dlq.H_REPLAYED_FROM),
-        }
-
-    def full(self) -> dict[str, Any]:
-        """The ``show --json`` record: every header, the key, the value (decoded JSON if it is)."""
-        return {
-            "dlq": self.position,
-            "partition": self.partition,
-            "offset": self.offset,
-            "timestamp": self.timestamp.isoformat() if self.timestamp else None,
-            "headers": {k: _text(v) for k, v in self.headers},
-            "key": _text(self.key),
-            "value_format": self.value_format,
-            "value": self.data if self.value_format == "json" else _text(self.value),
-        }
-
-
-def _decode(value: bytes | None) -> tuple[str, Any]:
-    if value is None:
-        return "none", None
-    try:
-        text = value.decode("utf-8")
-    except UnicodeDecodeError:
-        return "binary", None
-    try:
-        return "json", json.loads(text)
-    except (ValueError, RecursionError):
-        return "text", None
-
-
-def _text(raw: bytes | None) -> str | None:
-    if raw is None:
-        return None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return "base64:" + base64.b64encode(raw).decode()
-
-
-def _as_int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _int_or_none(text: str | None) -> int | None:
-    try:
-        return int(text) if text is not None else None
-    except ValueError:
-        return None
-
-
-def read_letters(
-    settings: Settings, keep: Callable[[Letter], bool], *, limit: int | None = None
-) -> list[Letter]:
-    """The letters ``keep`` accepts (at most ``limit``), in DLQ order (partition, offset)."""
-    found: list[Letter] = []
-    with closing(dlq.read(settings, **QUIET)) as messages:
-        for msg in messages:
-            letter = Letter.of(msg)
-            if keep(letter):
-                found.append(letter)
-                if limit is not None and len(found) >= limit:
-                    break
-    return sorted(found, key=lambda m: (m.partition, m.offset))
-
-
-# -- 2. the selection ---------------------------------------------------------------------------
-
-Range = tuple[int | None, int | None]  # inclusive; None: open
-
-
-@dataclass(frozen=True)
-class Selection:
-    """The filters of ``list``, ``show`` and ``replay``; an empty one selects every letter."""
-
-    action_ids: tuple[Range, ...] = ()
-    emp_ids: tuple[Range, ...] = ()
-    error_classes: frozenset[str] = frozenset()  # lower case
-    partitions: frozenset[int] = frozenset()  # original partitions
-    offsets: tuple[Range, ...] = ()  # original offsets
-    since: datetime | None = None
-    until: datetime | None = None
-    positions: frozenset[tuple[int, int]] = frozenset()  # (DLQ partition, DLQ offset)
-
-    def is_everything(self) -> bool:
-        return self == Selection()
-
-    def matches(self, m: Letter) -> bool:
-        if self.positions and (m.partition, m.offset) not in self.positions:
-            return False
-        if self.action_ids and not _in(m.action_id, self.action_ids):
-            return False
-        if self.emp_ids and not _in(m.emp_id, self.emp_ids):
-            return False
-        if self.error_classes and (m.error_class or "").lower() not in self.error_classes:
-            return False
-        if self.partitions and m.original_partition not in self.partitions:
-            return False
-        if self.offsets and not _in(m.original_offset, self.offsets):
-            return False
-        if self.since or self.until:
-            at = m.failed_at
-            if at is None or (self.since and at < self.since) or (self.until and at >= self.until):
-                return False
-        return True
-
-
-def _in(value: int | None, ranges: Iterable[Range]) -> bool:
-    return value is not None and any(
-        (lo is None or value >= lo) and (hi is None or value <= hi) for lo, hi in ranges
-    )
-
-
-_RANGE = re.compile(r"(-?\d+)?\.\.(-?\d+)?")
-_AGE = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
-_AGE_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-
-
-def parse_ranges(flag: str, values: Sequence[str], *, signed: bool = False) -> tuple[Range, ...]:
-    """``42``, ``40..50``, ``40..``, ``..50``, comma-separated, the option repeated: any of them."""
-    out: list[Range] = []
-    for item in (part.strip() for value in values for part in value.split(",")):
-        try:
-            if ".." in item:
-                match = _RANGE.fullmatch(item)
-                if match is None or match.group(0) == "..":
-                    raise ValueError
-                lo, hi = (int(g) if g is not None else None for g in match.groups())
-                if lo is not None and hi is not None and lo > hi:
-                    raise ConfigError(f"{flag} {item!r} is an empty range")
-            else:
-                lo = hi = int(item)
-        except ValueError:
-            raise ConfigError(f"{flag} {item!r} is not a number or a range like 10..20") from None
-        if not signed and any(v is not None and v < 0 for v in (lo, hi)):
-            raise ConfigError(f"{flag} {item!r} is negative")
-        out.append((lo, hi))
-    return tuple(out)
-
-
-def parse_time(flag: str, text: str | None, now: datetime | None = None) -> datetime | None:
-    """An ISO 8601 time (UTC unless it says otherwise) or an age: ``90s``, ``30m``, ``2h``, ``7d``."""
-    if text is None:
-        return None
-    age = _AGE.fullmatch(text.strip())
-    if age:
-        return (now or datetime.now(UTC)) - timedelta(**{_AGE_UNITS[age.group(2)]: float(age.group(1))})
-    try:
-        stamp = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ConfigError(
-            f"{flag} {text!r} is neither an ISO 8601 time (2026-11-28T09:00, UTC unless it says "
-            "otherwise) nor an age like 30m, 2h, 7d"
-        ) from None
-    return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
-
-
-def parse_position(text: str, dlq_topic: str, what: str = "--dlq") -> tuple[int, int]:
-    """A DLQ position as ``list`` prints it: ``PARTITION/OFFSET`` or ``TOPIC/PARTITION/OFFSET``."""
-    parts = text.strip().rsplit("/", 2)
-    topic = parts[0] if len(parts) == 3 else dlq_topic
-    try:
-        if len(parts) < 2:
-            raise ValueError
-        partition, offset = int(parts[-2]), int(parts[-1])
-        if partition < 0 or offset < 0:
-            raise ValueError
-    except ValueError:
-        raise ConfigError(f"{what} {text!r} is not a DLQ position like 0/12 or {dlq_topic}/0/12") from None
-    if topic != dlq_topic:
-        raise ConfigError(f"{what} {text!r} is not on the dead-letter topic {dlq_topic} (CDC_DLQ_TOPIC)")
-    return partition, offset
-
-
-def selection(
-    settings: Settings,
-    *,
-    action_ids: Sequence[str] = (),
-    emp_ids: Sequence[str] = (),
-    error_classes: Sequence[str] = (),
-    partitions: Sequence[str] = (),
-    offsets: Sequence[str] = (),
-    since: str | None = None,
-    until: str | None = None,
-    positions: Sequence[str] = (),
-) -> Selection:
-    """The selection from the command-line texts; a bad value raises ConfigError naming it."""
-    parts: set[int] = set()
-    for lo, hi in parse_ranges("--partition", partitions):
-        if lo is None or hi is None or hi - lo > 100_000:
-            raise ConfigError("--partition takes partition numbers (0,1 or 0..5), not an open range")
-        parts.update(range(lo, hi + 1))
-    now = datetime.now(UTC)
-    start, end = parse_time("--since", since, now), parse_time("--until", until, now)
-    if start and end and start >= end:
-        raise ConfigError(f"--since {since!r} is not before --until {until!r}")
-    return Selection(
-        action_ids=parse_ranges("--action-id", action_ids),
-        emp_ids=parse_ranges("--emp-id", emp_ids, signed=True),
-        error_classes=frozenset(c.strip().lower() for v in error_classes for c in v.split(",") if c.strip()),
-        partitions=frozenset(parts),
-        offsets=parse_ranges("--offset", offsets),
-        since=start,
-        until=end,
-        positions=frozenset(
-            parse_position(p, settings.cdc_dlq_topic) for v in positions for p in v.split(",") if p.strip()
-        ),
-    )
-
-
-# -- 3. list, show, the edit file ---------------------------------------------------------------
-
-
-def _when(at: datetime | None) -> str:
-    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if at else "-"
-
-
-def _short(text: str | None, width: int = ERROR_SHORT) -> str:
-    line = " ".join((text or "-").split())
-    return line if len(line) <= width else line[: width - 3] + "..."
-
-
-def list_lines(letters: Sequence[Letter]) -> list[str]:
-    """One aligned line per letter, under a header line."""
-    rows = [("DLQ", "FAILED_AT", "ERROR_CLASS", "ORIGINAL", "ACTION_ID", "EMP_ID", "ACTION", "ERROR")]
-    for m in letters:
-        rows.append(
-            (
-                f"{m.partition}/{m.offset}",
-                _when(m.failed_at),
-                m.error_class or "-",
-                m.original or "-",
-                str(m.action_id) if m.action_id is not None else "-",
-                str(m.emp_id) if m.emp_id is not None else "-",
-                m.action or "-",
-                _short(m.error) + "".join(f" [{note}]" for note in m.notes()),
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows]
-
-
-def show_lines(m: Letter) -> list[str]:
-    """The whole message: position, headers, key, value (pretty-printed when it is JSON)."""
-    lines = [f"=== {m.position}  (dead-lettered {_when(m.timestamp)})", "headers:"]
-    lines += [f"  {k}: {_text(v)}" for k, v in m.headers] or ["  (none)"]
-    lines.append(f"key: {_text(m.key)}")
-    kinds = {"json": "JSON", "text": "not JSON", "binary": "not UTF-8, base64", "none": "no value"}
-    lines.append(f"value ({kinds[m.value_format]}):")
-    lines += (m.value_text(pretty=True) or "").splitlines()
-    return [*lines, ""]
+# -- 1. the edit file --------------------------------------------------------------------------
 
 
 def write_edit_file(path: Path, letters: Sequence[Letter], *, force: bool) -> None:
@@ -447,11 +59,11 @@ def write_edit_file(path: Path, letters: Sequence[Letter], *, force: bool) -> No
             "dlq": m.position,
             "original": m.original,
             "error": f"{m.error_class}: {m.error}" if m.error_class else m.error,
-            "key": _text(m.key),
+            "key": dlq.text_of(m.key),
             "value": m.data if m.value_format == "json" else None,
         }
         if m.value_format != "json":
-            entry["original_value"] = _text(m.value)
+            entry["original_value"] = dlq.text_of(m.value)
         entries.append(entry)
     try:
         path.write_text(json.dumps(entries, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
@@ -487,11 +99,13 @@ def read_edit_file(path: Path, dlq_topic: str) -> dict[tuple[int, int], Any]:
     return edits
 
 
-# -- 4. the replay plan -------------------------------------------------------------------------
+# -- 2. the replay plan -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Change:
+    """One difference between a dead letter and its correction: a JSON field, ``(key)`` or ``(value)``."""
+
     name: str
     old: Any
     new: Any
@@ -536,7 +150,9 @@ def plan(settings: Settings, letters: Sequence[Letter], edits: dict[tuple[int, i
             _check_edit(m, new)
             value = json.dumps(new, ensure_ascii=False, separators=(",", ":")).encode()
             key = str(new["emp_id"]).encode()
-            changes = _diff(m, new) + ((Change("(key)", _text(m.key), key.decode()),) if key != m.key else ())
+            changes = _diff(m, new) + (
+                (Change("(key)", dlq.text_of(m.key), key.decode()),) if key != m.key else ()
+            )
         try:
             event = ChangeEvent.from_json(value)
             action_id, emp_id, invalid = event.action_id, event.emp_id, None
@@ -659,11 +275,13 @@ def _dash(value: object) -> str:
     return "-" if value is None else str(value)
 
 
-# -- 4b. sending and the audit ------------------------------------------------------------------
+# -- 3. sending and the audit ----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Sent:
+    """A replayed message and where Kafka put it."""
+
     planned: Planned
     topic: str
     partition: int
@@ -757,7 +375,7 @@ def send(settings: Settings, plans: Sequence[Planned], audit: AuditLog) -> list[
     return [acked[i] for i in sorted(acked)]
 
 
-# -- 5. what the consumer made of it ------------------------------------------------------------
+# -- 4. what the consumer made of it ----------------------------------------------------------
 
 APPLIED = "applied"
 
@@ -784,7 +402,7 @@ def wait_for_decisions(settings: Settings, sent: Sequence[Sent], timeout: float)
                 committed = _committed(consumer, pending.values())
                 rows, versions = _decisions(db, pending.values())
                 for where, s in list(pending.items()):
-                    decision = _decision(s, rows, versions, committed)
+                    decision = decide(s, rows, versions, committed)
                     if decision is not None:
                         decided[where] = decision
                         del pending[where]
@@ -801,8 +419,8 @@ def wait_for_decisions(settings: Settings, sent: Sequence[Sent], timeout: float)
     for where in pending:
         decided[where] = Decision(
             "undecided",
-            f"not decided within {timeout:.0f}s: is consumer_final.py running "
-            f"(group {settings.consumer_group_id})? `dlq list --action-id ID` and processed_events tell later",
+            f"not decided within {timeout:.0f}s (is consumer_final.py running, group "
+            f"{settings.consumer_group_id}?); processed_events has the outcome once it is",
         )
     return decided
 
@@ -833,12 +451,17 @@ def _decisions(
     return rows, versions
 
 
-def _decision(
+def decide(
     s: Sent,
     rows: dict[int, tuple[str, str, int, int]],
     versions: dict[int, int],
     committed: dict[tuple[str, int], int],
 ) -> Decision | None:
+    """The decision on ``s``, or None while the consumer has not reached it.
+
+    ``rows``: processed_events by action_id (outcome, topic, partition, offset); ``versions``:
+    emp_versions; ``committed``: the consumer group's next offset per (topic, partition).
+    """
     p = s.planned
     row = rows.get(p.action_id) if p.action_id is not None else None
     if row is not None and tuple(row[1:]) == (s.topic, s.partition, s.offset):
@@ -862,12 +485,12 @@ def _decision(
     return Decision("unrecorded", "the consumer passed it without recording a decision (--no-idempotency?)")
 
 
-# -- the three commands -------------------------------------------------------------------------
+# -- 5. the three commands -------------------------------------------------------------------------
 
 
 def list_command(
     settings: Settings, chosen: Selection, *, limit: int | None, as_json: bool, out: Printer = print
-) -> int:
+) -> None:
     letters = read_letters(settings, chosen.matches, limit=limit)
     if as_json:
         for m in letters:
@@ -876,7 +499,6 @@ def list_command(
         for line in list_lines(letters):
             out(line)
     log.info("%d dead letter(s) selected on %s", len(letters), settings.cdc_dlq_topic)
-    return 0
 
 
 def show_command(
@@ -888,20 +510,21 @@ def show_command(
     edit_file: Path | None = None,
     force: bool = False,
     out: Printer = print,
-) -> int:
+) -> bool:
+    """Print the selection, or write it to ``edit_file``; False if that would be empty."""
     if edit_file is not None:
         _refuse_overwrite(edit_file, force=force)  # before the DLQ is read
     letters = read_letters(settings, chosen.matches, limit=limit)
     if edit_file is not None:
         if not letters:
             out("no dead letter matches: no edit file written")
-            return 1
+            return False
         write_edit_file(edit_file, letters, force=force)
         out(
             f"wrote {len(letters)} entr{'y' if len(letters) == 1 else 'ies'} to {edit_file}: correct the "
             f'"value"s, then `python -m cdc dlq replay --edit-file {edit_file} --dry-run`'
         )
-        return 0
+        return True
     for m in letters:
         if as_json:
             out(json.dumps(m.full(), ensure_ascii=False))
@@ -909,7 +532,7 @@ def show_command(
             for line in show_lines(m):
                 out(line)
     log.info("%d dead letter(s) selected on %s", len(letters), settings.cdc_dlq_topic)
-    return 0
+    return True
 
 
 def replay_command(
@@ -924,8 +547,9 @@ def replay_command(
     audit_file: Path,
     note: str | None = None,
     out: Printer = print,
-) -> int:
-    """0: replayed (and, with ``wait``, every message applied); 1: nothing selected, or not all applied."""
+) -> bool:
+    """Replay the selection (or print it, ``dry_run``). True when something was sent (or would be)
+    and, with ``wait``, every message was applied."""
     edits = read_edit_file(edit_file, settings.cdc_dlq_topic) if edit_file is not None else {}
     if not edits and chosen.is_everything() and not everything:
         raise ConfigError("replay needs a selection: filters, --edit-file, or --all for the whole DLQ")
@@ -946,14 +570,14 @@ def replay_command(
     plans = plan(settings, letters, edits)
     if not plans:
         out("nothing to replay: no dead letter matches")
-        return 1
+        return False
     expected = expectations(settings, plans)
     if dry_run:
         for p in plans:
             for line in plan_lines(p, expected[p.letter.position]):
                 out(line)
         out(f"dry run: {len(plans)} message(s) would be replayed; nothing was sent")
-        return 0
+        return True
 
     audit = AuditLog(audit_file, note=note)
     try:
@@ -971,11 +595,11 @@ def replay_command(
     out(f"replayed {len(sent)} message(s); audit: {audit_file}")
     if wait is None:
         out("the consumer decides; `expected` is a forecast. Add --wait SECONDS to see its decisions")
-        return 0
+        return True
     decisions = wait_for_decisions(settings, sent, wait)
     for s in sent:
         d = decisions[s.planned.letter.position]
         out(f"{s.planned.letter.position} action_id={_dash(s.planned.action_id)}: {d.outcome}: {d.detail}")
     applied = sum(d.outcome == APPLIED for d in decisions.values())
     out(f"decided: {applied} of {len(sent)} applied")
-    return 0 if applied == len(sent) else 1
+    return applied == len(sent)

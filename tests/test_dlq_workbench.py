@@ -15,8 +15,9 @@ import pytest
 from consumer_helpers import OURS, Running, dest_rows, event, fast, outcomes, produce
 from support import dlq_count, end_offsets
 
-from cdc import dlq, dlq_workbench
-from cdc.dlq_workbench import Letter, Planned, Selection, Sent
+from cdc import dlq, dlq_letters, dlq_workbench
+from cdc.dlq_letters import Letter, Selection
+from cdc.dlq_workbench import Planned, Sent
 from cdc.errors import ConfigError
 from cdc.runner import settings_env
 from cdc.services import PROJECT_DIR
@@ -45,8 +46,7 @@ def _letter(
         (dlq.H_ERROR_MESSAGE, b"boom"),
         (dlq.H_FAILED_AT, failed_at.encode()),
     ]
-    fmt, data = dlq_workbench._decode(value)
-    return Letter(DLQ, partition, offset, None, key, value, headers, fmt, data)
+    return Letter.parse((DLQ, partition, offset), key, value, headers)
 
 
 def _ev(action_id: int, emp_id: int, **extra: object) -> bytes:
@@ -60,30 +60,28 @@ UNIT_SETTINGS = load_settings(env={"CDC_TOPIC": "t", "CDC_DLQ_TOPIC": DLQ}, dote
 
 
 def test_filter_values_parse_or_fail_with_one_line_naming_the_option():
-    assert dlq_workbench.parse_ranges("--action-id", ["42", "40..50,60..", "..3"]) == (
+    assert dlq_letters.parse_ranges("--action-id", ["42", "40..50,60..", "..3"]) == (
         (42, 42),
         (40, 50),
         (60, None),
         (None, 3),
     )
-    assert dlq_workbench.parse_ranges("--emp-id", ["-3", "-10..-5"], signed=True) == ((-3, -3), (-10, -5))
+    assert dlq_letters.parse_ranges("--emp-id", ["-3", "-10..-5"], signed=True) == ((-3, -3), (-10, -5))
     now = datetime(2026, 11, 28, 12, tzinfo=UTC)
-    assert dlq_workbench.parse_time("--since", "2h", now) == now - timedelta(hours=2)
-    assert dlq_workbench.parse_time("--since", "2026-11-28T09:00", now) == datetime(
-        2026, 11, 28, 9, tzinfo=UTC
-    )
-    assert dlq_workbench.parse_position(f"{DLQ}/2/17", DLQ) == (2, 17)
-    assert dlq_workbench.parse_position("2/17", DLQ) == (2, 17)
+    assert dlq_letters.parse_time("--since", "2h", now) == now - timedelta(hours=2)
+    assert dlq_letters.parse_time("--since", "2026-11-28T09:00", now) == datetime(2026, 11, 28, 9, tzinfo=UTC)
+    assert dlq_letters.parse_position(f"{DLQ}/2/17", DLQ) == (2, 17)
+    assert dlq_letters.parse_position("2/17", DLQ) == (2, 17)
     for call, words in [
-        (lambda: dlq_workbench.parse_ranges("--action-id", ["4x"]), "--action-id '4x' is not a number"),
-        (lambda: dlq_workbench.parse_ranges("--offset", ["9..3"]), "--offset '9..3' is an empty range"),
-        (lambda: dlq_workbench.parse_ranges("--action-id", ["-1"]), "--action-id '-1' is negative"),
-        (lambda: dlq_workbench.parse_ranges("--offset", [".."]), "--offset '..' is not a number"),
-        (lambda: dlq_workbench.parse_time("--until", "yesterday"), "--until 'yesterday' is neither"),
-        (lambda: dlq_workbench.parse_position("other/0/1", DLQ), "is not on the dead-letter topic"),
-        (lambda: dlq_workbench.parse_position("0-1", DLQ), "is not a DLQ position"),
-        (lambda: dlq_workbench.selection(UNIT_SETTINGS, partitions=["1.."]), "--partition takes"),
-        (lambda: dlq_workbench.selection(UNIT_SETTINGS, since="1h", until="2h"), "is not before --until"),
+        (lambda: dlq_letters.parse_ranges("--action-id", ["4x"]), "--action-id '4x' is not a number"),
+        (lambda: dlq_letters.parse_ranges("--offset", ["9..3"]), "--offset '9..3' is an empty range"),
+        (lambda: dlq_letters.parse_ranges("--action-id", ["-1"]), "--action-id '-1' is negative"),
+        (lambda: dlq_letters.parse_ranges("--offset", [".."]), "--offset '..' is not a number"),
+        (lambda: dlq_letters.parse_time("--until", "yesterday"), "--until 'yesterday' is neither"),
+        (lambda: dlq_letters.parse_position("other/0/1", DLQ), "is not on the dead-letter topic"),
+        (lambda: dlq_letters.parse_position("0-1", DLQ), "is not a DLQ position"),
+        (lambda: dlq_letters.selection(UNIT_SETTINGS, partitions=["1.."]), "--partition takes"),
+        (lambda: dlq_letters.selection(UNIT_SETTINGS, since="1h", until="2h"), "is not before --until"),
     ]:
         with pytest.raises(ConfigError, match=words):
             call()
@@ -97,10 +95,10 @@ def test_a_selection_matches_on_every_filter_and_needs_all_of_them():
     letters = [a, b, c]
 
     def chosen(**filters: object) -> list[Letter]:
-        pick = dlq_workbench.selection(UNIT_SETTINGS, **filters)
+        pick = dlq_letters.selection(UNIT_SETTINGS, **filters)
         return [m for m in letters if pick.matches(m)]
 
-    assert chosen() == letters and dlq_workbench.selection(UNIT_SETTINGS).is_everything()
+    assert chosen() == letters and dlq_letters.selection(UNIT_SETTINGS).is_everything()
     assert chosen(action_ids=["42"]) == [a]
     assert chosen(action_ids=["40..50"]) == [a, b]  # c has no action_id: never matches it
     assert chosen(emp_ids=["-3"]) == [b]
@@ -125,9 +123,9 @@ def test_odd_values_list_and_show_with_what_can_be_shown():
     ]
     assert [m.value_format for m in odd] == ["binary", "text", "json", "none", "json"]
     assert all(m.action_id is None and m.emp_id is None and m.action is None for m in odd)
-    lines = dlq_workbench.list_lines(odd)
+    lines = dlq_letters.list_lines(odd)
     assert len(lines) == 6 and "[value: binary]" in lines[1] and "[value: text]" in lines[2]
-    assert "base64:" in "\n".join(dlq_workbench.show_lines(odd[0]))
+    assert "base64:" in "\n".join(dlq_letters.show_lines(odd[0]))
     assert json.loads(json.dumps(odd[0].full()))["value"].startswith("base64:")
     assert odd[2].full()["value"] == [1, 2]
     assert [json.loads(json.dumps(m.summary()))["dlq"] for m in odd] == [f"{DLQ}/0/{i}" for i in range(5)]
@@ -208,7 +206,7 @@ def test_a_decision_is_read_at_the_replayed_copy_or_from_the_committed_offset():
 
     rows = {42: ("stale", "t", 1, 10), 43: ("applied", "t", 0, 3)}
     passed, behind = {("t", 1): 11}, {("t", 1): 10}
-    decide = dlq_workbench._decision
+    decide = dlq_workbench.decide
     assert decide(sent(42), rows, {7: 50}, behind).outcome == "stale"
     assert "action_id 50" in decide(sent(42), rows, {7: 50}, behind).detail
     assert decide(sent(43), rows, {}, behind) is None  # not reached yet
@@ -345,8 +343,8 @@ def test_filters_select_exactly_the_right_dead_letters_and_odd_values_list(
     _dead_lettered(settings, second, 7)
 
     def chosen(**filters: object) -> set[object]:
-        pick = dlq_workbench.selection(settings, **filters)
-        return {m.action_id or m.key.decode() for m in dlq_workbench.read_letters(settings, pick.matches)}
+        pick = dlq_letters.selection(settings, **filters)
+        return {m.action_id or m.key.decode() for m in dlq_letters.read_letters(settings, pick.matches)}
 
     assert chosen() == {20, 21, "22", "23", 30, "31", 32}
     assert chosen(action_ids=["20..30"]) == {20, 21, 30}
@@ -356,7 +354,7 @@ def test_filters_select_exactly_the_right_dead_letters_and_odd_values_list(
     assert chosen(error_classes=["DatetimeFieldOverflow"]) == {20, 21, 30}
     assert chosen(since=boundary.isoformat()) == {30, "31", 32}
     assert chosen(until=boundary.isoformat(), action_ids=["..25"]) == {20, 21}
-    letters = dlq_workbench.read_letters(settings, Selection().matches)
+    letters = dlq_letters.read_letters(settings, Selection().matches)
     by_key = {m.key: m for m in letters}
     m23 = by_key[b"23"]
     assert chosen(partitions=[str(m23.original_partition)], offsets=[str(m23.original_offset)]) == {"23"}
@@ -387,7 +385,7 @@ def test_a_replay_nobody_consumes_is_sent_once_and_reported_undecided(settings, 
     assert "action_id=5: undecided: not decided within 1s" in done.stdout
     assert "expected: applied" in done.stdout
     assert sum(end_offsets(settings).values()) == before + 1
-    [letter] = [m for m in dlq_workbench.read_letters(settings, Selection().matches) if m.action_id == 5]
+    [letter] = [m for m in dlq_letters.read_letters(settings, Selection().matches) if m.action_id == 5]
     (audit,) = (tmp_path / "dlq-audit.jsonl").read_text().splitlines()
     assert json.loads(audit)["dlq"] == letter.position and json.loads(audit)["edited"] is False
     # Sent as it was: the original key, value and headers, plus where it came from.
