@@ -298,11 +298,11 @@ def parse_time(flag: str, text: str | None, now: datetime | None = None) -> date
     if text is None:
         return None
     age = _AGE.fullmatch(text.strip())
-    if age:
-        return (now or datetime.now(UTC)) - timedelta(**{_AGE_UNITS[age.group(2)]: float(age.group(1))})
     try:
+        if age:
+            return (now or datetime.now(UTC)) - timedelta(**{_AGE_UNITS[age.group(2)]: float(age.group(1))})
         stamp = datetime.fromisoformat(text.strip())
-    except ValueError:
+    except (ValueError, OverflowError):
         raise ConfigError(
             f"{flag} {text!r} is neither an ISO 8601 time (2026-11-28T09:00, UTC unless it says "
             "otherwise) nor an age like 30m, 2h, 7d"

@@ -78,6 +78,7 @@ def test_filter_values_parse_or_fail_with_one_line_naming_the_option():
         (lambda: dlq_letters.parse_ranges("--action-id", ["-1"]), "--action-id '-1' is negative"),
         (lambda: dlq_letters.parse_ranges("--offset", [".."]), "--offset '..' is not a number"),
         (lambda: dlq_letters.parse_time("--until", "yesterday"), "--until 'yesterday' is neither"),
+        (lambda: dlq_letters.parse_time("--since", "99999999d"), "--since '99999999d' is neither"),
         (lambda: dlq_letters.parse_position("other/0/1", DLQ), "is not on the dead-letter topic"),
         (lambda: dlq_letters.parse_position("0-1", DLQ), "is not a DLQ position"),
         (lambda: dlq_letters.selection(UNIT_SETTINGS, partitions=["1.."]), "--partition takes"),
@@ -111,6 +112,11 @@ def test_a_selection_matches_on_every_filter_and_needs_all_of_them():
     assert chosen(positions=["1/5", f"{DLQ}/2/9"]) == [b, c]
     assert chosen(positions=["1/5,2/9"], error_classes=["CheckViolation"]) == []
     assert chosen(action_ids=["42"], emp_ids=["8"]) == []
+
+    # A stranger's message without cdc.failed.at is timed by its Kafka timestamp.
+    untimed = Letter.parse((DLQ, 0, 7), None, b"x", [], datetime(2026, 11, 28, 12, 30, tzinfo=UTC))
+    assert dlq_letters.selection(UNIT_SETTINGS, since="2026-11-28T12:00Z").matches(untimed)
+    assert not dlq_letters.selection(UNIT_SETTINGS, until="2026-11-28T12:00Z").matches(untimed)
 
 
 def test_odd_values_list_and_show_with_what_can_be_shown():
@@ -213,6 +219,20 @@ def test_a_decision_is_read_at_the_replayed_copy_or_from_the_committed_offset():
     assert decide(sent(43), rows, {}, passed).outcome == "duplicate"
     assert decide(sent(None, "value is not JSON"), rows, {}, passed).outcome == "dlq"
     assert decide(sent(44), rows, {}, passed).outcome == "unrecorded"
+
+
+def test_a_destination_that_does_not_answer_is_reported_not_guessed():
+    settings = dataclasses.replace(
+        UNIT_SETTINGS,
+        dest_db_url="postgresql://u:secret@127.0.0.1:1/d",
+        kafka_bootstrap_servers="127.0.0.1:1",
+    )
+    planned = Planned(_letter(), "t", b"1", b"{}", [], action_id=42, emp_id=7)
+    [expected] = dlq_workbench.expectations(settings, [planned]).values()
+    assert expected.startswith("unknown (destination:")
+    [decision] = dlq_workbench.wait_for_decisions(settings, [Sent(planned, "t", 0, 5)], 5).values()
+    assert decision.outcome == "unknown" and decision.detail.startswith("could not check:")
+    assert "secret" not in expected + decision.detail
 
 
 def _cli(env: dict[str, str], tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
