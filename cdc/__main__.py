@@ -285,7 +285,9 @@ def _add_dlq(sub: argparse._SubParsersAction) -> None:
     f.add_argument(
         "--dlq", action="append", default=[], metavar="P/O", help="DLQ position as `list` shows it, e.g. 0/12"
     )
-    f.add_argument("--limit", type=_positive_int, help="at most this many (the first in DLQ order)")
+    f.add_argument(
+        "--limit", type=_positive_int, metavar="N", help="at most this many (the first in DLQ order)"
+    )
 
     dlq = sub.add_parser("dlq", help="the dead-letter queue: list, show, correct and replay dead letters")
     cmds = dlq.add_subparsers(dest="dlq_command", required=True)
