@@ -83,8 +83,7 @@ class BatchApplier:
         with self.db.connection() as conn, conn.cursor() as cur:
             # Offsets move once this commit returns, so it must survive a server crash even
             # where the server is configured with synchronous_commit = off.
-            cur.execute("SET LOCAL synchronous_commit = on")
-            cur.execute("SAVEPOINT batch")
+            cur.execute("SET LOCAL synchronous_commit = on; SAVEPOINT batch")
             try:
                 done = sink.apply_events(cur, items, idempotency=self.idempotency)
             except (psycopg2.Error, BadMessageError) as exc:
