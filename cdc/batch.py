@@ -1,12 +1,14 @@
 """The batch decision: every consumed message ends applied, stale, duplicate or dead-lettered.
 
-``BatchApplier.apply(records)``, in one destination transaction:
+``BatchApplier.apply(records)``:
 
-1. Decode and validate each record (``employee.py``). An invalid one is a dead letter at once.
+1. Decode and validate each record (``decode``, ``employee.py``). An invalid one is a dead letter
+   at once. No database needed: ``apply_decoded`` takes the result, the rest happens in one
+   destination transaction.
 2. Apply the rest set-based (``cdc/sink.py``) in a savepoint.
-3. A bad message in the batch (a database data error, SQLSTATE class 22 or 23, or a value
-   psycopg2 cannot encode): roll back to the savepoint and apply one message per savepoint; a
-   failing one is retried up to ``max_attempts`` times, then it is a dead letter.
+3. A bad message in the batch (a database data error, SQLSTATE class 22 or 23, or a value that
+   cannot be put into the statement): roll back to the savepoint and apply one message per
+   savepoint; a failing one is retried up to ``max_attempts`` times, then it is a dead letter.
 4. Dead letters: the circuit breaker is asked, their action_ids are recorded as ``dlq`` (only
    for messages that carry producer.py's mark, so a stranger cannot take a real id), and they are
    produced to the DLQ and acknowledged, all before the transaction commits.
@@ -18,7 +20,7 @@ Works on plain records (``cdc.kafka.Received``), so it runs the same with or wit
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import psycopg2
@@ -48,6 +50,38 @@ class BatchResult:
         return [i.event for i in self.applied + self.stale]
 
 
+@dataclass
+class Decoded:
+    """A batch decoded and validated (``decode``): its events, and its invalid messages as dead
+    letters. Decoding needs no database, so the consumer does it while the batch before applies."""
+
+    records: list[Received]
+    items: list[sink.Delivered]
+    invalid: list[DeadLetter]
+
+    def only(self, keep: Callable[[Received], bool]) -> Decoded:
+        """The part of the batch whose messages ``keep`` accepts (e.g. the partitions still owned)."""
+        return Decoded(
+            [r for r in self.records if keep(r)],
+            [i for i in self.items if keep(i.record)],
+            [d for d in self.invalid if keep(d.record)],
+        )
+
+
+def decode(batch: Sequence[Received]) -> Decoded:
+    """Step 1: decode and validate each message; an invalid one is a dead letter at once."""
+    items: list[sink.Delivered] = []
+    invalid: list[DeadLetter] = []
+    for record in batch:
+        try:
+            event = ChangeEvent.from_json(record.value)
+        except InvalidEventError as exc:
+            invalid.append(DeadLetter(record, type(exc).__name__, str(exc), attempts=1))
+            continue
+        items.append(sink.Delivered(event, record, is_replayed(record)))
+    return Decoded(list(batch), items, invalid)
+
+
 class BatchApplier:
     """Decides batches on ``db``. ``dlq`` None: a message that cannot be applied raises HaltError."""
 
@@ -69,17 +103,13 @@ class BatchApplier:
         self.idempotency = idempotency
 
     def apply(self, batch: Sequence[Received]) -> BatchResult:
-        """Decide and commit ``batch``; count it in the stats. Raises TransientError and bugs."""
-        items: list[sink.Delivered] = []
-        dead: list[DeadLetter] = []
-        for record in batch:
-            try:
-                event = ChangeEvent.from_json(record.value)
-            except InvalidEventError as exc:
-                dead.append(DeadLetter(record, type(exc).__name__, str(exc), attempts=1))
-                continue
-            items.append(sink.Delivered(event, record, is_replayed(record)))
+        """Decode, decide and commit ``batch``; count it in the stats. Raises TransientError and bugs."""
+        return self.apply_decoded(decode(batch))
 
+    def apply_decoded(self, batch: Decoded) -> BatchResult:
+        """Decide and commit a decoded batch; count it in the stats. Raises TransientError and bugs."""
+        items = batch.items
+        dead = list(batch.invalid)
         with self.db.connection() as conn, conn.cursor() as cur:
             # Offsets move once this commit returns, so it must survive a server crash even
             # where the server is configured with synchronous_commit = off.
@@ -95,11 +125,11 @@ class BatchApplier:
                 dead += rejected
             result = BatchResult(done.applied, done.stale, [i.record for i in done.duplicates])
             if dead:
-                result.dead, copies = self._dead_letter(cur, dead, len(batch))
+                result.dead, copies = self._dead_letter(cur, dead, len(batch.records))
                 result.duplicates += copies
         # Committed: from here on the batch counts.
-        self.breaker.record(len(result.dead), len(batch))
-        self.stats.incr("consumed", len(batch))
+        self.breaker.record(len(result.dead), len(batch.records))
+        self.stats.incr("consumed", len(batch.records))
         for action, n in done.applied_by_action().items():
             self.stats.incr(f"applied_{action.lower()}", n)
         self.stats.incr("duplicates", len(result.duplicates))

@@ -32,7 +32,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import psycopg2.extensions
@@ -166,9 +166,8 @@ RETURNING action_id
 """
 
 
-@dataclass(frozen=True, slots=True)
-class Delivered:
-    """A decoded event and the message it came in."""
+class Delivered(NamedTuple):
+    """A decoded event and the message it came in (a named tuple: one is built per message)."""
 
     event: ChangeEvent
     record: Received
