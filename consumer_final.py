@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import logging
 import sys
@@ -82,6 +83,8 @@ STATS_KEYS = [
 ]
 # While waiting on a sick database, poll at least this often to stay in the group.
 WAIT_POLL = 0.5
+# The cyclic garbage collector's thresholds for the daemon (see tune_gc).
+GC_THRESHOLDS = (20_000, 20, 20)
 # With a batch in flight, wait this long at most for the next message, so a finished batch's
 # offsets are committed soon after it (consume() cannot also wait for the worker).
 IN_FLIGHT_POLL = 0.005
@@ -500,6 +503,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def tune_gc() -> None:
+    """Collect cyclic garbage rarely, and never look at what start-up allocated.
+
+    The consumer makes a dozen short-lived objects per message and keeps a batch or two alive:
+    with CPython's defaults (a collection every 700 allocations) the collector took a fifth of
+    the decoding time. Nothing here makes reference cycles in the steady state. For a process
+    whose main job is the consumer (its entry points call it), not for a library user.
+    """
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -521,6 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"consumer_final.py: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(settings.log_level, settings.log_format)
+    tune_gc()
     try:
         if args.replay_dlq:
             dlq_module.replay(settings, limit=args.limit)
