@@ -324,7 +324,8 @@ class ProductionCDCConsumer:
             batch = batch.only(self._kept(epochs))  # a partition left while the batch before applied
             if not batch.records:
                 return
-        self._in_flight = _InFlight(batch, epochs, self._worker.submit(self._apply, batch), time.monotonic())
+        started = time.monotonic()
+        self._in_flight = _InFlight(batch, epochs, self._worker.submit(self._apply, batch, started), started)
 
     def _stayed(self, key: TP, epochs: dict[TP, int]) -> bool:
         """Whether partition ``key``, read in ``epochs``, has stayed with this consumer since."""
@@ -343,7 +344,7 @@ class ProductionCDCConsumer:
         if flight is None or flight.done.exception() is not None:
             return
         self._in_flight = None
-        self._applied(flight.batch, flight.epochs, flight.started)
+        self._applied(flight.batch, flight.epochs)
 
     def _settle(self) -> None:
         """Wait for the batch in flight and note its offsets; after a transient error wait
@@ -379,18 +380,17 @@ class ProductionCDCConsumer:
                 self._resume()  # every partition of the batch moved to another consumer
                 return
             try:
-                self._apply(batch)
+                self._apply(batch, started)
                 break
             except (TransientError, DeliveryError) as again:
                 exc = again
         self._resume()
         log.info("destination back after %d retries, partitions resumed", attempt)
-        self._applied(batch, epochs, started)
+        self._applied(batch, epochs)
 
-    def _applied(self, batch: Decoded, epochs: dict[TP, int], started: float) -> None:
+    def _applied(self, batch: Decoded, epochs: dict[TP, int]) -> None:
         """The batch committed: count it and note its offsets for the next commit."""
         self.stats.incr("batches")
-        self.stats.observe("batch_latency", time.monotonic() - started)
         last: dict[TP, int] = {}
         for msg in batch.records:
             key = (msg.topic, msg.partition)
@@ -402,8 +402,13 @@ class ProductionCDCConsumer:
                 self._uncommitted[key] = max(self._uncommitted.get(key, 0), offset + 1)
         log.debug("batch applied messages=%d, offsets to commit %s", len(batch.records), self._uncommitted)
 
-    def _apply(self, batch: Decoded) -> BatchResult:
+    def _apply(self, batch: Decoded, started: float) -> BatchResult:
+        """Decide and commit ``batch`` (in the worker thread, or in the loop for a retry).
+
+        ``started``: when its first attempt started, for the batch latency.
+        """
         result = self.applier.apply_decoded(batch)
+        self.stats.observe("batch_latency", time.monotonic() - started)
         now = datetime.now(UTC)
         self.stats.observe_many(
             "e2e_latency",
