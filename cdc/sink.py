@@ -31,7 +31,7 @@ import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import orjson
@@ -338,8 +338,10 @@ def _batch_json(items: Iterable[Delivered]) -> str:
                 m.topic,
                 m.partition,
                 m.offset,
-                # As psycopg2 sends a datetime: the server parses what Python would print.
-                None if at is None else at.isoformat(),
+                # As psycopg2 sends a datetime: the server parses what isoformat() prints.
+                # orjson prints a UTC datetime the same, 20 times faster; another offset may
+                # have seconds, which orjson would drop.
+                at if at is None or at.tzinfo is UTC else at.isoformat(),
                 e.first_name,
                 e.last_name,
                 e.dob,
