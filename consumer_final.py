@@ -10,9 +10,9 @@ Each turn of the loop (``ProductionCDCConsumer.run``):
    (``cdc/batch.py``), while the batch before is applied in the worker thread.
 2. Wait for that batch before, count it and note its offsets; hand this one to the worker,
    which decides it in one destination transaction (``cdc/batch.py``): apply set-based
-   (``cdc/sink.py``), isolate a bad message one by one, dead-letter what cannot be applied
-   (produced to the DLQ and acknowledged before the commit: a crash in between re-sends a dead
-   letter at worst, never loses one).
+   (``cdc/sink.py``), isolate a bad message (halves in savepoints), dead-letter what cannot be
+   applied (produced to the DLQ and acknowledged before the commit: a crash in between re-sends
+   a dead letter at worst, never loses one).
 3. Commit the noted offsets (last + 1 per partition) synchronously: only batches whose
    transaction committed have offsets to commit. A partition revoked meanwhile first waits for
    the batch in flight, then commits what is applied; a lost partition drops its offsets.
