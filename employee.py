@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from cdc.errors import BadMessageError
 
 ACTIONS = ("INSERT", "UPDATE", "DELETE", "SNAPSHOT")
@@ -46,6 +48,23 @@ DATE_TEXT = re.compile(r"(?:[0-9]{4}|[1-9][0-9]{4,6})-[0-9]{2}-[0-9]{2}(?: BC)?|
 # dead-lettered action_id, so a stranger's message cannot take a real one.
 MARK_HEADER = "cdc.producer"
 MARK_VALUE = b"1"
+
+# The keys producer.py writes, and the actions as a set, for the fast path of from_json.
+_FIELDS = frozenset(
+    (
+        "action_id",
+        "action",
+        "emp_id",
+        "first_name",
+        "last_name",
+        "dob",
+        "city",
+        "salary",
+        "txid",
+        "captured_at",
+    )
+)
+_ACTION_SET = frozenset(ACTIONS)
 
 
 class InvalidEventError(BadMessageError):
@@ -195,7 +214,19 @@ class ChangeEvent:
 
     @classmethod
     def from_json(cls, raw: bytes | str | None) -> ChangeEvent:
-        """Decode a Kafka message value. Raises InvalidEventError for anything that is not an event."""
+        """Decode a Kafka message value. Raises InvalidEventError for anything that is not an event.
+
+        A well-formed event takes the fast path (``_from_json_fast``); anything else, valid or
+        not, the checks above, which alone word the errors.
+        """
+        if type(raw) is bytes:
+            event = _from_json_fast(raw)
+            if event is not None:
+                return event
+        return cls._from_json_checked(raw)
+
+    @classmethod
+    def _from_json_checked(cls, raw: bytes | str | None) -> ChangeEvent:
         if raw is None:
             raise InvalidEventError("message has no value (tombstone)")
         if isinstance(raw, bytes):
@@ -232,3 +263,70 @@ class ChangeEvent:
     def key(self) -> bytes:
         """The Kafka key: emp_id as UTF-8 text, so every change of one employee shares a partition."""
         return str(self.employee.emp_id).encode("ascii")
+
+
+def _from_json_fast(raw: bytes) -> ChangeEvent | None:
+    """The event in ``raw`` if it is valid and plain, else None (``from_json`` then decides).
+
+    It accepts only what the checks above accept and gives the same event, faster: orjson
+    instead of json (it refuses what json accepts beyond RFC 8259, such as NaN, lone surrogate
+    escapes and integers above 64 bits, and validates UTF-8 itself), type and range checks
+    inlined, and no lenient DELETE. Nested JSON under unknown keys is left to json, whose
+    nesting limit (a RecursionError) this must not step around.
+    """
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if type(data) is not dict:
+        return None
+    if not _FIELDS.issuperset(data) and (b"[" in raw or raw.count(b"{") != 1):
+        return None
+    get = data.get
+    action_id = get("action_id")
+    action = get("action")
+    emp_id = get("emp_id")
+    if not (
+        type(action_id) is int
+        and 1 <= action_id <= INT8_MAX
+        and type(action) is str
+        and action in _ACTION_SET
+        and type(emp_id) is int
+        and INT4_MIN <= emp_id <= INT4_MAX
+    ):
+        return None
+    first_name = get("first_name")
+    last_name = get("last_name")
+    city = get("city")
+    for text in (first_name, last_name, city):
+        # orjson never yields a lone surrogate, so only length and NUL are left to check.
+        if text is not None and (type(text) is not str or len(text) > TEXT_MAX or "\x00" in text):
+            return None
+    dob = get("dob")
+    if dob is not None and (type(dob) is not str or not DATE_TEXT.fullmatch(dob)):
+        return None
+    salary = get("salary")
+    if salary is not None and (type(salary) is not int or not INT4_MIN <= salary <= INT4_MAX):
+        return None
+    txid = get("txid")
+    if txid is not None and (type(txid) is not int or not 0 <= txid <= XID8_MAX):
+        return None
+    captured_at = get("captured_at")
+    if captured_at is not None:
+        if type(captured_at) is not str:
+            return None
+        try:
+            captured_at = datetime.fromisoformat(captured_at)
+        except ValueError:
+            return None
+        if captured_at.tzinfo is None:
+            return None
+        # Only the first and the last year can leave datetime's range in UTC.
+        if not 1 < captured_at.year < 9999:
+            try:
+                captured_at.astimezone(UTC)
+            except OverflowError:
+                return None
+    return ChangeEvent(
+        action_id, action, Employee(emp_id, first_name, last_name, dob, city, salary), txid, captured_at
+    )

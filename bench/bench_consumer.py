@@ -2,8 +2,12 @@
 
 Starts a private Kafka broker and PostgreSQL servers on free ports under a temporary folder (it
 never touches the services of ``make up``), produces N change events to a fresh topic, then
-times ``ProductionCDCConsumer`` until every event is decided in ``processed_events``: from start
-(group join included) and from its first committed batch (steady state).
+times ``ProductionCDCConsumer`` until every event is decided (its committed-batch count, so the
+bench's own polling costs the database nothing; ``processed_events`` is checked at the end):
+from start (group join included) and from its first committed batch (steady state). Also the
+CPU per event after the first batch: this process (the consumer; the bench thread only sleeps)
+and the destination PostgreSQL server with all its backends. The machine is shared: rates vary
+from run to run, CPU per event much less.
 Prints one line per batch size and writes ``bench-results/consumer.json``.
 """
 
@@ -13,7 +17,9 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import random
+import resource
 import sys
 import tempfile
 import threading
@@ -29,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cdc.kafka import Publisher, admin_client, ensure_topics, producer_config
 from cdc.services import PROJECT_DIR, LocalServices, Ports
 from cdc.settings import Settings, load_settings
-from consumer_final import ProductionCDCConsumer
+from consumer_final import ProductionCDCConsumer, tune_gc
 from employee import MARK_HEADER, MARK_VALUE, ChangeEvent, Employee
 
 
@@ -68,7 +74,31 @@ def processed(url: str) -> int:
         return cur.fetchone()[0]
 
 
-def run_once(env: dict[str, str], n: int, batch_size: int, partitions: int) -> dict[str, float]:
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of ``pids`` and their children processes still running."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        if int(entry.name) in pids or int(fields[1]) in pids:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_once(
+    env: dict[str, str], n: int, batch_size: int, partitions: int, dest_pid: int | None = None
+) -> dict[str, float]:
     tag = uuid.uuid4().hex[:8]
     settings = load_settings(
         env={**env, "LOG_LEVEL": "WARNING"},
@@ -87,29 +117,37 @@ def run_once(env: dict[str, str], n: int, batch_size: int, partitions: int) -> d
         conn.commit()
     produce(settings, events(n, emps=max(1, n // 10)))
 
+    tune_gc()  # as consumer_final.py's main() does, once the produced events are gone
     consumer = ProductionCDCConsumer(settings=settings)
     thread = threading.Thread(target=consumer.run, daemon=True)
+    pg = [dest_pid] if dest_pid else []
     started = time.monotonic()
     first = None  # when the first batch was committed: start-up (group join) excluded
     thread.start()
-    while (done := processed(settings.dest_db_url)) < n:
+    while (done := consumer.stats.get("consumed")) < n:
         if not thread.is_alive():
             raise SystemExit("bench: the consumer stopped early")
         if first is None and done:
-            first = (time.monotonic(), done)
-        time.sleep(0.05)
-    elapsed = time.monotonic() - started
-    steady = (n - first[1]) / (time.monotonic() - first[0]) if first else n / elapsed
+            first = (time.monotonic(), done, own_cpu_seconds(), cpu_seconds(pg))
+        time.sleep(0.01)
+    ended, own_cpu, pg_cpu = time.monotonic(), own_cpu_seconds(), cpu_seconds(pg)
+    elapsed = ended - started
+    first = first or (started, 0, own_cpu, pg_cpu)
+    steady_events = max(1, n - first[1])
     stats = consumer.stats.get_stats()
     consumer.stop()
     thread.join(60)
+    if processed(settings.dest_db_url) != n:
+        raise SystemExit("bench: processed_events does not hold every event")
     return {
         "events": n,
         "batch_size": batch_size,
         "partitions": partitions,
         "seconds": round(elapsed, 2),
         "events_per_s": round(n / elapsed),
-        "steady_events_per_s": round(steady),
+        "steady_events_per_s": round(steady_events / max(ended - first[0], 1e-9)),
+        "consumer_cpu_us_per_event": round((own_cpu - first[2]) / steady_events * 1e6, 1),
+        "dest_pg_cpu_us_per_event": round((pg_cpu - first[3]) / steady_events * 1e6, 1) if pg else None,
         "batch_latency_p50_ms": stats.get("batch_latency_p50_ms", 0),
         "batch_latency_p99_ms": stats.get("batch_latency_p99_ms", 0),
     }
@@ -129,13 +167,15 @@ def main() -> int:
         try:
             services.up()
             for size in (int(s) for s in args.batch_sizes.split(",")):
-                r = run_once(services.env(), args.events, size, args.partitions)
+                r = run_once(services.env(), args.events, size, args.partitions, services.dest.pid())
                 results.append(r)
                 print(
                     f"consumer: {r['events']} events, batch {r['batch_size']}, {r['partitions']} partitions: "
                     f"{r['seconds']} s from start = {r['events_per_s']} events/s, "
                     f"{r['steady_events_per_s']} events/s after the first batch "
-                    f"(batch p50 {r['batch_latency_p50_ms']} ms, p99 {r['batch_latency_p99_ms']} ms)",
+                    f"(batch p50 {r['batch_latency_p50_ms']} ms, p99 {r['batch_latency_p99_ms']} ms; "
+                    f"CPU per event: consumer {r['consumer_cpu_us_per_event']} us, "
+                    f"destination PostgreSQL {r['dest_pg_cpu_us_per_event']} us)",
                     flush=True,
                 )
         finally:

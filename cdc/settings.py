@@ -45,7 +45,7 @@ class Settings:
     topic_replication_factor: int = 1
     consumer_group_id: str = "cdc_consumer"
     producer_batch_size: int = 1000
-    consumer_batch_size: int = 500
+    consumer_batch_size: int = 2000
     poll_interval: float = 1.0
     consume_timeout: float = 1.0
     max_attempts: int = 3

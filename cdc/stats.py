@@ -7,6 +7,7 @@ import os
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Iterable
 from typing import Any
 
 # Latency samples kept per series for percentiles: recent enough to move, big enough for p99.
@@ -46,6 +47,11 @@ class Stats:
     def observe(self, key: str, seconds: float) -> None:
         with self._lock:
             self._latency.setdefault(key, deque(maxlen=LATENCY_WINDOW)).append(seconds)
+
+    def observe_many(self, key: str, seconds: Iterable[float]) -> None:
+        """``observe`` for a whole batch at once (one lock, not one per event)."""
+        with self._lock:
+            self._latency.setdefault(key, deque(maxlen=LATENCY_WINDOW)).extend(seconds)
 
     def get(self, key: str) -> Any:
         with self._lock:

@@ -20,8 +20,13 @@ from consumer_helpers import (
     produce,
 )
 
+from cdc.batch import BatchApplier
+from cdc.db import Database
+from cdc.dlq import CircuitBreaker, DeadLetterQueue
+from cdc.kafka import Received
 from cdc.runner import settings_env
 from cdc.services import PROJECT_DIR
+from cdc.stats import Stats
 from consumer_final import ProductionCDCConsumer
 from employee import ChangeEvent, InvalidEventError
 
@@ -66,6 +71,39 @@ def test_resent_copies_of_a_rejected_event_are_one_dead_letter(settings, clean_d
 
     assert dest_rows(clean_dest) == expected_state(good)
     assert len(dlq_messages(settings)) == 1
+
+
+def test_bad_rows_anywhere_in_a_large_batch_are_found_and_the_rest_applies(settings, clean_dest):
+    # Halves in savepoints down to the bad rows: first, last and one in the middle (each the
+    # only event of its emp_id: a bad event superseded in its batch is stale, never written).
+    bad = {1, 117, 200}
+    events = [
+        event(i, "INSERT", 1000 + i, dob="2023-02-30")
+        if i in bad
+        else event(i, "INSERT" if i <= 50 else "UPDATE", (i - 1) % 50 + 1, salary=i)
+        for i in range(1, 201)
+    ]
+    batch = [Received(settings.cdc_topic, 0, n, ev.key(), ev.to_json(), OURS) for n, ev in enumerate(events)]
+    db, queue, stats = Database(clean_dest), DeadLetterQueue(settings), Stats("t")
+    applier = BatchApplier(
+        db, dlq=queue, breaker=CircuitBreaker(100, 0.9), stats=stats, max_attempts=3, idempotency=True
+    )
+    try:
+        result = applier.apply(batch)
+    finally:
+        queue.close()
+        db.close()
+    assert sorted(letter.record.offset + 1 for letter in result.dead) == sorted(bad)
+    assert {letter.attempts for letter in result.dead} == {3}
+    assert {letter.error_class for letter in result.dead} == {"DatetimeFieldOverflow"}
+    assert stats.get("retries") == len(bad) * 2
+    assert len(result.applied) + len(result.stale) == len(events) - len(bad)
+    assert dest_rows(clean_dest) == expected_state(ev for ev in events if ev.action_id not in bad)
+    assert outcomes(clean_dest) == {
+        **{i.event.action_id: "applied" for i in result.applied},
+        **{i.event.action_id: "stale" for i in result.stale},
+        **dict.fromkeys(bad, "dlq"),
+    }
 
 
 @pytest.mark.parametrize(

@@ -76,7 +76,7 @@ def test_in_isolation_a_replayed_copy_wins_over_a_plain_copy(settings, clean_des
         with Running(ProductionCDCConsumer(settings=s)) as r:
             r.wait(lambda: outcomes(clean_dest).get(5) == "dlq", what="the first dead letter")
     # The cause is fixed, the operator replays; a producer re-send of the same event sits in
-    # front of the replayed copy, and another bad row makes the batch go one by one.
+    # front of the replayed copy, and another bad row sends the batch down the isolation path.
     with dest_constraint(clean_dest, "no_minus_seven", "salary <> -7"):
         produce(settings, [(b"5", rejected.to_json(), OURS), _replayed(rejected),
                          event(6, "INSERT", 6, salary=-7), event(7, "INSERT", 7)])  # fmt: skip

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import Future
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
+from cdc.batch import Decoded
 from cdc.dlq import CircuitBreaker
-from cdc.errors import ConfigError, HaltError
+from cdc.errors import ConfigError, HaltError, TransientError
+from cdc.kafka import Received
 from cdc.settings import load_settings
 from cdc.sink import salvage_ids
-from consumer_final import ProductionCDCConsumer, parse_args
+from consumer_final import ProductionCDCConsumer, _InFlight, parse_args
 
 
 def test_breaker_trips_only_on_a_full_window_of_mostly_failures():
@@ -90,6 +94,69 @@ def test_offsets_refused_during_a_rebalance_stay_pending_until_the_partitions_le
     consumer._uncommitted = {("t", 0): 11, ("t", 1): 21}
     consumer._on_revoke(consumer._consumer, [TopicPartition("t", 1)])  # the refused commit of t[1]
     assert consumer._uncommitted == {("t", 0): 11}  # t[1] left: its new owner re-reads
+
+
+class _CommittingConsumer:
+    """Stands in for confluent_kafka.Consumer.commit: accepts, and keeps what it was given."""
+
+    def __init__(self) -> None:
+        self.committed: list[tuple[str, int, int]] = []
+
+    def commit(self, *, offsets, asynchronous):
+        self.committed += [(tp.topic, tp.partition, tp.offset) for tp in offsets]
+        return offsets
+
+
+def _consumer_owning(*partitions: int) -> ProductionCDCConsumer:
+    consumer = ProductionCDCConsumer(
+        settings=load_settings(env={"DEST_DB_URL": "postgresql://x@h/db"}, dotenv_path=None)
+    )
+    consumer._consumer = _CommittingConsumer()
+    consumer._owned = {("t", p) for p in partitions}
+    return consumer
+
+
+def _batch(partition: int, offsets: range) -> Decoded:
+    return Decoded([Received("t", partition, o, None, None) for o in offsets], [], [])
+
+
+def _in_flight(consumer: ProductionCDCConsumer, batch: Decoded, *, error: BaseException | None = None):
+    done: Future = Future()
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
+    consumer._in_flight = _InFlight(batch, dict(consumer._epochs), done, time.monotonic())
+
+
+def test_a_revoke_waits_for_the_batch_in_flight_and_commits_it_first():
+    consumer = _consumer_owning(0, 1)
+    _in_flight(consumer, Decoded([*_batch(0, range(5, 10)).records, *_batch(1, range(3)).records], [], []))
+    consumer._on_revoke(consumer._consumer, [TopicPartition("t", 0)])
+    assert consumer._consumer.committed == [("t", 0, 10)]
+    assert consumer._in_flight is None and consumer._uncommitted == {("t", 1): 3}
+
+
+def test_a_revoke_leaves_a_failed_batch_in_flight_for_the_loop_to_retry():
+    consumer = _consumer_owning(0)
+    _in_flight(consumer, _batch(0, range(5, 10)), error=TransientError("database restarting"))
+    consumer._on_revoke(consumer._consumer, [TopicPartition("t", 0)])
+    assert consumer._consumer.committed == [] and consumer._uncommitted == {}
+    assert consumer._in_flight is not None
+
+
+def test_a_batch_read_before_its_partition_was_lost_moves_no_offset_after_it_came_back():
+    # What the partition's other owner did meanwhile is unknown: this batch's offsets could skip it.
+    consumer = _consumer_owning(0)
+    _in_flight(consumer, _batch(0, range(5, 10)))
+    consumer._on_lost(consumer._consumer, [TopicPartition("t", 0)])
+    consumer._on_assign(consumer._consumer, [TopicPartition("t", 0)])
+    consumer._await_in_flight()
+    assert consumer._in_flight is None and consumer._uncommitted == {}
+    # A batch read after it came back counts.
+    _in_flight(consumer, _batch(0, range(2, 4)))
+    consumer._await_in_flight()
+    assert consumer._uncommitted == {("t", 0): 4}
 
 
 def test_breaker_window_zero_never_trips():

@@ -5,7 +5,7 @@ from datetime import UTC, date, datetime
 
 import pytest
 
-from employee import INT4_MAX, INT4_MIN, ChangeEvent, Employee, InvalidEventError
+from employee import INT4_MAX, INT4_MIN, ChangeEvent, Employee, InvalidEventError, _from_json_fast
 
 GOOD = {
     "action_id": 1042,
@@ -135,3 +135,40 @@ def test_malformed_messages_name_the_field(raw, field, words):
     assert info.value.field == field
     assert words in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_a_well_formed_event_takes_the_fast_path():
+    ev = ChangeEvent.from_mapping(GOOD)
+    assert _from_json_fast(ev.to_json()) == ev
+    # A newer producer's extra field, flat: still fast.
+    assert _from_json_fast(json.dumps({**GOOD, "source": "x"}).encode()) == ev
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        json.dumps(_with(action_id=2**64)).encode(),  # orjson: a float; json: an int out of range
+        json.dumps(_with(salary=-(2**63) - 1)).encode(),
+        json.dumps(_with(extra=float("nan"))).encode(),  # NaN: json only
+        json.dumps(_with(first_name="a\ud800")).encode(),  # lone surrogate escape: json only
+        json.dumps(_with(action="DELETE", dob="1/2/3")).encode(),  # lenient DELETE
+        json.dumps(_with(extra=[1, {"a": 2}])).encode(),  # nested under an unknown key
+    ],
+)
+def test_what_the_fast_path_declines_is_decided_by_the_checks(raw):
+    assert _from_json_fast(raw) is None
+    try:
+        expected = ChangeEvent._from_json_checked(raw)
+    except InvalidEventError as exc:
+        with pytest.raises(InvalidEventError) as info:
+            ChangeEvent.from_json(raw)
+        assert (str(info.value), info.value.field) == (str(exc), exc.field)
+    else:
+        assert ChangeEvent.from_json(raw) == expected
+
+
+def test_nesting_under_an_unknown_key_deeper_than_json_takes_is_still_invalid():
+    # orjson takes 1,000 levels, json's recursion limit does not: the answer stays json's.
+    deep = b'{"action_id": 1, "action": "INSERT", "emp_id": 1, "extra": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+    with pytest.raises(InvalidEventError, match="nested too deeply"):
+        ChangeEvent.from_json(deep)

@@ -27,7 +27,16 @@ from cdc.dlq import CircuitBreaker, DeadLetterQueue
 from cdc.kafka import Received
 from cdc.sink import salvage_ids
 from cdc.stats import Stats
-from employee import ACTIONS, INT4_MAX, INT4_MIN, MARK_HEADER, MARK_VALUE, ChangeEvent, InvalidEventError
+from employee import (
+    ACTIONS,
+    INT4_MAX,
+    INT4_MIN,
+    MARK_HEADER,
+    MARK_VALUE,
+    ChangeEvent,
+    InvalidEventError,
+    _from_json_fast,
+)
 
 EXAMPLES = int(os.environ.get("CDC_FUZZ_EXAMPLES", "200"))
 FUZZ = hsettings(
@@ -165,6 +174,18 @@ def test_decoding_any_bytes_gives_an_event_or_an_invalid_event_error(value):
         str(exc).encode("utf-8")  # printable in a log line and a header
         return
     assert ChangeEvent.from_json(event.to_json()) == event
+
+
+@hsettings(FUZZ, max_examples=EXAMPLES * 10)
+@given(value=values)
+def test_the_fast_decoder_accepts_only_valid_events_and_agrees_with_the_checks(value):
+    fast = _from_json_fast(value) if isinstance(value, bytes) else None
+    try:
+        checked = ChangeEvent._from_json_checked(value)
+    except InvalidEventError:
+        assert fast is None
+        return
+    assert fast is None or fast == checked
 
 
 def _value(generated: bytes | tuple | None, base: int) -> bytes | None:
