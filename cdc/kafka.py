@@ -16,7 +16,9 @@ from cdc.settings import Settings
 log = logging.getLogger(__name__)
 
 # Seconds per flush() call while waiting for acknowledgements, and between "still waiting" lines.
-FLUSH_STEP = 1.0
+# Under 0.2 s: confluent-kafka splits a longer flush() into steps of its own, and on that path the
+# exception of a fatal error raised in a callback can get lost (a SystemError without a cause).
+FLUSH_STEP = 0.1
 WAITING_NOTE_EVERY = 10.0
 
 # What the client raises: a fatal error raised while it serves a delivery report surfaces as a
@@ -25,7 +27,7 @@ CLIENT_ERRORS = (KafkaException, SystemError)
 
 Headers = list[tuple[str, bytes]]
 # One message to send: topic, key, value, headers.
-Outgoing = tuple[str, bytes | None, bytes | None, Headers | None]
+Outgoing = tuple[str, bytes | str | None, bytes | str | None, Headers | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,15 +129,18 @@ def ensure_topics(settings: Settings, admin: AdminClient | None = None, *, timeo
 
 
 class _Batch:
-    """Delivery reports of one send(): a late report of an earlier batch never counts here."""
+    """Failed deliveries of one send(): a late report of an earlier batch never counts here.
+
+    Only failures are reported (``delivery.report.only.error``): a success costs no Python call
+    and no message object. That every message was acknowledged is seen from the producer's queue
+    running empty (librdkafka counts a message there until its delivery report was served).
+    """
 
     def __init__(self) -> None:
-        self.pending = 0
         self.failed = 0
         self.first_error: KafkaError | None = None
 
     def __call__(self, err: KafkaError | None, msg: Message) -> None:
-        self.pending -= 1
         if err is not None:
             self.failed += 1
             if self.first_error is None:
@@ -161,9 +166,10 @@ class Publisher:
     """A producer that sends a batch and confirms every delivery report, or raises DeliveryError.
 
     ``poll(0)`` after each produce, a full local queue waited out by polling, then ``flush()``
-    until every report is in (or ``flush_timeout`` passes). A fatal error (an idempotent
-    producer that lost its sequence state refuses everything from then on) replaces the
-    producer at once, so sending the batch again goes through a fresh one.
+    until the queue is empty (or ``flush_timeout`` passes): every message of the batch has been
+    acknowledged, unless a failed delivery was reported. A fatal error (an idempotent producer
+    that lost its sequence state refuses everything from then on) replaces the producer at once,
+    so sending the batch again goes through a fresh one.
     """
 
     def __init__(
@@ -172,7 +178,12 @@ class Publisher:
         self.flush_timeout = flush_timeout
         self.restarts = 0
         self._log = logger
-        self._config = {**config, "error_cb": self._on_error, "logger": logger}
+        self._config = {
+            **config,
+            "delivery.report.only.error": True,
+            "error_cb": self._on_error,
+            "logger": logger,
+        }
         self._fatal: KafkaError | None = None
         self._producer = Producer(self._config)
 
@@ -193,11 +204,17 @@ class Publisher:
         prefix = f"{what}: " if what else ""
         batch = _Batch()
         count = 0
+        unacknowledged = 0
+        produce, poll = self._producer.produce, self._producer.poll
         try:
             for topic, key, value, headers in messages:
-                self._produce(batch, topic, key, value, headers)
+                try:
+                    produce(topic, value, key, on_delivery=batch, headers=headers)
+                except BufferError:
+                    self._produce_when_room(batch, topic, key, value, headers)
+                poll(0)
                 count += 1
-            self._flush(batch, count)
+            unacknowledged = self._flush(count)
         except CLIENT_ERRORS as exc:
             err = _kafka_error(exc)
             if err is None:
@@ -216,41 +233,48 @@ class Publisher:
             raise DeliveryError(
                 f"{prefix}{batch.failed} of {count} messages not delivered: {batch.first_error.str()}"
             )
-        if batch.pending:
+        if unacknowledged:
             raise DeliveryError(
-                f"{prefix}{batch.pending} message(s) not acknowledged in {self.flush_timeout:.0f}s"
+                f"{prefix}{unacknowledged} message(s) not acknowledged in {self.flush_timeout:.0f}s"
             )
         return count
 
-    def _produce(
-        self, batch: _Batch, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None
+    def _produce_when_room(
+        self,
+        batch: _Batch,
+        topic: str,
+        key: bytes | str | None,
+        value: bytes | str | None,
+        headers: Headers | None,
     ) -> None:
         while True:
+            # The local queue is full: serve delivery reports to make room, then retry.
+            self._producer.poll(0.1)
             try:
-                self._producer.produce(topic, key=key, value=value, headers=headers, on_delivery=batch)
-                break
+                self._producer.produce(topic, value, key, on_delivery=batch, headers=headers)
+                return
             except BufferError:
-                # The local queue is full: serve delivery reports to make room, then retry.
-                self._producer.poll(0.1)
-        batch.pending += 1
-        self._producer.poll(0)
+                continue
 
-    def _flush(self, batch: _Batch, count: int) -> None:
+    def _flush(self, count: int) -> int:
+        """Flush until the queue is empty; returns what is still queued (after ``flush_timeout``)."""
         started = time.monotonic()
         next_note = started + WAITING_NOTE_EVERY
-        while batch.pending > 0 and self._fatal is None:
-            self._producer.flush(FLUSH_STEP)
+        queued = len(self._producer)
+        while queued and self._fatal is None:
+            queued = self._producer.flush(FLUSH_STEP)
             now = time.monotonic()
             if self.flush_timeout is not None and now - started >= self.flush_timeout:
-                return
-            if batch.pending > 0 and now >= next_note:
+                break
+            if queued and now >= next_note:
                 next_note += WAITING_NOTE_EVERY
                 log.warning(
                     "waiting for Kafka to acknowledge %d of %d messages (%.0fs so far)",
-                    batch.pending,
+                    min(queued, count),
                     count,
                     now - started,
                 )
+        return queued
 
     def _fatal_cause(self, err: KafkaError) -> KafkaError:
         """The error that made the producer fatal, not produce()'s bare _FATAL.
@@ -275,10 +299,12 @@ class Publisher:
         self.restarts += 1
         return fatal
 
-    def close(self, timeout: float = FLUSH_STEP) -> None:
+    def close(self, timeout: float = 1.0) -> None:
         """Wait up to ``timeout`` for anything still queued (send() normally leaves nothing)."""
+        deadline = time.monotonic() + timeout
         try:
-            self._producer.flush(timeout)
+            while len(self._producer) and time.monotonic() < deadline:
+                self._producer.flush(FLUSH_STEP)
         except CLIENT_ERRORS as exc:
             if _kafka_error(exc) is None:
                 raise
