@@ -13,8 +13,9 @@ folder, then, ``--rounds`` times:
   start-up), of the source PostgreSQL server and of the broker; the producer's peak RSS;
 - steady (``--rate`` > 0): runs the daemon while writers commit ``--rate`` single-statement
   transactions per second (UPDATEs of random rows) for ``--steady-seconds``: the producer's CPU
-  in % of one core and its capture-to-acknowledgement p50/p99 (``/metrics``); with ``--e2e`` also
-  ``consumer_final.py``, for the source-commit-to-destination-commit p50/p99 it measures.
+  in % of one core (and the source server's and the broker's, writers included) and its
+  capture-to-acknowledgement p50/p99 (``/metrics``); with ``--e2e`` also ``consumer_final.py``,
+  for the source-commit-to-destination-commit p50/p99 it measures.
 
 Then samples the idle daemon's CPU. ``--compare DIR`` runs the same scenarios, alternating in
 the same session, with the producer.py of another checkout (e.g. ``git worktree add /tmp/base
@@ -290,15 +291,22 @@ class Bench:
             for w in writers:
                 w.start()
             time.sleep(STEADY_WARMUP)
+            pg, broker = self.services.source.pid(), self.services.kafka.pid()
+            assert pg is not None and broker is not None
             published0 = metrics(port).get("cdc_producer_published", 0)
+            pg0, broker0 = server_cpu_seconds(pg), process_cpu_seconds(broker)
             cpu0, t0 = process_cpu_seconds(proc.pid), time.monotonic()
             time.sleep(self.args.steady_seconds)
             cpu, seen = process_cpu_seconds(proc.pid) - cpu0, metrics(port)
+            pg_cpu, broker_cpu = server_cpu_seconds(pg) - pg0, process_cpu_seconds(broker) - broker0
             elapsed = time.monotonic() - t0
             result = {
                 "rate": self.args.rate,
                 "published_per_second": round((seen.get("cdc_producer_published", 0) - published0) / elapsed),
                 "cpu_percent": round(cpu / elapsed * 100, 2),
+                # The whole server and broker: the writers' (and the consumer's) work included.
+                "source_pg_cpu_percent": round(pg_cpu / elapsed * 100, 1),
+                "broker_cpu_percent": round(broker_cpu / elapsed * 100, 1),
                 "capture_to_ack_p50_ms": seen.get("cdc_producer_capture_to_ack_p50_ms"),
                 "capture_to_ack_p99_ms": seen.get("cdc_producer_capture_to_ack_p99_ms"),
             }
@@ -399,7 +407,8 @@ def line(name: str, r: dict[str, object]) -> str:
     steady = r.get("steady")
     if isinstance(steady, dict):
         text += (
-            f"; at {steady.get('rate'):.0f}/s: CPU {rng('cpu_percent', steady)}%, capture->ack p50/p99 "
+            f"; at {steady.get('rate'):.0f}/s: CPU {rng('cpu_percent', steady)}% (source PostgreSQL "
+            f"{rng('source_pg_cpu_percent', steady)}%, broker {rng('broker_cpu_percent', steady)}%), capture->ack p50/p99 "
             f"{rng('capture_to_ack_p50_ms', steady)}/{rng('capture_to_ack_p99_ms', steady)} ms"
         )
         if "e2e_p50_ms" in steady:

@@ -44,7 +44,7 @@ class Settings:
     topic_partitions: int = 6
     topic_replication_factor: int = 1
     consumer_group_id: str = "cdc_consumer"
-    producer_batch_size: int = 1000
+    producer_batch_size: int = 5000
     # A batch that was not full is followed by the next no sooner than this (see producer.py).
     producer_batch_interval_ms: int = 5
     consumer_batch_size: int = 500
