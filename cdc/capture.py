@@ -2,15 +2,20 @@
 
 Rows of ``emp_records_cdc`` are read in ``(txid, action_id)`` order and only behind the xid
 horizon (``txid < pg_snapshot_xmin(pg_current_snapshot())``): every transaction below it has
-ended, so no row can appear behind the cursor later. xid8 values are cast with
-``txid::text::bigint`` (exact below 2**63, i.e. for the next two billion xid epochs).
+ended, so no row can appear behind the cursor later. Each comes out as its Kafka message, key
+and event JSON built by PostgreSQL. xid8 values read into Python are cast with
+``txid::text::bigint`` (exact below 2**63, i.e. for the next two billion xid epochs); the cursor
+itself is read from the last event, so it needs no cast.
 
 One producer is active at a time: it holds a session advisory lock on a dedicated connection,
-which also LISTENs for the trigger's NOTIFY. The cursor only moves while that lock is held.
+which also LISTENs for the trigger's NOTIFY and runs the fetch and the cursor write (prepared
+statements, one round trip each). The cursor only moves through that session, so only while the
+lock is held.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import select
@@ -25,6 +30,7 @@ from psycopg2 import sql
 from cdc.db import CONNECT_TIMEOUT, KEEPALIVES, Database, classify
 from cdc.errors import CDCError, ConfigError, LeadershipLost, SchemaMissingError, TransientError
 from cdc.settings import redact_url
+from employee import ACTIONS, TEXT_MAX
 
 log = logging.getLogger(__name__)
 
@@ -35,55 +41,106 @@ STATE_NAME = "default"
 # A snapshot must not queue behind a long writer for ever: it would block every new writer.
 SNAPSHOT_LOCK_TIMEOUT = "10s"
 
-COLUMNS = (
-    "action_id",
-    "action",
-    "emp_id",
-    "first_name",
-    "last_name",
-    "dob",
-    "city",
-    "salary",
-    "txid",
-    "captured_at",
-)
-
-# dob as text: a date psycopg2 cannot hold (BC, infinity, year > 9999) must not stop the stream.
-_FETCH = """
-SELECT action_id, action, emp_id, first_name, last_name, dob::text, city, salary,
-       txid::text::bigint AS txid, captured_at
-  FROM emp_records_cdc
- WHERE (txid, action_id) > (%(txid)s::text::xid8, %(action_id)s)
-   AND txid < pg_snapshot_xmin(pg_current_snapshot())
- ORDER BY emp_records_cdc.txid, action_id  -- qualified: "txid" alone is the bigint output column
- LIMIT %(limit)s
-"""
-
-# The UPDATE is fenced: it applies only while this producer's lock connection holds the lock,
-# and the cursor never moves backwards.
-# True only while the session %(pid)s holds the producer lock: the fence of every cursor write.
-_HOLDS_LOCK = """
-EXISTS (SELECT 1 FROM pg_locks
-         WHERE locktype = 'advisory' AND classid = %(lock_class)s AND objid = %(lock_id)s
-           AND objsubid = 2 AND pid = %(pid)s AND granted)
-"""
-
-_ADVANCE = f"""
-UPDATE cdc_producer_state
-   SET last_txid = %(txid)s::text::xid8, last_action_id = %(action_id)s,
-       published_total = published_total + %(count)s, updated_at = now()
- WHERE name = %(name)s
-   AND (last_txid, last_action_id) < (%(txid)s::text::xid8, %(action_id)s)
-   AND {_HOLDS_LOCK}
-"""
-
 # The outbox is a queue: its statistics lag behind (a fresh backlog has none), and a planner
 # that guesses few rows picks a full scan and a sort per batch. The (txid, action_id) index is
 # always right for the fetch and the prune, so say so for their transaction.
 _INDEX_ONLY = "SET LOCAL enable_seqscan = off; SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off"
 
-_PRUNE = """
-DELETE FROM emp_records_cdc WHERE (txid, action_id) <= (%(txid)s::text::xid8, %(action_id)s)
+# The event JSON (DESIGN.md "Event") and its key, built by PostgreSQL: byte for byte what
+# ``ChangeEvent.to_json()`` makes of the row, so Python only hands text to Kafka.
+# - to_json() escapes text as json.dumps(ensure_ascii=False) does; to_json(date) is ISO text
+#   ("1815-12-10", "12345-06-07", "0044-03-15 BC", "infinity") whatever the session's DateStyle.
+# - captured_at in UTC whatever the session's TimeZone, as datetime.isoformat() writes it: six
+#   fraction digits, none when there is no fraction, "+00:00". Outside years 1..9999 (which
+#   datetime cannot hold) PostgreSQL's own JSON text, which employee.py refuses.
+# - ``checked``: true when the columns' types and constraints already guarantee a valid event
+#   (the schema's own limits, plus what it allows but the contract refuses: an action_id below 1,
+#   a captured_at outside years 1..9999). Other rows are checked by employee.py before sending.
+_EVENT = """
+'{"action_id":' || action_id || ',"action":' || coalesce(to_json(action)::text, 'null')
+|| ',"emp_id":' || coalesce(emp_id::text, 'null')
+|| ',"first_name":' || coalesce(to_json(first_name)::text, 'null')
+|| ',"last_name":' || coalesce(to_json(last_name)::text, 'null')
+|| ',"dob":' || coalesce(to_json(dob)::text, 'null')
+|| ',"city":' || coalesce(to_json(city)::text, 'null')
+|| ',"salary":' || coalesce(salary::text, 'null')
+|| ',"txid":' || txid
+|| ',"captured_at":' || coalesce(
+       CASE WHEN captured_at >= '0001-01-01 00:00:00+00' AND captured_at < '10000-01-01 00:00:00+00'
+            THEN '"' || replace(to_char(captured_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US'),
+                                '.000000', '') || '+00:00"'
+            ELSE to_json(captured_at)::text END,
+       'null')
+|| '}'
+"""
+
+_CHECKED = """
+action_id > 0 AND action = ANY($4) AND emp_id IS NOT NULL
+AND captured_at >= '0001-01-01 00:00:00+00' AND captured_at < '10000-01-01 00:00:00+00'
+AND (action = 'DELETE' OR coalesce(greatest(length(first_name), length(last_name), length(city)), 0) <= $5)
+"""
+
+
+@dataclass(frozen=True)
+class Statement:
+    """A statement of the hot path, prepared once on the producer's own session (``Leadership``):
+    no parse or plan per batch, and a short EXECUTE on the wire."""
+
+    name: str
+    types: tuple[str, ...]  # of $1, $2, ...
+    text: str
+
+    @property
+    def prepare(self) -> str:
+        return f"PREPARE {self.name} ({', '.join(self.types)}) AS {self.text}"
+
+    @property
+    def execute(self) -> str:
+        return f"EXECUTE {self.name} ({', '.join(['%s'] * len(self.types))})"
+
+
+# $1, $2: the cursor (txid as text), $3: the limit, $4: the actions, $5: the text length limit.
+_FETCH = Statement(
+    "cdc_fetch",
+    ("xid8", "bigint", "int", "text[]", "int"),
+    f"""
+SELECT emp_id::text, {_EVENT}, extract(epoch FROM captured_at)::float8, coalesce({_CHECKED}, false)
+  FROM emp_records_cdc
+ WHERE (txid, action_id) > ($1, $2)
+   AND txid < pg_snapshot_xmin(pg_current_snapshot())
+ ORDER BY txid, action_id
+ LIMIT $3
+""",
+)
+
+# Store the cursor ($1, $2; $3 more published under row $4) and, with $5, delete the rows at or
+# behind it: one statement, so one transaction. It runs on the session that holds the producer
+# lock, so it applies only while this producer is the active one (a lost session fails it), and
+# the cursor never moves backwards; nothing is pruned then.
+_ADVANCE = Statement(
+    "cdc_advance",
+    ("xid8", "bigint", "bigint", "text", "boolean"),
+    """
+WITH moved AS (
+    UPDATE cdc_producer_state
+       SET last_txid = $1, last_action_id = $2, published_total = published_total + $3, updated_at = now()
+     WHERE name = $4 AND (last_txid, last_action_id) < ($1, $2)
+    RETURNING 1
+), pruned AS (
+    DELETE FROM emp_records_cdc
+     WHERE $5 AND EXISTS (SELECT FROM moved) AND (txid, action_id) <= ($1, $2)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM pruned)
+""",
+)
+
+# True only while the session %(pid)s holds the producer lock: the fence of a cursor reset, which
+# runs on a pooled connection.
+_HOLDS_LOCK = """
+EXISTS (SELECT 1 FROM pg_locks
+         WHERE locktype = 'advisory' AND classid = %(lock_class)s AND objid = %(lock_id)s
+           AND objsubid = 2 AND pid = %(pid)s AND granted)
 """
 
 _BACKLOG = """
@@ -170,6 +227,23 @@ class Backlog:
     rows: int  # not yet published, readable or not
     held_back: int  # committed, but behind an open transaction's xid: not readable yet
     held_for: float  # seconds the oldest held-back row has waited
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The next outbox rows as Kafka messages, in cursor order (``Outbox.fetch``).
+
+    Each row: key (emp_id as text), value (the event JSON), captured_at (epoch seconds, for the
+    latency stats) and ``checked`` (False: employee.py must look at it, see ``_CHECKED``).
+    """
+
+    rows: list[tuple[str, str, float | None, bool]]
+
+    @property
+    def last(self) -> Cursor:
+        """The cursor after this batch: the position of its last event."""
+        event = json.loads(self.rows[-1][1])
+        return Cursor(event["txid"], event["action_id"])
 
 
 class Outbox:
@@ -275,37 +349,6 @@ class Outbox:
             behind, ahead = cur.fetchone()
         return CursorReset(old, new, restamped, stamp, behind, ahead)
 
-    def fetch(self, after: Cursor, limit: int) -> list[dict[str, Any]]:
-        """The next rows after ``after`` whose transactions have all ended, in cursor order."""
-        with self.db.connection() as conn, conn.cursor() as cur:
-            # dob::text follows DateStyle: the event carries ISO text, whatever the session says.
-            cur.execute(_INDEX_ONLY + "; SET LOCAL DateStyle = ISO")
-            cur.execute(_FETCH, {"txid": after.txid, "action_id": after.action_id, "limit": limit})
-            return [dict(zip(COLUMNS, row, strict=True)) for row in cur.fetchall()]
-
-    def advance(self, to: Cursor, count: int, *, lock_pid: int, prune: bool) -> int:
-        """Store the cursor (and prune behind it) in one transaction. Returns rows pruned."""
-        params = {
-            "txid": to.txid,
-            "action_id": to.action_id,
-            "count": count,
-            "name": STATE_NAME,
-            "lock_class": LOCK_CLASS,
-            "lock_id": LOCK_ID,
-            "pid": lock_pid,
-        }
-        with self.db.connection() as conn, conn.cursor() as cur:
-            cur.execute(_ADVANCE, params)
-            if cur.rowcount != 1:
-                raise LeadershipLost(
-                    "cursor not stored: this producer no longer holds the lock (or another moved the cursor)"
-                )
-            if not prune:
-                return 0
-            cur.execute(_INDEX_ONLY)
-            cur.execute(_PRUNE, params)
-            return cur.rowcount
-
     def backlog(self, after: Cursor) -> Backlog:
         with self.db.connection() as conn, conn.cursor() as cur:
             cur.execute(_BACKLOG, {"txid": after.txid, "action_id": after.action_id})
@@ -360,13 +403,27 @@ class Outbox:
 
 
 class Leadership:
-    """A dedicated connection holding the producer's advisory lock and LISTENing on the channel."""
+    """The active producer's own session: it holds the advisory lock, LISTENs on the channel, and
+    runs the hot path (``fetch``, ``advance``) as prepared statements.
 
-    def __init__(self, dsn: str, channel: str, *, application_name: str = "cdc-producer-lock") -> None:
+    The cursor is written only here: a session that lost the lock is a session that is gone, so
+    a producer replaced by another can never move the cursor.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        channel: str,
+        *,
+        application_name: str = "cdc-producer-lock",
+        statement_timeout_ms: int = 30000,
+    ) -> None:
         self.dsn = dsn
         self.channel = channel
         self.application_name = application_name
+        self.statement_timeout_ms = statement_timeout_ms
         self._conn: psycopg2.extensions.connection | None = None
+        self._prepared: set[str] = set()
         self.pid: int | None = None  # backend pid of the lock connection while the lock is held
 
     @property
@@ -379,13 +436,12 @@ class Leadership:
             return True
         try:
             if self._conn is None or self._conn.closed:
+                self._prepared.clear()
                 self._conn = psycopg2.connect(
                     self.dsn,
                     connect_timeout=CONNECT_TIMEOUT,
                     application_name=self.application_name,
-                    # The server keeps the lock until it sees this session die: if this host
-                    # or its network goes away, its own keepalives tell it within about a minute.
-                    options="-c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3",
+                    options=" ".join(f"-c {name}={value}" for name, value in self._session_settings()),
                     **KEEPALIVES,
                 )
                 self._conn.autocommit = True
@@ -401,6 +457,58 @@ class Leadership:
         self.pid = pid
         return True
 
+    def _session_settings(self) -> list[tuple[str, object]]:
+        return [
+            # The server keeps the lock until it sees this session die: if this host or its
+            # network goes away, its own keepalives tell it within about a minute.
+            ("tcp_keepalives_idle", 30),
+            ("tcp_keepalives_interval", 10),
+            ("tcp_keepalives_count", 3),
+            ("statement_timeout", self.statement_timeout_ms),
+            # The outbox's statistics lag behind (see _INDEX_ONLY): the prepared statements
+            # read it through the (txid, action_id) index, with one plan for every batch.
+            ("enable_seqscan", "off"),
+            ("enable_sort", "off"),
+            ("enable_bitmapscan", "off"),
+            ("plan_cache_mode", "force_generic_plan"),
+        ]
+
+    def fetch(self, after: Cursor, limit: int) -> Batch:
+        """The next rows after ``after`` whose transactions have all ended, in cursor order."""
+        return Batch(self._run(_FETCH, (str(after.txid), after.action_id, limit, list(ACTIONS), TEXT_MAX)))
+
+    def advance(self, to: Cursor, count: int, *, prune: bool) -> int:
+        """Store the cursor (and prune behind it) in one transaction. Returns rows pruned."""
+        [(moved, pruned)] = self._run(_ADVANCE, (str(to.txid), to.action_id, count, STATE_NAME, prune))
+        if moved != 1:
+            raise LeadershipLost("cursor not stored: another producer moved it (this one was replaced)")
+        return pruned
+
+    def _run(self, statement: Statement, params: tuple[object, ...]) -> list[tuple[Any, ...]]:
+        """Execute ``statement`` on the lock session (preparing it the first time).
+
+        A failed session means the lock is gone: LeadershipLost. Any other error is classified
+        as the pool does (``cdc.db.classify``).
+        """
+        if not self.held:
+            raise LeadershipLost("the lock connection is closed")
+        assert self._conn is not None
+        try:
+            with self._conn.cursor() as cur:
+                if statement.name not in self._prepared:
+                    cur.execute(statement.prepare)
+                    self._prepared.add(statement.name)
+                cur.execute(statement.execute, params)
+                return cur.fetchall()
+        except psycopg2.Error as exc:
+            if self._conn.closed:
+                self.close()
+                raise LeadershipLost(f"the lock connection failed: {_first_line(exc)}") from exc
+            mapped = classify(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
+
     def wait(self, timeout: float, wakeup_fd: int | None = None) -> bool:
         """Sleep until a NOTIFY, a signal (``wakeup_fd`` readable) or ``timeout``. True if notified.
 
@@ -409,6 +517,10 @@ class Leadership:
         if not self.held:
             raise LeadershipLost("the lock connection is closed")
         assert self._conn is not None
+        if self._conn.notifies:
+            # Arrived with the results of a statement on this session: already read off the socket.
+            self._conn.notifies.clear()
+            return True
         fds = [self._conn] if wakeup_fd is None else [self._conn, wakeup_fd]
         ready, _, _ = select.select(fds, [], [], timeout)
         if wakeup_fd is not None and wakeup_fd in ready:
@@ -424,8 +536,7 @@ class Leadership:
             self._conn.poll()
         except psycopg2.Error as exc:
             self.close()
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise LeadershipLost(f"the lock connection failed: {reason}") from exc
+            raise LeadershipLost(f"the lock connection failed: {_first_line(exc)}") from exc
         notified = bool(self._conn.notifies)
         self._conn.notifies.clear()
         return notified
@@ -442,6 +553,10 @@ class Leadership:
 
     def __repr__(self) -> str:
         return f"Leadership({redact_url(self.dsn)}, pid={self.pid})"
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _drain(fd: int) -> None:

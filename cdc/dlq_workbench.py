@@ -356,6 +356,7 @@ def send(settings: Settings, plans: Sequence[Planned], audit: AuditLog) -> list[
         producer_config(settings, **{"client.id": f"{settings.consumer_group_id}.dlq-workbench", **QUIET}),
         logger=dlq.KAFKA_LOG,
         flush_timeout=dlq.FLUSH_TIMEOUT,
+        report_successes=True,
     )
     acked: dict[int, Sent] = {}
 

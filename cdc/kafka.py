@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from functools import partial
 from typing import NamedTuple
 
@@ -18,7 +17,9 @@ from cdc.settings import Settings
 log = logging.getLogger(__name__)
 
 # Seconds per flush() call while waiting for acknowledgements, and between "still waiting" lines.
-FLUSH_STEP = 1.0
+# Under 0.2 s: confluent-kafka splits a longer flush() into steps of its own, and on that path the
+# exception of a fatal error raised in a callback can get lost (a SystemError without a cause).
+FLUSH_STEP = 0.1
 WAITING_NOTE_EVERY = 10.0
 
 # What the client raises: a fatal error raised while it serves a delivery report surfaces as a
@@ -28,7 +29,7 @@ CLIENT_ERRORS = (KafkaException, SystemError)
 Headers = list[tuple[str, bytes]]
 _new_tuple = tuple.__new__
 # One message to send: topic, key, value, headers.
-Outgoing = tuple[str, bytes | None, bytes | None, Headers | None]
+Outgoing = tuple[str, bytes | str | None, bytes | str | None, Headers | None]
 
 
 class Received(NamedTuple):
@@ -177,16 +178,19 @@ def ensure_topics(settings: Settings, admin: AdminClient | None = None, *, timeo
 
 
 class _Batch:
-    """Delivery reports of one send(): a late report of an earlier batch never counts here."""
+    """Failed deliveries of one send(): a late report of an earlier batch never counts here.
+
+    Only failures are reported (``delivery.report.only.error``): a success costs no Python call
+    and no message object. That every message was acknowledged is seen from the producer's queue
+    running empty (librdkafka counts a message there until its delivery report was served).
+    """
 
     def __init__(self, on_delivered: Callable[[int, Message], None] | None = None) -> None:
-        self.pending = 0
         self.failed = 0
         self.first_error: KafkaError | None = None
         self.on_delivered = on_delivered
 
     def __call__(self, err: KafkaError | None, msg: Message) -> None:
-        self.pending -= 1
         if err is not None:
             self.failed += 1
             if self.first_error is None:
@@ -217,18 +221,33 @@ class Publisher:
     """A producer that sends a batch and confirms every delivery report, or raises DeliveryError.
 
     ``poll(0)`` after each produce, a full local queue waited out by polling, then ``flush()``
-    until every report is in (or ``flush_timeout`` passes). A fatal error (an idempotent
-    producer that lost its sequence state refuses everything from then on) replaces the
-    producer at once, so sending the batch again goes through a fresh one.
+    until the queue is empty (or ``flush_timeout`` passes): every message of the batch has been
+    acknowledged, unless a failed delivery was reported. A fatal error (an idempotent producer
+    that lost its sequence state refuses everything from then on) replaces the producer at once,
+    so sending the batch again goes through a fresh one.
     """
 
     def __init__(
-        self, config: dict[str, object], *, logger: logging.Logger, flush_timeout: float | None = None
+        self,
+        config: dict[str, object],
+        *,
+        logger: logging.Logger,
+        flush_timeout: float | None = None,
+        report_successes: bool = False,
     ) -> None:
+        """``report_successes``: deliver success reports to Python too, which ``send``'s
+        ``on_delivered`` needs (the DLQ workbench); the daemons leave it off (it costs a Python
+        call per message)."""
         self.flush_timeout = flush_timeout
+        self.report_successes = report_successes
         self.restarts = 0
         self._log = logger
-        self._config = {**config, "error_cb": self._on_error, "logger": logger}
+        self._config = {
+            **config,
+            "delivery.report.only.error": not report_successes,
+            "error_cb": self._on_error,
+            "logger": logger,
+        }
         self._fatal: KafkaError | None = None
         self._producer = Producer(self._config)
 
@@ -255,14 +274,22 @@ class Publisher:
         others fail: where each one landed (delivery reports carry no headers to tell them apart).
         """
         prefix = f"{what}: " if what else ""
+        if on_delivered is not None and not self.report_successes:
+            raise ValueError("send(on_delivered=...) needs a Publisher made with report_successes=True")
         batch = _Batch(on_delivered)
         count = 0
+        unacknowledged = 0
+        produce, poll = self._producer.produce, self._producer.poll
         try:
             for topic, key, value, headers in messages:
                 report = batch if on_delivered is None else partial(batch.numbered, count)
-                self._produce(report, batch, topic, key, value, headers)
+                try:
+                    produce(topic, value, key, on_delivery=report, headers=headers)
+                except BufferError:
+                    self._produce_when_room(report, topic, key, value, headers)
+                poll(0)
                 count += 1
-            self._flush(batch, count)
+            unacknowledged = self._flush(count)
         except CLIENT_ERRORS as exc:
             err = _kafka_error(exc)
             if err is None:
@@ -281,47 +308,48 @@ class Publisher:
             raise DeliveryError(
                 f"{prefix}{batch.failed} of {count} messages not delivered: {batch.first_error.str()}"
             )
-        if batch.pending:
+        if unacknowledged:
             raise DeliveryError(
-                f"{prefix}{batch.pending} message(s) not acknowledged in {self.flush_timeout:.0f}s"
+                f"{prefix}{unacknowledged} message(s) not acknowledged in {self.flush_timeout:.0f}s"
             )
         return count
 
-    def _produce(
+    def _produce_when_room(
         self,
         report: Callable[[KafkaError | None, Message], None],
-        batch: _Batch,
         topic: str,
-        key: bytes | None,
-        value: bytes | None,
+        key: bytes | str | None,
+        value: bytes | str | None,
         headers: Headers | None,
     ) -> None:
         while True:
+            # The local queue is full: serve delivery reports to make room, then retry.
+            self._producer.poll(0.1)
             try:
-                self._producer.produce(topic, key=key, value=value, headers=headers, on_delivery=report)
-                break
+                self._producer.produce(topic, value, key, on_delivery=report, headers=headers)
+                return
             except BufferError:
-                # The local queue is full: serve delivery reports to make room, then retry.
-                self._producer.poll(0.1)
-        batch.pending += 1
-        self._producer.poll(0)
+                continue
 
-    def _flush(self, batch: _Batch, count: int) -> None:
+    def _flush(self, count: int) -> int:
+        """Flush until the queue is empty; returns what is still queued (after ``flush_timeout``)."""
         started = time.monotonic()
         next_note = started + WAITING_NOTE_EVERY
-        while batch.pending > 0 and self._fatal is None:
-            self._producer.flush(FLUSH_STEP)
+        queued = len(self._producer)
+        while queued and self._fatal is None:
+            queued = self._producer.flush(FLUSH_STEP)
             now = time.monotonic()
             if self.flush_timeout is not None and now - started >= self.flush_timeout:
-                return
-            if batch.pending > 0 and now >= next_note:
+                break
+            if queued and now >= next_note:
                 next_note += WAITING_NOTE_EVERY
                 log.warning(
                     "waiting for Kafka to acknowledge %d of %d messages (%.0fs so far)",
-                    batch.pending,
+                    min(queued, count),
                     count,
                     now - started,
                 )
+        return queued
 
     def _fatal_cause(self, err: KafkaError) -> KafkaError:
         """The error that made the producer fatal, not produce()'s bare _FATAL.
@@ -346,10 +374,12 @@ class Publisher:
         self.restarts += 1
         return fatal
 
-    def close(self, timeout: float = FLUSH_STEP) -> None:
+    def close(self, timeout: float = 1.0) -> None:
         """Wait up to ``timeout`` for anything still queued (send() normally leaves nothing)."""
+        deadline = time.monotonic() + timeout
         try:
-            self._producer.flush(timeout)
+            while len(self._producer) and time.monotonic() < deadline:
+                self._producer.flush(FLUSH_STEP)
         except CLIENT_ERRORS as exc:
             if _kafka_error(exc) is None:
                 raise

@@ -44,7 +44,9 @@ class Settings:
     topic_partitions: int = 6
     topic_replication_factor: int = 1
     consumer_group_id: str = "cdc_consumer"
-    producer_batch_size: int = 1000
+    producer_batch_size: int = 5000
+    # A batch that was not full is followed by the next no sooner than this (see producer.py).
+    producer_batch_interval_ms: int = 5
     consumer_batch_size: int = 2000
     poll_interval: float = 1.0
     consume_timeout: float = 1.0
@@ -101,6 +103,7 @@ _ENV_FIELDS: dict[str, tuple[str, Any]] = {
     "CDC_TOPIC_REPLICATION_FACTOR": ("topic_replication_factor", int),
     "CONSUMER_GROUP_ID": ("consumer_group_id", _str),
     "PRODUCER_BATCH_SIZE": ("producer_batch_size", int),
+    "PRODUCER_BATCH_INTERVAL_MS": ("producer_batch_interval_ms", int),
     "CONSUMER_BATCH_SIZE": ("consumer_batch_size", int),
     "POLL_INTERVAL": ("poll_interval", float),
     "CONSUME_TIMEOUT": ("consume_timeout", float),
@@ -270,6 +273,8 @@ def validate(s: Settings) -> None:
             raise bad(fname, "must be greater than 0")
     if s.horizon_warn_seconds < 0:
         raise bad("horizon_warn_seconds", "must not be negative")
+    if not 0 <= s.producer_batch_interval_ms <= 1000:
+        raise bad("producer_batch_interval_ms", "must be between 0 and 1000")
     if not 0 <= s.metrics_port <= 65535:
         raise bad("metrics_port", "must be a TCP port (0 turns the endpoint off)")
     if s.log_level not in LOG_LEVELS:

@@ -412,27 +412,28 @@ def test_a_producer_that_loses_its_lock_session_stands_by(settings, clean_source
 
 
 def test_cursor_update_is_fenced_by_the_lock(clean_source):
+    """The cursor is written on the session that holds the lock: a producer whose session is gone
+    (and so its lock, now another's) cannot move it, nor can anyone move it backwards."""
     insert_employees(clean_source, 3)
-    db = Database(clean_source)
-    outbox = Outbox(db)
-    leader = Leadership(clean_source, "emp_records_cdc")
+    first = Leadership(clean_source, "emp_records_cdc")
+    second = Leadership(clean_source, "emp_records_cdc")
     try:
-        rows = outbox.fetch(Cursor(), 10)
-        last = Cursor(rows[-1]["txid"], rows[-1]["action_id"])
-        # A session that does not hold the lock cannot move the cursor.
-        with connect(clean_source) as other, pytest.raises(LeadershipLost):
-            outbox.advance(last, 3, lock_pid=other.get_backend_pid(), prune=False)
-        assert leader.try_acquire()
-        assert leader.pid is not None
-        outbox.advance(last, 3, lock_pid=leader.pid, prune=False)
-        assert outbox.load_cursor() == last
-        # Nor can anyone move it backwards.
+        assert first.try_acquire()
+        last = first.fetch(Cursor(), 10).last
+        assert not second.try_acquire()
+        execute(clean_source, "SELECT pg_terminate_backend(%s)", (first.pid,))
+        assert second.try_acquire()
         with pytest.raises(LeadershipLost):
-            outbox.advance(Cursor(last.txid, last.action_id - 1), 1, lock_pid=leader.pid, prune=False)
+            first.advance(last, 3, prune=False)
+        assert not first.try_acquire()  # its new session does not get the lock either
+        second.advance(last, 3, prune=False)
+        assert Outbox(Database(clean_source)).load_cursor() == last
+        with pytest.raises(LeadershipLost):
+            second.advance(Cursor(last.txid, last.action_id - 1), 1, prune=False)
         assert cursor_row(clean_source) == (last.txid, last.action_id, 3)
     finally:
-        leader.close()
-        db.close()
+        first.close()
+        second.close()
 
 
 def test_snapshot_gives_up_clearly_behind_a_long_writer(settings, clean_source, producers):

@@ -8,6 +8,7 @@ lock) and ``DateStyle`` (the text form of dob).
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -18,7 +19,7 @@ import psycopg2.errors
 import pytest
 from support import connect, execute, query, scalar, source_database, wait_until
 
-from cdc.capture import Cursor, Outbox
+from cdc.capture import Cursor, Leadership, Outbox
 from cdc.db import Database
 
 pytestmark = pytest.mark.integration
@@ -244,13 +245,12 @@ def test_fetched_dob_is_iso_text_whatever_the_datestyle(service_env):
             "INSERT INTO employees (first_name, dob) SELECT 'x', d::date FROM unnest(%s::text[]) AS d",
             (DATES,),
         )
-        db = Database(url, maxconn=1)
+        leader = Leadership(url, "emp_records_cdc")
         try:
-            assert [r["dob"] for r in Outbox(db).fetch(Cursor(), 10)] == DATES
-            # The same pooled connection after something set the session's DateStyle (a pooler
-            # handing over a server connection does that): still ISO.
-            with db.connection() as conn:
-                conn.cursor().execute("SET DateStyle = 'SQL, DMY'")
-            assert [r["dob"] for r in Outbox(db).fetch(Cursor(), 10)] == DATES
+            assert leader.try_acquire()
+            assert [json.loads(value)["dob"] for _, value, _, _ in leader.fetch(Cursor(), 10).rows] == DATES
+            # After something set the session's DateStyle: still ISO.
+            leader._conn.cursor().execute("SET DateStyle = 'SQL, DMY'")
+            assert [json.loads(value)["dob"] for _, value, _, _ in leader.fetch(Cursor(), 10).rows] == DATES
         finally:
-            db.close()
+            leader.close()
