@@ -43,7 +43,8 @@ SNAPSHOT_LOCK_TIMEOUT = "10s"
 
 # The outbox is a queue: its statistics lag behind (a fresh backlog has none), and a planner
 # that guesses few rows picks a full scan and a sort per batch. The (txid, action_id) index is
-# always right for the fetch and the prune, so say so for their transaction.
+# always right for the outbox queries, so say so: per transaction on a pooled connection (here),
+# for the whole session on the producer's own (``Leadership``).
 _INDEX_ONLY = "SET LOCAL enable_seqscan = off; SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off"
 
 # The event JSON (DESIGN.md "Event") and its key, built by PostgreSQL: byte for byte what
@@ -231,7 +232,7 @@ class Backlog:
 
 @dataclass(frozen=True)
 class Batch:
-    """The next outbox rows as Kafka messages, in cursor order (``Outbox.fetch``).
+    """The next outbox rows as Kafka messages, in cursor order (``Leadership.fetch``).
 
     Each row: key (emp_id as text), value (the event JSON), captured_at (epoch seconds, for the
     latency stats) and ``checked`` (False: employee.py must look at it, see ``_CHECKED``).
