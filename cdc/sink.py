@@ -58,7 +58,7 @@ WITH b AS (
 ),"""
 
 # Step 1: the row processed_events holds for each id, if any; the rest (and the dead letters the
-# operator replayed) are fresh.
+# operator replayed) are fresh. MATERIALIZED: every use of ``known`` would run the lookup again.
 _FRESH_RECORDED = """
 k AS MATERIALIZED (
     SELECT b.*, (SELECT p FROM processed_events p WHERE p.action_id = b.action_id) AS known FROM b
