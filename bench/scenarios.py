@@ -141,8 +141,10 @@ def drain_parts(changes: harness.ChangeSet, settings: dict[str, str] | None = No
 
 def scaleout(changes: harness.ChangeSet, counts: tuple[int, ...] = (1, 2, 3)) -> list[dict[str, Any]]:
     """Apply throughput of 1, 2, 3 consumers in one group on a 3-broker cluster (replication
-    factor 3): the producer publishes the backlog once; each count then drains the whole topic
-    into an emptied destination from a new group."""
+    factor 3). For each count: a new topic and group; the consumers start first and the clock
+    starts once the group is stable with every partition assigned; then the producer publishes
+    the backlog from the beginning (it alone is about twice as fast as one consumer), until the
+    emptied destination equals the source."""
     contender = Pipeline()
     results = []
     with harness.scenario("scaleout", outbox=True, brokers=3) as (env, services):
@@ -150,17 +152,20 @@ def scaleout(changes: harness.ChangeSet, counts: tuple[int, ...] = (1, 2, 3)) ->
         try:
             harness.write_changes(env.source_url, changes)
             target = harness.fingerprint(env.source_url)
-            contender.resume(("producer",))
-            _wait_topic(env.bootstrap, contender.topic, changes.changes, _alive(contender))
-            contender.stop_part("producer")
             for count in counts:
                 _exec(env.dest_url, "TRUNCATE employees, processed_events, emp_versions")
-                contender.new_group()
+                _exec(
+                    env.source_url,
+                    "UPDATE cdc_producer_state SET last_txid = '0', last_action_id = 0, published_total = 0",
+                )
+                contender.new_topic()
+                for k in range(count):
+                    contender.start("consumer" if k == 0 else f"consumer-{k + 1}")
+                _wait_group(env.bootstrap, contender.group(), count, _alive(contender))
                 meter = harness.CostMeter(contender.processes, harness.service_pids(services))
                 meter.start()
                 started = time.monotonic()
-                for k in range(count):
-                    contender.start("consumer" if k == 0 else f"consumer-{k + 1}")
+                contender.start("producer")
                 arrival = harness.wait_equal(
                     env.dest_url, target, timeout=DRAIN_TIMEOUT, alive=_alive(contender)
                 )
@@ -176,11 +181,33 @@ def scaleout(changes: harness.ChangeSet, counts: tuple[int, ...] = (1, 2, 3)) ->
                         **_cost(meter, changes.changes),
                     }
                 )
-                for part in [p for p in contender.procs if p.startswith("consumer")]:
+                for part in list(contender.procs):
                     contender.stop_part(part)
         finally:
             contender.stop()
     return results
+
+
+def _wait_group(
+    bootstrap: str, group: str, members: int, alive: Callable[[], None], timeout: float = 120
+) -> None:
+    """Until ``group`` is stable with ``members`` members and every partition assigned."""
+    from confluent_kafka import ConsumerGroupState
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive()
+        try:
+            desc = admin.describe_consumer_groups([group])[group].result(timeout=10)
+            assigned = sum(len(m.assignment.topic_partitions) for m in desc.members)
+            if desc.state == ConsumerGroupState.STABLE and len(desc.members) == members and assigned >= 6:
+                return
+        except KafkaException:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"consumer group {group} not stable with {members} members after {timeout:.0f} s")
 
 
 def _wait_topic(bootstrap: str, topic: str, count: int, alive: Callable[[], None]) -> float:

@@ -54,14 +54,25 @@ class Pipeline:
         self.envfile = env.home / f"{self.name}.env"
         self.envfile.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
 
-    def new_group(self) -> None:
-        """Consumers started from now on join a new group: they read the topic from the start."""
+    def new_topic(self) -> None:
+        """Daemons started from now on use a new topic pair and a new consumer group."""
         assert self.envfile is not None
-        group = f"bench_{uuid.uuid4().hex[:8]}"
-        lines = [
-            ln for ln in self.envfile.read_text().splitlines() if not ln.startswith("CONSUMER_GROUP_ID=")
-        ]
-        self.envfile.write_text("\n".join([*lines, f"CONSUMER_GROUP_ID={group}"]) + "\n")
+        tag = uuid.uuid4().hex[:8]
+        self.topic = f"bench_{tag}"
+        fresh = {
+            "CDC_TOPIC": self.topic,
+            "CDC_DLQ_TOPIC": f"{self.topic}_dlq",
+            "CONSUMER_GROUP_ID": f"bench_{tag}",
+        }
+        lines = [ln for ln in self.envfile.read_text().splitlines() if ln.split("=", 1)[0] not in fresh]
+        self.envfile.write_text("\n".join([*lines, *(f"{k}={v}" for k, v in fresh.items())]) + "\n")
+
+    def group(self) -> str:
+        assert self.envfile is not None
+        for line in self.envfile.read_text().splitlines():
+            if line.startswith("CONSUMER_GROUP_ID="):
+                return line.split("=", 1)[1]
+        raise RuntimeError("no CONSUMER_GROUP_ID in the env file")
 
     def resume(self, parts: tuple[str, ...] = PARTS) -> None:
         for part in parts:
