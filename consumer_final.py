@@ -118,6 +118,7 @@ class ProductionCDCConsumer:
         enable_idempotency: bool = True,
         settings: Settings | None = None,
         batch_size: int | None = None,
+        stop_signal: StopSignal | None = None,
     ) -> None:
         base = settings if settings is not None else load_settings()
         overrides = {"consumer_group_id": group_id, "consumer_batch_size": batch_size}
@@ -126,7 +127,7 @@ class ProductionCDCConsumer:
         self.enable_dlq = enable_dlq
         self.enable_idempotency = enable_idempotency
         self.stats = Stats("consumer")
-        self.signal = StopSignal()
+        self.signal = stop_signal if stop_signal is not None else StopSignal()
         s = self.settings
         self.db = Database(
             s.dest_db_url,
@@ -522,6 +523,9 @@ def tune_gc() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    stop = StopSignal()
+    if not (args.replay_dlq or args.show_dlq):  # those two stay interruptible by Ctrl-C
+        stop.install()  # before any slow start-up step: a SIGTERM while starting is a clean stop too
     try:
         settings = load_settings(
             dotenv_path=args.env_file,
@@ -551,7 +555,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(record, ensure_ascii=False), flush=True)
             return EXIT_OK
         ProductionCDCConsumer(
-            settings=settings, enable_dlq=not args.no_dlq, enable_idempotency=not args.no_idempotency
+            settings=settings,
+            enable_dlq=not args.no_dlq,
+            enable_idempotency=not args.no_idempotency,
+            stop_signal=stop,
         ).run()
     except (ConfigError, SchemaMissingError) as exc:
         log.error("%s", exc)

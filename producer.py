@@ -488,10 +488,12 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     env_file, snapshot, once = args.pop("env_file"), args.pop("snapshot"), args.pop("once")
     reset = args.pop("reset_cursor")
+    stop = StopSignal()
+    stop.install()  # before any slow start-up step: a SIGTERM while starting is a clean stop too
     try:
         settings = load_settings(dotenv_path=env_file, **args)
         configure_logging(settings.log_level, settings.log_format)
-        daemon = ChangeProducer(settings, stop=StopSignal(), snapshot=snapshot, once=once)
+        daemon = ChangeProducer(settings, stop=stop, snapshot=snapshot, once=once)
     except ConfigError as exc:
         print(f"producer: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -192,6 +192,7 @@ def test_kill_9_during_a_20k_stream_applies_every_event_exactly_once(private, lo
 
     # 4. To the end, then a clean stop.
     last = daemons.start(env)
+    last.wait_for_log("starting consumer")  # its signal handler is in place: SIGTERM is a clean stop
     wait_until(lambda: count_processed(url) == 20_000, 180, "all 20k events decided")
     last.signal(signal.SIGTERM)
     assert last.wait() == 0
