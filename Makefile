@@ -4,14 +4,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: help venv deps up demo down status test test-unit lint format clean bench soak bench-verify bench-producer bench-consumer
+.PHONY: help venv deps up monitor demo down status test test-unit lint format clean bench soak bench-verify bench-producer bench-consumer
 
 help:
 	@echo "make demo    - start local services, run producer + consumer under load, verify (DEMO_SECONDS=30)"
 	@echo "make test    - install everything, start private services, run the whole test suite"
 	@echo "make up      - start Kafka + source/destination PostgreSQL locally, write .env"
+	@echo "make monitor - start a local Prometheus (PROMETHEUS_PORT, 9090) with the alerts, scraping both daemons"
 	@echo "make status  - say what runs where"
-	@echo "make down    - stop the local services"
+	@echo "make down    - stop the local services and Prometheus"
 	@echo "make lint    - ruff check and format check"
 	@echo "make bench   - side by side: this pipeline, PostgreSQL logical replication, Debezium, a naive consumer"
 	@echo "               (drain, latency, initial load, cost; ~40 min; bench-results/report.md). BENCH_ARGS=--smoke: ~3 min"
@@ -28,13 +29,18 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 venv: $(STAMP)
 
-# System packages (Java, Maven, PostgreSQL server) and the Kafka broker jars (cached in .cdc/).
+# System packages (Java, Maven, PostgreSQL server, Prometheus) and the Kafka broker jars (cached in .cdc/).
 deps: venv
 	@bash scripts/install-system-deps.sh
 	@$(PY) -m cdc prepare
 
 up: deps
 	@$(PY) -m cdc up
+
+# Prometheus on 127.0.0.1:PROMETHEUS_PORT with monitoring/prometheus's config and alerts, its
+# targets the daemons' metrics ports from .env (data in .cdc/prometheus).
+monitor: deps
+	@$(PY) -m cdc monitor
 
 # The whole pipeline on the local services under load for DEMO_SECONDS, then verified.
 DEMO_SECONDS ?= 30

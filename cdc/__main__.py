@@ -1,8 +1,9 @@
 """``python -m cdc COMMAND``: local services and operator tools.
 
-Commands: up, down, status (local services without Docker); verify (reconcile the destination
-with the source), workload (a realistic write load on the source) and dlq (list, show, correct
-and replay dead letters), the operator tools.
+Commands: up, down, status (local services without Docker) and monitor (a local Prometheus with
+the alerts, scraping the daemons); verify (reconcile the destination with the source), workload
+(a realistic write load on the source) and dlq (list, show, correct and replay dead letters),
+the operator tools.
 """
 
 from __future__ import annotations
@@ -14,16 +15,21 @@ import signal
 import sys
 from pathlib import Path
 
+from dotenv import dotenv_values
+
 from cdc import dlq_letters, dlq_workbench
 from cdc.demo import run_demo
 from cdc.errors import CDCError
 from cdc.kafka import ensure_topics
 from cdc.logs import configure_logging
+from cdc.monitor import JOB_PORTS, PrometheusServer, local_prometheus
 from cdc.services import (
     PROJECT_DIR,
     LocalServices,
     find_pg_bindir,
     kafka_lib_dir,
+    metrics_ports,
+    port_open,
     resolve_kafka_jars,
     write_dotenv,
 )
@@ -52,10 +58,20 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _env_over_dotenv(args: argparse.Namespace) -> dict[str, str]:
+    """The environment over the .env file (what the daemons will read), unset values left out."""
+    merged = {**dotenv_values(args.env_file), **os.environ}
+    return {k: v for k, v in merged.items() if v}
+
+
+def _prometheus(args: argparse.Namespace) -> PrometheusServer:
+    return local_prometheus(Path(args.home), _env_over_dotenv(args))
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     services = _services(args)
     timings = services.up()
-    write_dotenv(Path(args.env_file), services.env())
+    write_dotenv(Path(args.env_file), {**services.env(), **metrics_ports(_env_over_dotenv(args))})
     # Topic names and partitions come from the user's settings, pointed at these services.
     ensure_topics(load_settings(env={**os.environ, **services.env()}, dotenv_path=args.env_file))
     for line in services.status_lines():
@@ -70,17 +86,32 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    _prometheus(args).stop()
     services = _services(args)
     services.down()
-    print("stopped kafka, postgres-source, postgres-dest")
+    print("stopped prometheus, kafka, postgres-source, postgres-dest")
     return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     services = _services(args)
-    for line in services.status_lines():
+    for line in [*services.status_lines(), _prometheus(args).status()]:
         print(line)
     return EXIT_OK if services.all_running() else 1
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    """Start (or reload) the local Prometheus; say which daemons it does not reach yet."""
+    prometheus = _prometheus(args)
+    prometheus.start()
+    print(prometheus.status())
+    for job, var in JOB_PORTS.items():
+        target = prometheus.targets[job][0]
+        port = int(target.rsplit(":", 1)[1])
+        answering = "answering" if port_open(port) else "nothing there yet"
+        print(f"  scrapes {job:<13} {target:<16} ({var}; {answering})")
+    print(f"alerts: {prometheus.url}/alerts   queries: {prometheus.url}/graph   log: {prometheus.logfile}")
+    return EXIT_OK
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -201,8 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "up", help="start Kafka and both PostgreSQL servers, apply the schemas, write .env"
     ).set_defaults(func=cmd_up)
-    sub.add_parser("down", help="stop all local services").set_defaults(func=cmd_down)
+    sub.add_parser("down", help="stop all local services (Prometheus too)").set_defaults(func=cmd_down)
     sub.add_parser("status", help="say what runs where (exit 1 unless all run)").set_defaults(func=cmd_status)
+    sub.add_parser(
+        "monitor",
+        help="start a local Prometheus (PROMETHEUS_PORT, 9090) with the alerts, scraping the daemons' "
+        "metrics ports from .env",
+    ).set_defaults(func=cmd_monitor)
     verify_cmd = sub.add_parser(
         "verify",
         help="compare destination employees with the source (exit 0 identical, 1 different, 2 error)",

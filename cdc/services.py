@@ -23,6 +23,7 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -119,7 +120,7 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -134,7 +135,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _read_pid(path: Path) -> int | None:
+def read_pid(path: Path) -> int | None:
     try:
         return int(path.read_text().split()[0])
     except (OSError, ValueError, IndexError):
@@ -202,8 +203,8 @@ class PostgresServer:
         return proc
 
     def pid(self) -> int | None:
-        pid = _read_pid(self.datadir / "postmaster.pid")
-        return pid if pid and _pid_alive(pid) else None
+        pid = read_pid(self.datadir / "postmaster.pid")
+        return pid if pid and pid_alive(pid) else None
 
     def running(self) -> bool:
         return self.pid() is not None
@@ -397,8 +398,8 @@ class KafkaBroker:
         return f"{resolve_kafka_jars(kafka_lib_dir())}/*"
 
     def pid(self) -> int | None:
-        pid = _read_pid(self.pidfile)
-        return pid if pid and _pid_alive(pid) else None
+        pid = read_pid(self.pidfile)
+        return pid if pid and pid_alive(pid) else None
 
     def running(self) -> bool:
         return self.pid() is not None
@@ -555,7 +556,7 @@ class KafkaBroker:
         if pid is None:
             self.pidfile.unlink(missing_ok=True)
             return
-        _terminate(pid, hard=hard, timeout=STOP_TIMEOUT)
+        terminate(pid, hard=hard, timeout=STOP_TIMEOUT)
         self.pidfile.unlink(missing_ok=True)
 
     def rss_mb(self) -> float | None:
@@ -673,7 +674,7 @@ class KafkaCluster:
                     os.killpg(pid, sig)
         for broker, pid in pids:
             if pid is not None:
-                _terminate(pid, hard=hard, timeout=STOP_TIMEOUT)
+                terminate(pid, hard=hard, timeout=STOP_TIMEOUT)
             broker.pidfile.unlink(missing_ok=True)
 
     def rss_mb(self) -> float | None:
@@ -684,13 +685,13 @@ class KafkaCluster:
         return [b.status() for b in self.brokers]
 
 
-def _terminate(pid: int, *, hard: bool, timeout: float) -> None:
+def terminate(pid: int, *, hard: bool, timeout: float) -> None:
     # The broker was started in its own session, so its process group is its pid.
     sig = signal.SIGKILL if hard else signal.SIGTERM
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, sig)
     deadline = time.monotonic() + timeout
-    while _pid_alive(pid):
+    while pid_alive(pid):
         if time.monotonic() > deadline:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
@@ -991,6 +992,17 @@ def _ports_in_env() -> bool:
         os.environ.get(n)
         for n in ("CDC_KAFKA_PORT", "CDC_KAFKA_CONTROLLER_PORT", "CDC_SOURCE_PG_PORT", "CDC_DEST_PG_PORT")
     )
+
+
+# The daemons' metrics ports that `make up` writes into .env (each daemon reads its own, else
+# METRICS_PORT): distinct, so both run on one machine, and what `make monitor` scrapes.
+METRICS_PORTS = {"PRODUCER_METRICS_PORT": 9101, "CONSUMER_METRICS_PORT": 9102}
+
+
+def metrics_ports(current: Mapping[str, str | None]) -> dict[str, str]:
+    """``METRICS_PORTS`` as .env values: where ``current`` (the environment over the .env file)
+    already sets one, that one, so `make up` never moves a port the user chose."""
+    return {name: current.get(name) or str(default) for name, default in METRICS_PORTS.items()}
 
 
 def write_dotenv(path: Path, values: dict[str, str]) -> None:
