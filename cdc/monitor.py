@@ -91,7 +91,14 @@ class PrometheusServer:
 
     def pid(self) -> int | None:
         pid = read_pid(self.pidfile)
-        return pid if pid and pid_alive(pid) else None
+        if not pid or not pid_alive(pid):
+            return None
+        # A pid file that outlived its Prometheus may name another program by now: never signal it.
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return None
+        return pid if f"--config.file={self.config}".encode() in cmdline else None
 
     def running(self) -> bool:
         return self.pid() is not None

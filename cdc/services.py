@@ -686,7 +686,7 @@ class KafkaCluster:
 
 
 def terminate(pid: int, *, hard: bool, timeout: float) -> None:
-    # The broker was started in its own session, so its process group is its pid.
+    # The service was started in its own session, so its process group is its pid.
     sig = signal.SIGKILL if hard else signal.SIGTERM
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, sig)
