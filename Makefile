@@ -57,7 +57,7 @@ test: deps
 	$(PY) -m pytest
 
 test-unit: venv
-	$(PY) -m pytest -m "not integration"
+	$(PY) -m pytest -m "not integration and not prometheus"
 
 lint: venv
 	$(PY) -m ruff check .

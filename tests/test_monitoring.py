@@ -12,8 +12,9 @@ with the real Prometheus and promtool of Debian's prometheus package.
   scraped every second by a real Prometheus; every PromQL expression of the dashboard, sent to
   its HTTP API, returns data, and the alerts that should be pending are.
 
-`make test` installs the prometheus package first (`make deps`), so a missing promtool or
-prometheus fails these tests rather than skipping them.
+Tests marked ``prometheus`` need promtool and prometheus. `make test` installs the package first
+(`make deps`), so a missing one fails them rather than skipping them; `make test-unit` leaves
+them out.
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ def dashboard_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
 # --- promtool ---------------------------------------------------------------------------------
 
 
+@pytest.mark.prometheus
 def test_the_compose_scrape_config_is_valid():
     out = promtool("check", "config", PROMETHEUS_CONFIG).stdout
     assert "SUCCESS" in out and "1 rule files found" in out, out
@@ -123,6 +125,7 @@ def test_the_compose_scrape_config_is_valid():
         assert jobs[job]["static_configs"] == [{"targets": [f"host.docker.internal:{METRICS_PORTS[var]}"]}]
 
 
+@pytest.mark.prometheus
 def test_the_local_config_differs_only_in_targets(tmp_path: Path):
     server = PrometheusServer(
         home=tmp_path, port=19090, targets={"cdc-producer": ["127.0.0.1:1"], "cdc-consumer": ["127.0.0.1:2"]}
@@ -143,6 +146,7 @@ def test_the_local_config_differs_only_in_targets(tmp_path: Path):
     assert fast == {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"}
 
 
+@pytest.mark.prometheus
 def test_the_alert_rules_are_valid_and_complete():
     out = promtool("check", "rules", ALERT_RULES).stdout
     rules = alert_rules()
@@ -161,6 +165,7 @@ def test_the_alert_rules_are_valid_and_complete():
         assert set(rule["annotations"]) == {"summary", "description"}, rule["alert"]
 
 
+@pytest.mark.prometheus
 def test_every_alert_is_unit_tested_firing_and_not_firing():
     assert "SUCCESS" in promtool("test", "rules", ALERT_TESTS).stdout
     checks = [check for test in load_yaml(ALERT_TESTS)["tests"] for check in test["alert_rule_test"]]
@@ -393,6 +398,7 @@ def test_make_up_writes_distinct_metrics_ports_and_keeps_the_users():
     assert metrics_ports({"PRODUCER_METRICS_PORT": "9200"})["PRODUCER_METRICS_PORT"] == "9200"
 
 
+@pytest.mark.prometheus
 def test_monitor_starts_prometheus_status_shows_it_and_down_stops_it(tmp_path: Path):
     prometheus_port, producer_port, consumer_port = free_ports(3)
     env_file = tmp_path / ".env"
@@ -475,6 +481,7 @@ def alert_states(server: PrometheusServer) -> dict[str, set[str]]:
 POISON = [b"not json at all", b'{"action_id": "x"}']
 
 
+@pytest.mark.prometheus
 @pytest.mark.integration
 @pytest.mark.daemon
 @pytest.mark.fault
