@@ -1001,8 +1001,13 @@ METRICS_PORTS = {"PRODUCER_METRICS_PORT": 9101, "CONSUMER_METRICS_PORT": 9102}
 
 def metrics_ports(current: Mapping[str, str | None]) -> dict[str, str]:
     """``METRICS_PORTS`` as .env values: where ``current`` (the environment over the .env file)
-    already sets one, that one, so `make up` never moves a port the user chose."""
-    return {name: current.get(name) or str(default) for name, default in METRICS_PORTS.items()}
+    already sets a port, that one, so `make up` never moves a port the user chose. 0 (off, as in
+    .env.example) counts as unset: `make up` prepares the daemons for `make monitor`."""
+    chosen = {name: (current.get(name) or "").strip() for name in METRICS_PORTS}
+    return {
+        name: chosen[name] if chosen[name] not in ("", "0") else str(default)
+        for name, default in METRICS_PORTS.items()
+    }
 
 
 def write_dotenv(path: Path, values: dict[str, str]) -> None:

@@ -396,6 +396,11 @@ def test_the_dashboard_shows_what_the_issue_asks_for():
 def test_make_up_writes_distinct_metrics_ports_and_keeps_the_users():
     assert metrics_ports({}) == {"PRODUCER_METRICS_PORT": "9101", "CONSUMER_METRICS_PORT": "9102"}
     assert metrics_ports({"PRODUCER_METRICS_PORT": "9200"})["PRODUCER_METRICS_PORT"] == "9200"
+    # .env.example's 0 (off) is not a choice to keep.
+    assert metrics_ports({"PRODUCER_METRICS_PORT": "0", "CONSUMER_METRICS_PORT": ""}) == {
+        "PRODUCER_METRICS_PORT": "9101",
+        "CONSUMER_METRICS_PORT": "9102",
+    }
 
 
 @pytest.mark.prometheus
