@@ -261,10 +261,11 @@ def count(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
-def per_second(value: float | None) -> str:
+def per_second(value: float | None, signed: bool = False) -> str:
     if value is None:
         return "-/s"
-    return f"{value:,.0f}/s" if abs(value) >= 10 else f"{value:.1f}/s"
+    sign = "+" if signed else ""
+    return f"{value:{sign},.0f}/s" if abs(value) >= 10 else f"{value:{sign}.1f}/s"
 
 
 def duration(seconds: float | None) -> str:
@@ -352,6 +353,14 @@ def _partitions(lags: Iterable[tuple[dict[str, str], float]], width: int) -> lis
     return [*lines, line] if line else lines
 
 
+def _kinds(w: Window) -> str:
+    """`` (database 3, kafka 1)``: the transient errors by kind, when there were any."""
+    kinds = [
+        (labels.get("kind", "?"), v) for labels, v in w.m.series("cdc_consumer_transient_errors_total") if v
+    ]
+    return " (" + ", ".join(f"{kind} {v:,.0f}" for kind, v in sorted(kinds)) + ")" if kinds else ""
+
+
 def consumer_lines(w: Window, scrape: Scrape, width: int = 100) -> list[str]:
     lags = w.m.series("cdc_consumer_lag_messages")
     lag_total = sum(v for _, v in lags) if lags else None
@@ -369,7 +378,7 @@ def consumer_lines(w: Window, scrape: Scrape, width: int = 100) -> list[str]:
         f"   duplicate {count(w.value(outcome, outcome='duplicate'))}"
         f"   stale {count(w.value(outcome, outcome='stale'))}",
         f"  lag           {count(lag_total):>12}"
-        + (f"  {per_second(trend):>10}" if trend is not None else "")
+        + (f"  {per_second(trend, signed=True):>10}" if trend is not None else "")
         + ("   (no partitions)" if lags == [] else ""),
     ]
     lines += [f"      {line}" for line in _partitions(lags, max(20, width - 6))]
@@ -378,7 +387,7 @@ def consumer_lines(w: Window, scrape: Scrape, width: int = 100) -> list[str]:
         f"  DLQ           {count(w.value(outcome, outcome='dlq')):>12}"
         f"  {per_second(w.rate(outcome, outcome='dlq')):>10}"
         f"   retries {count(w.value('cdc_consumer_retries_total'))}"
-        f"   transient errors {count(w.value('cdc_consumer_transient_errors_total'))}",
+        f"   transient errors {count(w.value('cdc_consumer_transient_errors_total'))}{_kinds(w)}",
         f"  paused        {'-' if paused is None else 'YES' if paused else 'no'}"
         f"   db pool {count(in_use)}/{count(pool_max)} in use",
     ]
