@@ -207,6 +207,17 @@ def test_screen_shows_every_figure_of_both_daemons():
     assert re.search(r"DLQ\s+10\s+0.1/s\s+retries 3\s+transient errors 0", text)
     assert "paused        YES   db pool 2/10 in use" in text
 
+    errors = CONSUMER_TEXT.replace(
+        "# TYPE cdc_consumer_transient_errors_total counter\n",
+        "# TYPE cdc_consumer_transient_errors_total counter\n"
+        'cdc_consumer_transient_errors_total{kind="kafka"} 1.0\n'
+        'cdc_consumer_transient_errors_total{kind="database"} 3.0\n',
+    )
+    c = scrape(errors, at=1.0)
+    assert "transient errors 4 (database 3, kafka 1)" in "\n".join(
+        top.render(Target("consumer", c.url), c, 1100.0)
+    )
+
 
 # --- daemons that do not answer -----------------------------------------------------------------
 
