@@ -307,16 +307,24 @@ def _process(w: Window) -> str:
     return "   ".join(parts)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())  # a reason quoting a multi-line error stays on its line
+
+
 def _state(scrape: Scrape) -> str:
     if scrape.ready is None:
         state = "readiness unknown"
     elif scrape.ready:
         state = "ready"
     else:
-        state = "NOT READY" + (f": {scrape.ready_reason}" if scrape.ready_reason else "")
+        state = "NOT READY" + (f": {_one_line(scrape.ready_reason)}" if scrape.ready_reason else "")
     if scrape.live is False:
-        state += "   STUCK" + (f": {scrape.live_reason}" if scrape.live_reason else "")
+        state += "   STUCK" + (f": {_one_line(scrape.live_reason)}" if scrape.live_reason else "")
     return state
+
+
+def _age(seconds: float | None) -> str:
+    return "none" if seconds == 0 else duration(seconds)
 
 
 def producer_lines(w: Window, scrape: Scrape) -> list[str]:
@@ -332,7 +340,7 @@ def producer_lines(w: Window, scrape: Scrape) -> list[str]:
         f"  outbox        backlog {count(w.value('cdc_producer_outbox_backlog_rows'))} rows"
         f"   held back {count(held)} rows"
         + (f" for {duration(held_for)}" if held and held_for else "")
-        + f"   oldest open transaction {duration(w.value('cdc_producer_oldest_transaction_age_seconds'))}",
+        + f"   oldest open transaction {_age(w.value('cdc_producer_oldest_transaction_age_seconds'))}",
         f"  capture->ack  {percentiles(w, 'cdc_producer_capture_to_ack_seconds')}",
         f"  errors        delivery {count(w.value('cdc_producer_delivery_errors_total'))}"
         f"   retries {count(w.value('cdc_producer_retries_total'))}"
@@ -423,7 +431,7 @@ class Top:
         self.clock = clock
         self.stop_event = threading.Event()
 
-    def refresh(self) -> tuple[list[str], bool]:
+    def refresh(self, once: bool = False) -> tuple[list[str], bool]:
         """Scrape every target once; the screen's lines and whether every daemon answered."""
         watched = [t for t in self.targets if t.url]
         with ThreadPoolExecutor(max_workers=max(1, len(watched))) as pool:
@@ -432,10 +440,13 @@ class Top:
             )
         wall = self.clock()
         width = shutil.get_terminal_size((100, 24)).columns
-        lines = [
-            f"cdc top   {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(wall))}   every {self.interval:g} s"
-            "   (rates and p50/p99 since the previous screen, or since start)"
-        ]
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall))
+        span = (
+            "rates and p50/p99 since each daemon started"
+            if once
+            else f"every {self.interval:g} s: rates and p50/p99 since the previous screen, or since start"
+        )
+        lines = [f"cdc top   {when}   ({span})"]
         for target in self.targets:
             lines += ["", *self.render(target, scrapes.get(id(target)), wall, width)]
         answered = all(t.url and scrapes[id(t)].reachable for t in self.targets)
@@ -456,7 +467,7 @@ class Top:
 
     def once(self, out: IO[str]) -> bool:
         """Print one screen; True when every daemon answered."""
-        lines, reachable = self.refresh()
+        lines, reachable = self.refresh(once=True)
         out.write("\n".join(lines) + "\n")
         out.flush()
         return reachable

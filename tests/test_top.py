@@ -377,7 +377,7 @@ def screen(env_file: Path, *args: str) -> tuple[int, str]:
 
 def blocks(text: str) -> list[str]:
     """The daemons' sections of a screen, in order."""
-    return text.split("\n\n")[1:]
+    return [block for block in text.split("\n\n")[1:] if block.strip()]
 
 
 def num(block: str, pattern: str) -> float | None:
@@ -431,8 +431,8 @@ def test_top_shows_the_real_daemons(private_settings, local_services, producers,
     try:
         wait_screen(
             env_file,
-            lambda p, c: re.search(r"active\s+ready", p) and re.search(r"3 partitions assigned\s+ready", c),
-            "both daemons ready",
+            lambda p, c: re.search(r"^  active ", p, re.M) and re.search(r"3 partitions assigned\s+ready", c),
+            "an active producer and a ready consumer",
         )
         # A second producer is a standby; both are watched with --producer twice.
         producers.start(producer_env(s, PRODUCER_METRICS_PORT=standby_port))
@@ -454,17 +454,17 @@ def test_top_shows_the_real_daemons(private_settings, local_services, producers,
             lambda p, c: num(p, PUBLISHED) == 500 and num(c, APPLIED) == 500,
             "500 published and applied",
         )
-        time.sleep(1.5)
+        wait_until(lambda: out.read_text().count("cdc top") >= 4, 30, "four screens")
         live.send_signal(signal.SIGTERM)
         assert live.wait(30) == 0
         screens = [blocks(text) for text in out.read_text().split("cdc top")[1:]]
-        assert len(screens) >= 3
         later = [b for b in screens[1:] if "(rates since start)" not in b[0] + b[1]]
         assert any(figure(b[0], r"published\s+[\d,]+\s+([\d.,]+)/s") > 0 for b in later), screens
         assert any(re.search(r"end-to-end\s+p50 [\d.]+ m?s\s+p99 [\d.]+ m?s$", b[1], re.M) for b in later)
         assert figure(c, LAG) == 0
         assert re.search(r"^\s+0:0  1:0  2:0$", c, re.M), c
         assert figure(p, r"backlog (\d+) rows") == 0
+        assert re.search(r"^  active\s+ready", p, re.M), p
 
         # An open source transaction holds later commits back; top says how many and for how long.
         with connect(source) as holder, holder.cursor() as cur:
