@@ -286,7 +286,8 @@ def _add_top(sub: argparse._SubParsersAction) -> None:
         " rows held back by an open transaction, capture->ack p50/p99; consumer rates, lag per"
         " partition, end-to-end p50/p99, DLQ, retries, pause, pool, readiness. The URLs default to"
         " http://127.0.0.1:PRODUCER_METRICS_PORT and http://127.0.0.1:CONSUMER_METRICS_PORT (each"
-        " falling back to METRICS_PORT) from the environment or --env-file.",
+        " falling back to METRICS_PORT) from the environment, then the .env file"
+        " (python -m cdc --env-file FILE top).",
         epilog="exit codes with --once: 0 every daemon answered, 1 one is down or has its metrics"
         " off, 2 bad settings",
     )

@@ -317,6 +317,9 @@ def test_once_exits_1_with_one_line_per_daemon_that_is_down_or_off(tmp_path: Pat
     assert re.search(r"^consumer\s+off: metrics off \(CONSUMER_METRICS_PORT", done.stdout, re.M)
     assert "\x1b" not in done.stdout
 
+    usage = subprocess.run(top_command(env_file, "--help"), cwd=PROJECT_DIR, capture_output=True, text=True)
+    assert "exit codes with --once: 0 every daemon answered, 1 one is down" in " ".join(usage.stdout.split())
+
 
 def test_on_a_terminal_it_redraws_in_place_and_ctrl_c_exits_cleanly(tmp_path: Path, http_server):
     url, answers = http_server
