@@ -58,8 +58,9 @@ from cdc.errors import (
     TransientError,
 )
 from cdc.kafka import Received, admin_client, consumer_config, ensure_topics
+from cdc.lag import LagWatch
 from cdc.logs import configure_logging, quiet_repeats
-from cdc.metrics import MetricsServer
+from cdc.metrics import CONSUMER, MetricsServer, Probe, histograms
 from cdc.settings import Settings, load_settings, validate
 from cdc.stats import Stats
 from employee import ACTIONS
@@ -126,7 +127,8 @@ class ProductionCDCConsumer:
         validate(self.settings)
         self.enable_dlq = enable_dlq
         self.enable_idempotency = enable_idempotency
-        self.stats = Stats("consumer")
+        self.stats = Stats("consumer", histograms(CONSUMER))
+        self.probe = Probe()
         self.signal = stop_signal if stop_signal is not None else StopSignal()
         s = self.settings
         self.db = Database(
@@ -140,6 +142,7 @@ class ProductionCDCConsumer:
         self._consumer: Consumer | None = None
         self._dlq: DeadLetterQueue | None = None
         self._metrics: MetricsServer | None = None
+        self._lag: LagWatch | None = None
         self._owned: set[TP] = set()
         self._paused = False
         self._uncommitted: dict[TP, int] = {}  # applied in the database, offset not yet committed
@@ -148,7 +151,10 @@ class ProductionCDCConsumer:
         self._epochs: dict[TP, int] = {}
         self._in_flight: _InFlight | None = None
         self._worker: ThreadPoolExecutor | None = None
-        self._healthy = True
+        for gauge in ("assigned", "paused"):
+            self.stats.set(gauge, 0)
+        self.stats.set("db_in_use", self.db.in_use)
+        self.stats.set("db_max", s.db_pool_max)
         self.applier = BatchApplier(
             self.db,
             dlq=None,
@@ -182,6 +188,7 @@ class ProductionCDCConsumer:
         try:
             self._open()
             while self.running:
+                self.probe.beat()
                 self._commit_pending()
                 epochs = dict(self._epochs)  # the assignment the next messages are read in
                 batch = self._usable(self._next_messages())
@@ -194,10 +201,11 @@ class ProductionCDCConsumer:
                     self._settle()
                 self.stats.log_if_due(log, s.stats_interval, STATS_KEYS, "consumed")
             self._settle()  # stopping: finish the batch in flight; _close commits its offsets
-        except BaseException:
-            self._healthy = False
+        except BaseException as exc:
+            self.probe.set_ready(f"stopped: {type(exc).__name__}")
             raise
         finally:
+            self.probe.set_ready("stopping")
             self._close()
 
     def _next_messages(self) -> list[Message]:
@@ -216,14 +224,20 @@ class ProductionCDCConsumer:
 
     def _open(self) -> None:
         s = self.settings
+        port = s.metrics_port_of("consumer")
+        if port:
+            self._metrics = MetricsServer(
+                "consumer", self.stats, CONSUMER, port=port, host=s.metrics_host, probe=self.probe
+            )
+            self._metrics.start()
         if not self._check_schema():
             return  # stopped while waiting for the database
+        self.probe.set_ready("joining the consumer group")
         ensure_topics(s, admin_client(s))
         if self.enable_dlq:
             self._dlq = self.applier.dlq = DeadLetterQueue(s)
-        if s.metrics_port:
-            self._metrics = MetricsServer(self.stats, s.metrics_port, health=lambda: self._healthy)
-            self._metrics.start()
+        self._lag = LagWatch(s, self.stats, lambda: set(self._owned))
+        self._lag.start()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cdc-apply")
         self._consumer = Consumer(
             consumer_config(s, **{"client.id": f"cdc-consumer-{s.consumer_group_id}"}),
@@ -237,11 +251,13 @@ class ProductionCDCConsumer:
         """Wait for the database if it is down (False if stopped meanwhile); raise if the schema is missing."""
         attempt = 0
         while True:
+            self.probe.beat()
             try:
                 with self.db.connection() as conn, conn.cursor() as cur:
                     missing = sink.missing_tables(cur)
                 break
             except TransientError as exc:
+                self.probe.set_ready(f"destination unreachable: {exc}")
                 attempt += 1
                 delay = backoff_delay(attempt, self.settings.retry_backoff_max)
                 log.warning("destination %s not reachable (%s), retrying in %.1fs", self.db.url, exc, delay)
@@ -258,6 +274,9 @@ class ProductionCDCConsumer:
         """Fixed order: wait for the batch in flight, commit what was applied, leave the group,
         flush the DLQ, close the pool."""
         self._await_in_flight()
+        if self._lag is not None:
+            self._lag.stop()
+            self._lag = None
         if self._worker is not None:
             self._worker.shutdown()
             self._worker = None
@@ -282,6 +301,7 @@ class ProductionCDCConsumer:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._owned.update((tp.topic, tp.partition) for tp in partitions)
+        self._rebalanced("assigned")
         log.info("partitions assigned: %s", _names(partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -291,12 +311,24 @@ class ProductionCDCConsumer:
         self._await_in_flight()
         self._commit_pending(only=gone)
         self._forget(gone)
+        self._rebalanced("revoked")
         log.info("partitions revoked: %s", _names(partitions))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # The partitions already belong to someone else: committing now could move their offsets.
         self._forget({(tp.topic, tp.partition) for tp in partitions})
+        self._rebalanced("lost")
         log.warning("partitions lost (not committed; the new owner re-reads them): %s", _names(partitions))
+
+    def _rebalanced(self, event: str) -> None:
+        self.stats.incr(f"rebalance_{event}")
+        self.stats.set("assigned", len(self._owned))
+        self._set_readiness()
+
+    def _set_readiness(self) -> None:
+        if self._paused:
+            return  # the outage's reason stays until the partitions resume
+        self.probe.set_ready(None if self._owned else "no partitions assigned")
 
     def _forget(self, gone: set[TP]) -> None:
         self._owned -= gone
@@ -365,6 +397,8 @@ class ProductionCDCConsumer:
         while True:
             attempt += 1
             self.stats.incr("retries")
+            self.stats.incr(f"transient_{exc.kind if isinstance(exc, TransientError) else 'dlq'}")
+            self.probe.set_ready(f"paused, waiting out: {exc}")
             delay = backoff_delay(attempt, self.settings.retry_backoff_max)
             log.warning(
                 "transient error, batch of %d rolled back, retry %d in %.1fs: %s",
@@ -410,6 +444,7 @@ class ProductionCDCConsumer:
         """
         result = self.applier.apply_decoded(batch)
         self.stats.observe("batch_latency", time.monotonic() - started)
+        self.stats.observe("batch_messages", len(batch.records))
         now = datetime.now(UTC)
         self.stats.observe_many(
             "e2e_latency",
@@ -425,6 +460,7 @@ class ProductionCDCConsumer:
         """Sleep with the partitions paused, polling so the group keeps this member."""
         deadline = time.monotonic() + seconds
         while self.running:
+            self.probe.beat()
             self._pause_all()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -441,12 +477,15 @@ class ProductionCDCConsumer:
     def _resume(self) -> None:
         self._consumer.resume(self._consumer.assignment())
         self._paused = False
+        self.stats.set("paused", 0)
+        self._set_readiness()
 
     def _pause_all(self) -> None:
         assignment = self._consumer.assignment()
         if assignment:
             self._consumer.pause(assignment)
         self._paused = True
+        self.stats.set("paused", 1)
 
     def _commit_pending(self, only: set[TP] | None = None) -> None:
         """Commit applied offsets synchronously; what is refused stays pending and is retried.
@@ -462,6 +501,7 @@ class ProductionCDCConsumer:
         try:
             committed = self._consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:
+            self.stats.incr("transient_offset_commit")
             log.warning("offset commit refused (%s); kept pending, will retry", exc.args[0].str())
             return
         for tp in committed or []:
@@ -495,7 +535,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--consume-timeout", type=float, help="seconds to wait for a batch (CONSUME_TIMEOUT)")
     p.add_argument("--max-attempts", type=int, help="tries before a message is dead-lettered (MAX_ATTEMPTS)")
     p.add_argument("--retry-backoff-max", type=float, help="longest transient retry wait (RETRY_BACKOFF_MAX)")
-    p.add_argument("--metrics-port", type=int, help="serve /metrics and /health (METRICS_PORT)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve /metrics, /live, /ready, /health (CONSUMER_METRICS_PORT, else METRICS_PORT; 0 = off)",
+    )
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (LOG_LEVEL)")
     p.add_argument("--env-file", default=".env", help="dotenv file to read (default: .env)")
     tools = p.add_mutually_exclusive_group()
@@ -536,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             consume_timeout=args.consume_timeout,
             max_attempts=args.max_attempts,
             retry_backoff_max=args.retry_backoff_max,
-            metrics_port=args.metrics_port,
+            consumer_metrics_port=args.metrics_port,
             log_level=args.log_level.upper() if args.log_level else None,
         )
         if not settings.dest_db_url and not (args.replay_dlq or args.show_dlq):

@@ -43,7 +43,7 @@ from cdc.errors import (
 )
 from cdc.kafka import Publisher, admin_client, ensure_topics, producer_config, wait_for_broker
 from cdc.logs import configure_logging, quiet_repeats
-from cdc.metrics import MetricsServer
+from cdc.metrics import PRODUCER, MetricsServer, Probe, histograms
 from cdc.settings import Settings, load_settings
 from cdc.stats import Stats
 from employee import MARK_HEADER, MARK_VALUE, ChangeEvent, InvalidEventError
@@ -104,9 +104,18 @@ class ChangeProducer:
         self.stop = stop
         self.snapshot = snapshot
         self.once = once
-        self.stats = Stats("producer")
-        for gauge in ("cursor_txid", "cursor_action_id", "backlog", "held_back", "held_back_s", "active"):
+        self.stats = Stats("producer", histograms(PRODUCER))
+        for gauge in (
+            "cursor_txid",
+            "cursor_action_id",
+            "backlog",
+            "held_back",
+            "held_back_s",
+            "oldest_xact_s",
+            "active",
+        ):
             self.stats.set(gauge, 0)
+        self.probe = Probe()
         self.db = Database(
             settings.source_db_url,
             minconn=settings.db_pool_min,
@@ -135,11 +144,13 @@ class ChangeProducer:
         """Check the schema, retrying while the server is unreachable. False if stopped meanwhile."""
         attempt = 0
         while self.stop.running:
+            self.probe.beat()
             try:
                 self.outbox.check_schema()
                 return True
             except TransientError as exc:
                 attempt += 1
+                self.probe.set_ready(f"source PostgreSQL unreachable: {exc}")
                 self._wait_after_source_error(exc, attempt)
         return False
 
@@ -151,7 +162,9 @@ class ChangeProducer:
 
     def _wait_for_kafka(self) -> bool:
         admin = admin_client(self.settings, logger=kafka_log)
+        self.probe.set_ready(f"waiting for Kafka at {self.settings.kafka_bootstrap_servers}")
         while self.stop.running:
+            self.probe.beat()
             try:
                 # It logs one "waiting for Kafka at ..." line per call.
                 wait_for_broker(
@@ -182,12 +195,14 @@ class ChangeProducer:
         announced = False
         attempt = 0
         while self.stop.running:
+            self.probe.beat()
             try:
                 if self.leader.try_acquire():
                     self.cursor = self.outbox.load_cursor()
                     self.outbox.check_horizon(self.cursor)
                     self._set_cursor_stats()
                     self.stats.set("active", 1)
+                    self.probe.set_ready(None)
                     log.info(
                         "active: holding the producer lock; cursor txid=%d action_id=%d",
                         self.cursor.txid,
@@ -196,8 +211,10 @@ class ChangeProducer:
                     return True
             except TransientError as exc:
                 attempt += 1
+                self.probe.set_ready(f"source PostgreSQL unreachable: {exc}")
                 self._wait_after_source_error(exc, attempt)
                 continue
+            self.probe.set_ready(None)  # a standby is healthy: it takes over when the active one goes
             if not announced:
                 log.info("standby: another producer holds the lock; taking over when it goes")
                 announced = True
@@ -210,6 +227,12 @@ class ChangeProducer:
     def run(self) -> int:
         self.stop.install()
         self._install_wakeup()
+        port = self.settings.metrics_port_of("producer")
+        if port:
+            self.metrics = MetricsServer(
+                "producer", self.stats, PRODUCER, port=port, host=self.settings.metrics_host, probe=self.probe
+            )
+            self.metrics.start()
         if not self._wait_for_source():
             return self._finish()
         if self.snapshot:
@@ -217,15 +240,15 @@ class ChangeProducer:
         if not self._wait_for_kafka():
             return self._finish()
         self.publisher = Publisher(producer_config(self.settings), logger=kafka_log)
-        if self.settings.metrics_port:
-            self.metrics = MetricsServer(self.stats, self.settings.metrics_port)
-            self.metrics.start()
         attempt = 0
         while self.stop.running:
+            self.probe.beat()
             if not self.leader.held and not self._lead():
                 break
             try:
                 published = self._step()
+                if attempt:
+                    self.probe.set_ready(None)
                 attempt = 0
                 self._tick()
                 if published >= self.settings.producer_batch_size:
@@ -240,6 +263,9 @@ class ChangeProducer:
                 attempt += 1
                 delay = backoff_delay(attempt, self.settings.retry_backoff_max)
                 self.stats.incr("retries")
+                if isinstance(exc, DeliveryError):
+                    self.stats.incr("delivery_errors")
+                self.probe.set_ready(f"batches failing: {exc}")
                 log.warning("batch not published: %s; retrying in %.1fs", exc, delay)
                 self._check_leadership()
                 self.stop.wait(delay)
@@ -289,10 +315,10 @@ class ChangeProducer:
         self.stats.incr("batches")
         self.stats.incr("pruned", pruned)
         self.stats.incr("invalid", invalid)
+        self.stats.observe("batch_duration", time.monotonic() - self._fetched_at)
         # Every row of a small batch, an even sample of a large one: enough for the percentiles.
-        for _, _, captured, _ in rows[:: max(1, len(rows) // LATENCY_SAMPLES)]:
-            if captured is not None:
-                self.stats.observe("capture_to_ack", acked_at - captured)
+        sample = rows[:: max(1, len(rows) // LATENCY_SAMPLES)]
+        self.stats.observe_many("capture_to_ack", [acked_at - c for _, _, c, _ in sample if c is not None])
         self._set_cursor_stats()
         log.debug("batch rows=%d cursor txid=%d action_id=%d", len(rows), new.txid, new.action_id)
         return len(rows)
@@ -328,6 +354,7 @@ class ChangeProducer:
         self.stats.set("backlog", backlog.rows)
         self.stats.set("held_back", backlog.held_back)
         self.stats.set("held_back_s", round(backlog.held_for, 1))
+        self.stats.set("oldest_xact_s", round(backlog.oldest_xact_age, 1))
         warn_after = self.settings.horizon_warn_seconds
         if backlog.held_back and backlog.held_for > warn_after and now >= self._next_horizon_warning:
             self._next_horizon_warning = now + max(warn_after, self.settings.stats_interval)
@@ -369,6 +396,7 @@ class ChangeProducer:
 
     def _finish(self) -> int:
         """Shutdown in a fixed order: the batch is done and its cursor stored; flush, unlock, report."""
+        self.probe.set_ready("stopping")
         if self.publisher is not None:
             self.publisher.close()
         self.leader.close()
@@ -413,7 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
             "SECONDS",
             "HORIZON_WARN_SECONDS: warn when an open transaction holds delivery this long (30)",
         ),
-        ("--metrics-port", "metrics_port", int, "PORT", "METRICS_PORT: serve /metrics and /health (0 = off)"),
+        (
+            "--metrics-port",
+            "producer_metrics_port",
+            int,
+            "PORT",
+            "PRODUCER_METRICS_PORT (else METRICS_PORT): serve /metrics, /live, /ready, /health (0 = off)",
+        ),
         ("--log-level", "log_level", str.upper, "LEVEL", "LOG_LEVEL: DEBUG, INFO, WARNING, ERROR"),
         ("--log-format", "log_format", str.lower, "FORMAT", "LOG_FORMAT: text or json"),
     ):

@@ -148,7 +148,12 @@ _BACKLOG = """
 WITH h AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin)
 SELECT count(*),
        count(*) FILTER (WHERE txid >= h.xmin),
-       extract(epoch FROM clock_timestamp() - min(captured_at) FILTER (WHERE txid >= h.xmin))
+       extract(epoch FROM clock_timestamp() - min(captured_at) FILTER (WHERE txid >= h.xmin)),
+       (SELECT extract(epoch FROM clock_timestamp() - min(started))
+          FROM (SELECT xact_start FROM pg_stat_activity
+                 WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()
+                UNION ALL
+                SELECT prepared FROM pg_prepared_xacts) AS open_xacts (started))
   FROM emp_records_cdc, h
  WHERE (txid, action_id) > (%(txid)s::text::xid8, %(action_id)s)
 """
@@ -228,6 +233,7 @@ class Backlog:
     rows: int  # not yet published, readable or not
     held_back: int  # committed, but behind an open transaction's xid: not readable yet
     held_for: float  # seconds the oldest held-back row has waited
+    oldest_xact_age: float = 0.0  # seconds since the oldest transaction holding an xid began (0: none)
 
 
 @dataclass(frozen=True)
@@ -353,8 +359,10 @@ class Outbox:
     def backlog(self, after: Cursor) -> Backlog:
         with self.db.connection() as conn, conn.cursor() as cur:
             cur.execute(_BACKLOG, {"txid": after.txid, "action_id": after.action_id})
-            rows, held, held_for = cur.fetchone()
-        return Backlog(rows=rows, held_back=held, held_for=float(held_for or 0.0))
+            rows, held, held_for, oldest = cur.fetchone()
+        return Backlog(
+            rows=rows, held_back=held, held_for=float(held_for or 0.0), oldest_xact_age=float(oldest or 0.0)
+        )
 
     def last_committed(self, after: Cursor) -> Cursor | None:
         """The last committed row after ``after`` in cursor order, readable yet or not."""

@@ -64,13 +64,13 @@ def classify(exc: BaseException) -> CDCError | None:
     if isinstance(exc, CDCError):
         return exc
     if isinstance(exc, PoolError):
-        return TransientError(f"connection pool: {exc}")
+        return TransientError(f"connection pool: {exc}", "connection")
     if not isinstance(exc, psycopg2.Error):
         return None
     code = exc.pgcode or ""
     text = _one_line(exc)
     if code in _TRANSIENT_CODES or code[:2] in _TRANSIENT_CLASSES:
-        return TransientError(text)
+        return TransientError(text, _transient_kind(code))
     if code in _SCHEMA_CODES:
         return SchemaMissingError(f"{text} (run the setup SQL, e.g. `make up`)")
     if code == psycopg2.errorcodes.INSUFFICIENT_PRIVILEGE:
@@ -85,8 +85,16 @@ def classify(exc: BaseException) -> CDCError | None:
     if not code and isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
         if any(marker in text for marker in _FATAL_CONNECT):
             return ConfigError(text)
-        return TransientError(text)
+        return TransientError(text, "connection")
     return None
+
+
+def _transient_kind(code: str) -> str:
+    if code == psycopg2.errorcodes.READ_ONLY_SQL_TRANSACTION:
+        return "failover"
+    if code in _TRANSIENT_CODES:
+        return "conflict"
+    return "connection" if code[:2] == "08" else "server"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -155,6 +163,11 @@ class Database:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def in_use(self) -> int:
+        """Connections checked out of the pool now (psycopg2's pool keeps them in ``_used``)."""
+        pool = self._pool
+        return len(pool._used) if pool is not None else 0
 
     @contextmanager
     def connection(self) -> Iterator[psycopg2.extensions.connection]:

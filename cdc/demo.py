@@ -104,14 +104,15 @@ def run_demo(
         logging.getLogger(name).setLevel(logging.WARNING)
     ensure_topics(settings)
     logdir = PROJECT_DIR / ".cdc" / "logs"
-    metrics_port = Ports.free().kafka
+    # The consumer's port from .env (`make up` writes one, for `make monitor` and `cdc top`), else any.
+    metrics_port = settings.metrics_port_of("consumer") or Ports.free().kafka
     producer = Daemon("producer.py", settings, logdir / "demo-producer", STATS_INTERVAL="5")
     consumer = Daemon(
         "consumer_final.py",
         settings,
         logdir / "demo-consumer",
         STATS_INTERVAL="5",
-        METRICS_PORT=str(metrics_port),
+        CONSUMER_METRICS_PORT=str(metrics_port),
     )
     # Long transactions hold every later change back until they end: that is the gap-safe
     # capture at work, and it dominates the latency the summary shows.

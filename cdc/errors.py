@@ -22,7 +22,16 @@ class SchemaMissingError(CDCError):
 
 
 class TransientError(CDCError):
-    """Worth retrying unchanged after a pause: lost connection, restart, deadlock, Kafka retriable."""
+    """Worth retrying unchanged after a pause: lost connection, restart, deadlock, Kafka retriable.
+
+    ``kind`` says which, for the metrics: connection (unreachable, dropped, pool), conflict
+    (deadlock, serialization, lock timeout, a concurrent decision), failover (read-only),
+    server (out of resources, shutting down, an internal error), other.
+    """
+
+    def __init__(self, message: str, kind: str = "other") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class BadMessageError(CDCError):

@@ -1,57 +1,356 @@
-"""An optional HTTP endpoint (METRICS_PORT) serving /metrics (Prometheus text) and /health."""
+"""The daemons' HTTP endpoint (METRICS_HOST:PORT): /metrics for Prometheus, /live, /ready, /health.
+
+Each daemon counts into its ``Stats`` (which also feeds the log lines); at scrape time a
+collector turns one snapshot of it into Prometheus metric families named after the spec below
+(``cdc_`` prefix, base units, ``_total`` counters, labels rather than name variants), next to
+prometheus_client's process, platform and GC collectors. Nothing on the hot path knows about
+Prometheus: a batch costs one lock per series, as before.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import platform
 import threading
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from socketserver import ThreadingMixIn
+from typing import Any
+from urllib.parse import parse_qs
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+
+from cdc import __version__
 from cdc.errors import ConfigError
-from cdc.stats import Stats
+from cdc.stats import Buckets, Snapshot, Stats
 
 log = logging.getLogger(__name__)
 
+# Seconds: from 1 ms (a quiet pipeline) to a minute (an outage being waited out).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_SIZE_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000)
+
+# /live fails when the daemon's loop has not turned for this long (it turns at least every few
+# seconds, waits and backoffs included).
+LIVE_AFTER = 60.0
+
+
+@dataclass(frozen=True)
+class Counter:
+    """``cdc_<component>_<name>_total`` from the Stats counters: one key, or (key, labels) pairs."""
+
+    name: str
+    help: str
+    keys: Sequence[str | tuple[str, dict[str, str]]]
+    labels: Sequence[str] = ()
+    # Every counter key starting with this prefix: the rest of the key is the value of labels[0].
+    prefix: str | None = None
+
+
+@dataclass(frozen=True)
+class Gauge:
+    """A Stats gauge. A dict value {(topic, partition): n} becomes one sample per partition."""
+
+    name: str
+    help: str
+    key: str
+    labels: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class Histogram:
+    name: str
+    help: str
+    key: str
+    buckets: Sequence[float] = LATENCY_BUCKETS
+
+
+Spec = Sequence[Counter | Gauge | Histogram]
+
+
+def histograms(spec: Spec) -> dict[str, Sequence[float]]:
+    """The ``histograms`` argument of ``Stats`` for a spec."""
+    return {m.key: m.buckets for m in spec if isinstance(m, Histogram)}
+
+
+PRODUCER: Spec = (
+    Counter("events_published", "Events published to the CDC topic and acknowledged", ["published"]),
+    Counter("batches", "Batches published (fetch, publish, acknowledge, store the cursor)", ["batches"]),
+    Counter(
+        "invalid_rows",
+        "Outbox rows that fail validation, published for the consumer to dead-letter",
+        ["invalid"],
+    ),
+    Counter(
+        "delivery_errors",
+        "Batches whose delivery to Kafka failed (retried; the cursor did not move)",
+        ["delivery_errors"],
+    ),
+    Counter("retries", "Batch retries after a transient error (source or Kafka)", ["retries"]),
+    Counter("rows_pruned", "Published outbox rows deleted (CDC_PRUNE)", ["pruned"]),
+    Gauge("active", "1 while this producer holds the lock and publishes, 0 as a standby", "active"),
+    Gauge("outbox_backlog_rows", "Outbox rows after the cursor, readable or not", "backlog"),
+    Gauge(
+        "held_back_rows", "Committed outbox rows behind an open transaction (the xid horizon)", "held_back"
+    ),
+    Gauge("held_back_seconds", "How long the oldest held-back row has waited (0 when none)", "held_back_s"),
+    Gauge(
+        "oldest_transaction_age_seconds",
+        "Age of the oldest source transaction holding an xid, open or prepared (0 when none)",
+        "oldest_xact_s",
+    ),
+    Gauge("cursor_txid", "txid of the last published row", "cursor_txid"),
+    Gauge("cursor_action_id", "action_id of the last published row", "cursor_action_id"),
+    Histogram(
+        "batch_duration_seconds", "One batch: fetch, publish, acknowledged, cursor stored", "batch_duration"
+    ),
+    Histogram(
+        "capture_to_ack_seconds",
+        "Source capture (captured_at) to broker acknowledgement, sampled",
+        "capture_to_ack",
+    ),
+)
+
+_EVENTS = [
+    *(
+        (f"applied_{a}", {"outcome": "applied", "action": a})
+        for a in ("insert", "update", "delete", "snapshot")
+    ),
+    *(
+        (key, {"outcome": outcome, "action": ""})
+        for key, outcome in (("duplicates", "duplicate"), ("stale", "stale"), ("dlq", "dlq"))
+    ),
+]
+CONSUMER: Spec = (
+    Counter("messages_consumed", "Messages read from the CDC topic and decided", ["consumed"]),
+    Counter(
+        "events",
+        "Events decided, by outcome (and action, when applied)",
+        _EVENTS,
+        labels=("outcome", "action"),
+    ),
+    Counter("batches", "Batches committed to the destination", ["batches"]),
+    Counter("retries", "Batch retries after a transient error", ["retries"]),
+    Counter(
+        "transient_errors",
+        "Transient errors by kind (each rolls back and retries, or retries a commit)",
+        (),
+        labels=("kind",),
+        prefix="transient_",
+    ),
+    Counter(
+        "rebalances",
+        "Group rebalance events seen by this consumer",
+        (),
+        labels=("event",),
+        prefix="rebalance_",
+    ),
+    Gauge(
+        "lag_messages",
+        "High watermark minus the group's committed offset, per owned partition",
+        "lag",
+        ("topic", "partition"),
+    ),
+    Gauge(
+        "committed_offset",
+        "The group's committed offset, per owned partition",
+        "committed",
+        ("topic", "partition"),
+    ),
+    Gauge("assigned_partitions", "Partitions assigned to this consumer", "assigned"),
+    Gauge("paused", "1 while the partitions are paused, waiting out an outage", "paused"),
+    Gauge("db_connections_in_use", "Destination pool connections checked out", "db_in_use"),
+    Gauge("db_connections_max", "Destination pool size limit (DB_POOL_MAX)", "db_max"),
+    Histogram(
+        "batch_duration_seconds", "One batch decided and committed (retries included)", "batch_latency"
+    ),
+    Histogram("batch_messages", "Messages per batch", "batch_messages", BATCH_SIZE_BUCKETS),
+    Histogram(
+        "end_to_end_seconds", "Source capture (captured_at) to destination commit, per event", "e2e_latency"
+    ),
+)
+
+
+class StatsCollector:
+    """Builds the metric families of ``spec`` from a Stats snapshot at each scrape."""
+
+    def __init__(
+        self, component: str, stats: Stats, spec: Spec, ready: Callable[[], tuple[bool, str]]
+    ) -> None:
+        self.component = component
+        self.stats = stats
+        self.spec = spec
+        self.ready = ready
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.stats.snapshot()
+        prefix = f"cdc_{self.component}_"
+        info = GaugeMetricFamily(
+            "cdc_build_info",
+            "Version of the pipeline and of Python",
+            labels=["component", "version", "python"],
+        )
+        info.add_metric([self.component, __version__, platform.python_version()], 1)
+        yield info
+        ready = GaugeMetricFamily(
+            "cdc_ready", "1 when the daemon is ready (see /ready)", labels=["component"]
+        )
+        ready.add_metric([self.component], 1 if self.ready()[0] else 0)
+        yield ready
+        for metric in self.spec:
+            if isinstance(metric, Counter):
+                yield _counter(prefix + metric.name, metric, snap)
+            elif isinstance(metric, Gauge):
+                yield _gauge(prefix + metric.name, metric, snap)
+            else:
+                yield _histogram(prefix + metric.name, metric, snap.histograms[metric.key])
+
+
+def _counter(name: str, metric: Counter, snap: Snapshot) -> Metric:
+    family = CounterMetricFamily(name, metric.help, labels=list(metric.labels))
+    if metric.prefix is not None:
+        for key, value in sorted(snap.counters.items()):
+            if key.startswith(metric.prefix):
+                family.add_metric([key[len(metric.prefix) :]], value)
+        return family
+    for entry in metric.keys:
+        key, labels = (entry, {}) if isinstance(entry, str) else entry
+        family.add_metric([labels[label] for label in metric.labels], snap.counters.get(key, 0))
+    return family
+
+
+def _gauge(name: str, metric: Gauge, snap: Snapshot) -> Metric:
+    family = GaugeMetricFamily(name, metric.help, labels=list(metric.labels))
+    value = snap.gauges.get(metric.key, {} if metric.labels else 0)
+    if isinstance(value, dict):
+        for labels, v in sorted(value.items()):
+            family.add_metric([str(part) for part in labels], v)
+    else:
+        family.add_metric([], float(value))
+    return family
+
+
+def _histogram(name: str, metric: Histogram, buckets: Buckets) -> Metric:
+    family = HistogramMetricFamily(name, metric.help)
+    cumulative, running = [], 0
+    for bound, count in zip([*map(_le, buckets.bounds), "+Inf"], buckets.counts, strict=True):
+        running += count
+        cumulative.append((bound, running))
+    family.add_metric([], cumulative, sum_value=buckets.total)
+    return family
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@dataclass
+class Probe:
+    """What /live and /ready report: the loop's last turn, and why the daemon is not ready."""
+
+    not_ready: str | None = "starting"
+    _beat: float = field(default_factory=time.monotonic)
+
+    def beat(self) -> None:
+        """The daemon's loop turned (call it from every loop and wait, not from other threads)."""
+        self._beat = time.monotonic()
+
+    def set_ready(self, reason_not: str | None) -> None:
+        """None: ready. Else the reason it is not, in a few words."""
+        self.not_ready = reason_not
+
+    def ready(self) -> tuple[bool, str]:
+        reason = self.not_ready
+        return (reason is None, reason or "ready")
+
+    def live(self) -> tuple[bool, str]:
+        idle = time.monotonic() - self._beat
+        if idle > LIVE_AFTER:
+            return False, f"the main loop has not turned for {idle:.0f}s"
+        return True, "live"
+
 
 class MetricsServer:
-    def __init__(self, stats: Stats, port: int, health: Callable[[], bool] = lambda: True) -> None:
+    """Serves the endpoints in a background thread; ``start()`` raises ConfigError if the port is taken."""
+
+    def __init__(
+        self,
+        component: str,
+        stats: Stats,
+        spec: Spec,
+        *,
+        port: int,
+        host: str = "127.0.0.1",
+        probe: Probe | None = None,
+    ) -> None:
+        self.component = component
         self.stats = stats
         self.port = port
-        self.health = health
-        self._server: ThreadingHTTPServer | None = None
+        self.host = host
+        self.probe = probe or Probe(not_ready=None)
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        self.registry.register(StatsCollector(component, stats, spec, self.probe.ready))
+        self._server: _Server | None = None
+
+    def app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        if path == "/metrics":
+            encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT"))
+            if "name[]" in parse_qs(environ.get("QUERY_STRING", "")):
+                names = parse_qs(environ["QUERY_STRING"])["name[]"]
+                registry = self.registry.restricted_registry(names)
+            else:
+                registry = self.registry
+            return _reply(start_response, 200, encoder(registry), content_type)
+        if path in ("/live", "/ready"):
+            ok, reason = self.probe.live() if path == "/live" else self.probe.ready()
+            key = path[1:]
+            body = {key: ok} if ok else {key: False, "reason": reason}
+            return _reply(start_response, 200 if ok else 503, json.dumps(body).encode(), "application/json")
+        if path == "/health":  # the stats as JSON, with both probes (200 while live)
+            live, ready = self.probe.live(), self.probe.ready()
+            state = {"ok": live[0], "ready": ready[0], "reason": live[1] if not live[0] else ready[1]}
+            body = json.dumps({**state, **self.stats.get_stats()}, default=str).encode()
+            return _reply(start_response, 200 if live[0] else 503, body, "application/json")
+        return _reply(
+            start_response, 404, b"not found: try /metrics, /live, /ready or /health\n", "text/plain"
+        )
 
     def start(self) -> None:
-        stats, health = self.stats, self.health
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path == "/metrics":
-                    body, ctype, code = stats.prometheus().encode(), "text/plain; version=0.0.4", 200
-                elif self.path == "/health":
-                    ok = health()
-                    body = json.dumps({"ok": ok, **stats.get_stats()}, default=str).encode()
-                    ctype, code = "application/json", 200 if ok else 503
-                else:
-                    body, ctype, code = b"not found\n", "text/plain", 404
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
         try:
-            self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+            self._server = make_server(self.host, self.port, self.app, _Server, handler_class=_QuietHandler)
         except OSError as exc:
-            raise ConfigError(f"METRICS_PORT={self.port} cannot be used: {exc.strerror}") from None
+            raise ConfigError(
+                f"metrics endpoint {self.host}:{self.port} cannot be used: {exc.strerror or exc}"
+            ) from None
         threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True).start()
-        log.info("metrics on http://127.0.0.1:%d/metrics", self.port)
+        log.info("metrics on http://%s:%d/metrics (also /live, /ready, /health)", self.host, self.port)
 
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def _reply(start_response: Callable[..., Any], code: int, body: bytes, content_type: str) -> list[bytes]:
+    status = {200: "200 OK", 404: "404 Not Found", 503: "503 Service Unavailable"}[code]
+    start_response(status, [("Content-Type", content_type), ("Content-Length", str(len(body)))])
+    return [body]

@@ -28,7 +28,11 @@ def settings_env(settings: Settings, **extra: Any) -> dict[str, str]:
     Kafka, CDC and consumer variables of this process's own environment are left out, so only
     ``settings`` and ``extra`` say where the daemon connects and what it reads.
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "CDC_", "CONSUMER_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("KAFKA_", "CDC_", "CONSUMER_", "PRODUCER_", "METRICS_"))
+    }
     env.update(
         {
             "SOURCE_DB_URL": settings.source_db_url,
@@ -43,6 +47,12 @@ def settings_env(settings: Settings, **extra: Any) -> dict[str, str]:
             "PYTHONUNBUFFERED": "1",
         }
     )
+    for name, value in (
+        ("PRODUCER_METRICS_PORT", settings.producer_metrics_port),
+        ("CONSUMER_METRICS_PORT", settings.consumer_metrics_port),
+    ):
+        if value is not None:
+            env[name] = str(value)
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

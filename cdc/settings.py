@@ -60,6 +60,10 @@ class Settings:
     notify_channel: str = "emp_records_cdc"
     stats_interval: float = 10.0
     metrics_port: int = 0
+    # Per daemon, for two daemons sharing one .env (None: METRICS_PORT); see metrics_port_of.
+    producer_metrics_port: int | None = None
+    consumer_metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"
     log_format: str = "text"
     # Consumer DLQ circuit breaker: stop when at least this share of the last window messages failed.
@@ -73,6 +77,11 @@ class Settings:
         out["dest_db_url"] = redact_url(self.dest_db_url)
         out["kafka_extra"] = {k: ("***" if _is_secret(k) else v) for k, v in sorted(self.kafka_extra.items())}
         return out
+
+    def metrics_port_of(self, component: str) -> int:
+        """The metrics port of "producer" or "consumer": its own setting, else METRICS_PORT (0 = off)."""
+        own = self.producer_metrics_port if component == "producer" else self.consumer_metrics_port
+        return self.metrics_port if own is None else own
 
     def describe(self) -> str:
         """One log line with every setting, secrets masked."""
@@ -117,6 +126,9 @@ _ENV_FIELDS: dict[str, tuple[str, Any]] = {
     "CDC_NOTIFY_CHANNEL": ("notify_channel", _str),
     "STATS_INTERVAL": ("stats_interval", float),
     "METRICS_PORT": ("metrics_port", int),
+    "PRODUCER_METRICS_PORT": ("producer_metrics_port", int),
+    "CONSUMER_METRICS_PORT": ("consumer_metrics_port", int),
+    "METRICS_HOST": ("metrics_host", _str),
     "LOG_LEVEL": ("log_level", lambda v: v.strip().upper()),
     "LOG_FORMAT": ("log_format", lambda v: v.strip().lower()),
     "DLQ_BREAKER_WINDOW": ("dlq_breaker_window", int),
@@ -275,8 +287,12 @@ def validate(s: Settings) -> None:
         raise bad("horizon_warn_seconds", "must not be negative")
     if not 0 <= s.producer_batch_interval_ms <= 1000:
         raise bad("producer_batch_interval_ms", "must be between 0 and 1000")
-    if not 0 <= s.metrics_port <= 65535:
-        raise bad("metrics_port", "must be a TCP port (0 turns the endpoint off)")
+    for fname in ("metrics_port", "producer_metrics_port", "consumer_metrics_port"):
+        port = getattr(s, fname)
+        if port is not None and not 0 <= port <= 65535:
+            raise bad(fname, "must be a TCP port (0 turns the endpoint off)")
+    if not s.metrics_host:
+        raise bad("metrics_host", "must not be empty (127.0.0.1, or 0.0.0.0 for every interface)")
     if s.log_level not in LOG_LEVELS:
         raise bad("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
     if s.log_format not in LOG_FORMATS:

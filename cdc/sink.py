@@ -269,7 +269,8 @@ def apply_events(
     if not consistent:
         raise TransientError(
             "another transaction decided some of this batch's action_ids or emp_ids while it was "
-            "applied (a second consumer on this destination?): retrying the batch"
+            "applied (a second consumer on this destination?): retrying the batch",
+            "conflict",
         )
     for action_id, item in fresh.items():
         is_fresh = not_applied.get(action_id)

@@ -6,8 +6,10 @@ import logging
 import os
 import threading
 import time
+from bisect import bisect_left
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 # Latency samples kept per series for percentiles: recent enough to move, big enough for p99.
@@ -21,16 +23,57 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[idx]
 
 
-class Stats:
-    """Counters (only go up), gauges (current values) and latency series, thread-safe."""
+@dataclass
+class Buckets:
+    """A histogram's state: observations per bucket (not cumulative; the last is +Inf), and their sum."""
 
-    def __init__(self, name: str) -> None:
+    bounds: tuple[float, ...]
+    counts: list[int]
+    total: float = 0.0
+
+    @classmethod
+    def of(cls, bounds: Sequence[float]) -> Buckets:
+        return cls(tuple(bounds), [0] * (len(bounds) + 1))
+
+    def add(self, values: Iterable[float]) -> None:
+        bounds, counts = self.bounds, self.counts
+        for v in values:
+            counts[bisect_left(bounds, v)] += 1  # the first bound >= v: Prometheus' "le"
+            self.total += v
+
+    def copy(self) -> Buckets:
+        return Buckets(self.bounds, list(self.counts), self.total)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything a Stats holds, copied at one instant (for /metrics)."""
+
+    counters: dict[str, int]
+    gauges: dict[str, Any]
+    histograms: dict[str, Buckets]
+
+
+def _read(gauges: dict[str, Any]) -> dict[str, Any]:
+    """Gauge values, functions called (outside the lock: they may take their own)."""
+    return {key: value() if callable(value) else value for key, value in gauges.items()}
+
+
+class Stats:
+    """Counters (only go up), gauges (current values) and latency series, thread-safe.
+
+    ``histograms`` names the series (``observe`` keys) that also keep Prometheus buckets, with
+    their upper bounds; every series keeps a window of recent values for the log line's p50/p99.
+    """
+
+    def __init__(self, name: str, histograms: Mapping[str, Sequence[float]] | None = None) -> None:
         self.name = name
         self.started = time.monotonic()
         self._lock = threading.Lock()
         self._counters: Counter[str] = Counter()
         self._gauges: dict[str, Any] = {}
         self._latency: dict[str, deque[float]] = {}
+        self._buckets = {key: Buckets.of(bounds) for key, bounds in (histograms or {}).items()}
         self._last_line: str | None = None
         self._last_log = time.monotonic()
         self._last_count = 0
@@ -41,17 +84,26 @@ class Stats:
             self._counters[key] += n
 
     def set(self, key: str, value: Any) -> None:
+        """A gauge: a number, a dict of them ({(topic, partition): n}), or a function read when reported."""
         with self._lock:
             self._gauges[key] = value
 
     def observe(self, key: str, seconds: float) -> None:
-        with self._lock:
-            self._latency.setdefault(key, deque(maxlen=LATENCY_WINDOW)).append(seconds)
+        self.observe_many(key, (seconds,))
 
-    def observe_many(self, key: str, seconds: Iterable[float]) -> None:
-        """``observe`` for a whole batch at once (one lock, not one per event)."""
+    def observe_many(self, key: str, seconds: Sequence[float]) -> None:
+        """Record a batch of observations at once (one lock, not one per event)."""
         with self._lock:
             self._latency.setdefault(key, deque(maxlen=LATENCY_WINDOW)).extend(seconds)
+            buckets = self._buckets.get(key)
+            if buckets is not None:
+                buckets.add(seconds)
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            counters, gauges = dict(self._counters), dict(self._gauges)
+            buckets = {key: b.copy() for key, b in self._buckets.items()}
+        return Snapshot(counters, _read(gauges), buckets)
 
     def get(self, key: str) -> Any:
         with self._lock:
@@ -61,11 +113,18 @@ class Stats:
         """Counters, gauges, and p50/p99 (milliseconds) of every latency series."""
         with self._lock:
             out: dict[str, Any] = dict(self._counters)
-            out.update(self._gauges)
-            for key, values in self._latency.items():
-                ordered = sorted(values)
-                out[f"{key}_p50_ms"] = round(_percentile(ordered, 0.50) * 1000, 1)
-                out[f"{key}_p99_ms"] = round(_percentile(ordered, 0.99) * 1000, 1)
+            gauges = dict(self._gauges)
+            latency = {key: list(values) for key, values in self._latency.items()}
+        for key, value in _read(gauges).items():
+            if isinstance(value, dict):  # per partition: {(topic, partition): n}, JSON-friendly keys
+                value = {
+                    "/".join(map(str, k)) if isinstance(k, tuple) else str(k): v for k, v in value.items()
+                }
+            out[key] = value
+        for key, values in latency.items():
+            values.sort()
+            out[f"{key}_p50_ms"] = round(_percentile(values, 0.50) * 1000, 1)
+            out[f"{key}_p99_ms"] = round(_percentile(values, 0.99) * 1000, 1)
         out["uptime_s"] = round(time.monotonic() - self.started, 1)
         return out
 
@@ -96,17 +155,6 @@ class Stats:
             return
         self._last_line = text
         logger.info("stats %s rate=%.1f/s", text, self.rate(rate_key))
-
-    def prometheus(self) -> str:
-        """The stats in Prometheus text format (numbers only)."""
-        lines = []
-        for key, value in sorted(self.get_stats().items()):
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                continue
-            metric = f"cdc_{self.name}_{key}"
-            lines.append(f"# TYPE {metric} {'counter' if key in self._counters else 'gauge'}")
-            lines.append(f"{metric} {value}")
-        return "\n".join(lines) + "\n"
 
 
 def process_cpu_seconds(pid: int) -> float:

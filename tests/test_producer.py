@@ -102,7 +102,7 @@ def test_publishes_every_change_as_the_contract_says(settings, clean_source, pro
 
     proc.wait_for_log(r"stats published=6 batches=\d+ invalid=0")
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    assert "cdc_producer_published 6" in metrics
+    assert "cdc_producer_events_published_total 6.0" in metrics
     proc.signal(signal.SIGTERM)
     assert proc.wait(30) == 0
     assert "final published=6" in proc.log()

@@ -29,6 +29,14 @@ def test_cli_overrides_win_and_none_means_not_given():
     assert s.metrics_port == 0
 
 
+def test_each_daemon_has_its_own_metrics_port_else_the_shared_one():
+    s = load_settings(env={**BASE, "METRICS_PORT": "9100", "CONSUMER_METRICS_PORT": "9102"}, dotenv_path=None)
+    assert s.metrics_port_of("consumer") == 9102 and s.metrics_port_of("producer") == 9100
+    s = load_settings(env={**BASE, "PRODUCER_METRICS_PORT": "0", "METRICS_PORT": "9100"}, dotenv_path=None)
+    assert s.metrics_port_of("producer") == 0  # set to 0: off, whatever METRICS_PORT says
+    assert load_settings(env=BASE, dotenv_path=None).metrics_port_of("consumer") == 0
+
+
 def test_dotenv_loaded_but_environment_wins(tmp_path):
     env_file = tmp_path / ".env"
     env_file.write_text("CDC_TOPIC=from_dotenv\nCONSUMER_GROUP_ID=g_dotenv\n")
@@ -46,6 +54,8 @@ def test_dotenv_loaded_but_environment_wins(tmp_path):
         ("KAFKA_BOOTSTRAP_SERVERS", "localhost", "expected host:port"),
         ("LOG_LEVEL", "chatty", "must be one of"),
         ("METRICS_PORT", "70000", "must be a TCP port"),
+        ("CONSUMER_METRICS_PORT", "-1", "must be a TCP port"),
+        ("PRODUCER_METRICS_PORT", "x", "is not valid"),
         ("CDC_PRUNE", "maybe", "expected true/false"),
         ("CDC_DLQ_TOPIC", "bf_employee_cdc", "must differ"),
     ],
