@@ -528,6 +528,8 @@ def targets(
         else:
             var = f"{kind.upper()}_METRICS_PORT"
             out.append(
-                Target(kind, None, f"metrics off ({var} and METRICS_PORT are 0 or unset); or pass --{kind} URL")
+                Target(
+                    kind, None, f"metrics off ({var} and METRICS_PORT are 0 or unset); or pass --{kind} URL"
+                )
             )
     return out
