@@ -3,14 +3,19 @@ TLS, PostgreSQL with ``sslmode=verify-full``, all against a CA made when the ser
 
 The daemons are configured only by the ``.env`` file in their working folder (``KAFKA_*``
 variables for librdkafka, ``sslmode`` in the URLs), as a user would point them at a secured
-production cluster. A wrong password or an untrusted certificate stops a daemon with one line
-and no secret in any log line.
+production cluster; ``python -m cdc top`` finds both daemons' metrics through the same file. A
+wrong password or an untrusted certificate stops a daemon with one line and no secret in any log
+line (nor on top's screen).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
+import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +26,7 @@ from support import clean_dest, clean_source, dlq_count, query, wait_until
 
 from cdc.kafka import admin_client, base_config, ensure_topics
 from cdc.runner import Daemon
-from cdc.services import LocalServices, Ports
+from cdc.services import PROJECT_DIR, LocalServices, Ports
 from cdc.settings import Settings, load_settings
 from cdc.tls import make_ca
 from cdc.verify import verify
@@ -57,7 +62,7 @@ def base_env() -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("KAFKA_", "CDC_", "CONSUMER_", "SOURCE_", "DEST_"))
+        if not k.startswith(("KAFKA_", "CDC_", "CONSUMER_", "PRODUCER_", "METRICS_", "SOURCE_", "DEST_"))
     }
     return {**env, "PYTHONUNBUFFERED": "1"}
 
@@ -82,6 +87,12 @@ def env_values(secure: LocalServices) -> dict[str, str]:
     }
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def refusals(log: str) -> list[str]:
     """The daemon's own error lines about a refused Kafka connection (librdkafka's own log
     lines about the failed handshake may come before them)."""
@@ -100,7 +111,11 @@ def test_whole_pipeline_over_sasl_and_tls(secure: LocalServices, env_values: dic
         "sslmode=verify-full" in env_values["SOURCE_DB_URL"]
         and "sslmode=verify-full" in env_values["DEST_DB_URL"]
     )
-    settings = write_env(tmp_path, env_values)
+    # Both daemons serve their metrics, each on its own port from the same .env, for `top`.
+    settings = write_env(
+        tmp_path,
+        {**env_values, "PRODUCER_METRICS_PORT": str(free_port()), "CONSUMER_METRICS_PORT": str(free_port())},
+    )
     producer = Daemon("producer.py", base_env(), tmp_path).start()
     consumer = Daemon("consumer_final.py", base_env(), tmp_path).start()
     try:
@@ -127,11 +142,32 @@ def test_whole_pipeline_over_sasl_and_tls(secure: LocalServices, env_values: dic
         shown.start()
         assert shown.wait(60) == 0
         assert "{not json" in shown.output()
+        # `top` finds both daemons from the same .env and shows what went through (the lag
+        # gauge is refreshed every few seconds: it may take a screen or two to reach 0).
+        screens: list[str] = []
+
+        def top_caught_up() -> bool:
+            done = subprocess.run(
+                [sys.executable, "-m", "cdc", "--env-file", str(tmp_path / ".env"), "top", "--once"],
+                cwd=tmp_path,
+                env={**base_env(), "PYTHONPATH": str(PROJECT_DIR)},
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 0 and done.stderr == "", done
+            screens.append(done.stdout)
+            return bool(re.search(r"^\s+lag\s+0\s*$", done.stdout, re.M))
+
+        wait_until(top_caught_up, 30, "top showing the lag at 0", step=1)
+        outbox = query(settings.source_db_url, "SELECT count(*) FROM emp_records_cdc")[0][0]
+        assert re.search(rf"^\s+published\s+{outbox:,}\s", screens[-1], re.M), screens[-1]
+        assert re.search(r"^\s+DLQ\s+1\s", screens[-1], re.M), screens[-1]
         assert producer.stop() == 0 and consumer.stop() == 0
     finally:
         producer.kill()
         consumer.kill()
-    assert_no_secret(producer.log(), consumer.log())
+    assert_no_secret(producer.log(), consumer.log(), *screens)
 
 
 @pytest.mark.parametrize("script", ["producer.py", "consumer_final.py"])
