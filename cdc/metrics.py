@@ -50,6 +50,9 @@ class Counter:
     labels: Sequence[str] = ()
     # Every counter key starting with this prefix: the rest of the key is the value of labels[0].
     prefix: str | None = None
+    # With a prefix: the label values served (at 0) before they first happen, so that rate() and
+    # increase() count the first one too.
+    known: Sequence[str] = ()
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,7 @@ CONSUMER: Spec = (
         (),
         labels=("kind",),
         prefix="transient_",
+        known=("connection", "conflict", "failover", "server", "dlq", "offset_commit", "other"),
     ),
     Counter(
         "rebalances",
@@ -149,6 +153,7 @@ CONSUMER: Spec = (
         (),
         labels=("event",),
         prefix="rebalance_",
+        known=("assigned", "revoked", "lost"),
     ),
     Gauge(
         "lag_messages",
@@ -214,9 +219,12 @@ class StatsCollector:
 def _counter(name: str, metric: Counter, snap: Snapshot) -> Metric:
     family = CounterMetricFamily(name, metric.help, labels=list(metric.labels))
     if metric.prefix is not None:
-        for key, value in sorted(snap.counters.items()):
+        values = dict.fromkeys(metric.known, 0)
+        for key, value in snap.counters.items():
             if key.startswith(metric.prefix):
-                family.add_metric([key[len(metric.prefix) :]], value)
+                values[key[len(metric.prefix) :]] = value
+        for label, value in sorted(values.items()):
+            family.add_metric([label], value)
         return family
     for entry in metric.keys:
         key, labels = (entry, {}) if isinstance(entry, str) else entry

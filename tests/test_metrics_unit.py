@@ -34,6 +34,9 @@ def test_consumer_counters_by_outcome_and_kind_and_lag_per_partition():
     assert m[("cdc_consumer_events_total", (("action", ""), ("outcome", "stale")))] == 2
     assert m[("cdc_consumer_events_total", (("action", ""), ("outcome", "dlq")))] == 0
     assert m[("cdc_consumer_transient_errors_total", (("kind", "connection"),))] == 4
+    # Kinds not seen yet are served at 0 (else rate() would miss the first one).
+    assert m[("cdc_consumer_transient_errors_total", (("kind", "conflict"),))] == 0
+    assert m[("cdc_consumer_rebalances_total", (("event", "lost"),))] == 0
     assert m[("cdc_consumer_lag_messages", (("partition", "0"), ("topic", "t")))] == 5
     # Buckets are cumulative and "le" is inclusive: 0.001 falls in le=0.001.
     assert m[("cdc_consumer_end_to_end_seconds_bucket", (("le", "0.001"),))] == 1
