@@ -323,6 +323,8 @@ class ProductionCDCConsumer:
     def _rebalanced(self, event: str) -> None:
         self.stats.incr(f"rebalance_{event}")
         self.stats.set("assigned", len(self._owned))
+        if self._lag is not None:
+            self._lag.poke()
         self._set_readiness()
 
     def _set_readiness(self) -> None:

@@ -355,6 +355,8 @@ def latency(
             idle.stop()
             meter = harness.CostMeter(contender.processes)
             meter.start()
+            scrape = getattr(contender, "scrape_stages", None)
+            before = scrape() if scrape else None
             t0 = time.monotonic()
             commits = _drive(env.source_url, rate, per_txn, seconds)
             window = time.monotonic() - t0
@@ -363,6 +365,7 @@ def latency(
             while len(seen := _seen(env.dest_url)) < len(commits) + 1 and time.monotonic() < deadline:
                 _alive(contender)()
                 time.sleep(0.5)
+            stages = contender.stages(before, scrape()) if scrape else {}
         finally:
             contender.stop()
     first = min(t for _, t in commits)
@@ -383,6 +386,7 @@ def latency(
         "cpu_percent": {k: round(100 * v / window, 1) for k, v in meter.cpu.items()},
         "idle_cpu_percent": {k: round(100 * v / idle_seconds, 2) for k, v in idle.cpu.items()},
         "peak_rss_mib": {k: round(v, 1) for k, v in meter.rss.items()},
+        **({"stages": stages} if stages else {}),
     }
 
 

@@ -34,6 +34,7 @@ class LagWatch:
         self.stats = stats
         self.owned = owned
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._admin = None
 
@@ -42,14 +43,23 @@ class LagWatch:
         self._thread = threading.Thread(target=self._run, name="cdc-lag", daemon=True)
         self._thread.start()
 
+    def poke(self) -> None:
+        """Measure now (the partitions changed), not at the next turn."""
+        self._wake.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(REQUEST_TIMEOUT + 1)
             self._thread = None
 
     def _run(self) -> None:
-        while not self._stop.wait(LAG_REFRESH):
+        while True:
+            self._wake.wait(LAG_REFRESH)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.refresh()
             except KafkaException as exc:  # the broker is away: keep the last figures

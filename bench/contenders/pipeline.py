@@ -3,7 +3,9 @@ user runs them (separate processes, settings from an env file), on a fresh topic
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -11,6 +13,7 @@ from pathlib import Path
 
 from bench.contenders.base import BenchEnv
 from cdc.services import PROJECT_DIR
+from cdc.top import Scrape, bucket_delta, fetch, quantile
 
 PARTS = ("producer", "consumer")
 SCRIPTS = {"producer": "producer.py", "consumer": "consumer_final.py"}
@@ -49,6 +52,9 @@ class Pipeline:
             "CONSUMER_GROUP_ID": f"bench_{tag}",
             "LOG_LEVEL": "INFO",
             "STATS_INTERVAL": "10",
+            # Their histograms split a latency run into capture -> broker ack and the whole path.
+            "PRODUCER_METRICS_PORT": str(_free_port()),
+            "CONSUMER_METRICS_PORT": str(_free_port()),
             **self.settings,
         }
         self.envfile = env.home / f"{self.name}.env"
@@ -86,8 +92,43 @@ class Pipeline:
             args.append("--snapshot")
         log = self.env.home / f"{self.name}-{part}.log"
         self.logs[part] = log
+        # A second consumer ("consumer-2") serves no metrics: the port in the env file is the first's.
+        env = {**os.environ, "CONSUMER_METRICS_PORT": "0"} if "-" in part else None
         with open(log, "ab") as out:
-            self.procs[part] = subprocess.Popen(args, cwd=PROJECT_DIR, stdout=out, stderr=subprocess.STDOUT)
+            self.procs[part] = subprocess.Popen(
+                args, cwd=PROJECT_DIR, env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    def _port(self, name: str) -> int:
+        assert self.envfile is not None
+        for line in self.envfile.read_text().splitlines():
+            if line.startswith(f"{name}="):
+                return int(line.split("=", 1)[1])
+        raise RuntimeError(f"no {name} in the env file")
+
+    def scrape_stages(self) -> dict[str, Scrape]:
+        """The daemons' metrics now (see ``stages``)."""
+        return {
+            part: fetch(f"http://127.0.0.1:{self._port(f'{part.upper()}_METRICS_PORT')}")
+            for part in ("producer", "consumer")
+        }
+
+    @staticmethod
+    def stages(before: dict[str, Scrape], after: dict[str, Scrape]) -> dict[str, float | None]:
+        """p50/p99 (ms) between two scrapes of the producer's capture -> broker acknowledgement and
+        the consumer's capture -> destination commit, from their histograms (interpolated within
+        buckets: 25, 50, 100, 250 ms ... coarse, but it says which side a tail comes from)."""
+        out: dict[str, float | None] = {}
+        for part, histogram, name in (
+            ("producer", "cdc_producer_capture_to_ack_seconds", "capture_to_ack"),
+            ("consumer", "cdc_consumer_end_to_end_seconds", "end_to_end"),
+        ):
+            b, a = before[part].metrics, after[part].metrics
+            delta = bucket_delta(a.buckets(histogram), b.buckets(histogram)) if a and b else None
+            for q in (0.5, 0.99):
+                value = quantile(q, delta) if delta else None
+                out[f"{name}_p{round(q * 100)}_ms"] = None if value is None else round(value * 1000, 1)
+        return out
 
     def check_alive(self) -> None:
         for part, proc in self.procs.items():
@@ -122,3 +163,9 @@ class Naive(Pipeline):
 
     def __init__(self) -> None:
         super().__init__(consumer_script=str(Path(__file__).resolve().parent.parent / "naive_consumer.py"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
