@@ -353,29 +353,28 @@ def _reused(found: tuple[int, datetime, datetime]) -> None:
     )
 
 
-def _batch_json(items: Iterable[Delivered]) -> str:
+def _batch_json(items: Iterable[Delivered]) -> _Json:
     """The batch as the JSON the statement reads (see _INPUT)."""
     rows = []
-    for item in items:
-        ev, e, m = item.event, item.event.employee, item.record
-        at = ev.captured_at
+    for event, record, _ in items:
+        action_id, action, (emp_id, first_name, last_name, dob, city, salary), _, at = event
         rows.append(
             (
-                ev.action_id,
-                e.emp_id,
-                ev.action,
-                m.topic,
-                m.partition,
-                m.offset,
+                action_id,
+                emp_id,
+                action,
+                record.topic,
+                record.partition,
+                record.offset,
                 # As psycopg2 sends a datetime: the server parses what isoformat() prints.
                 # orjson prints a UTC datetime the same, 20 times faster; another offset may
                 # have seconds, which orjson would drop.
                 at if at is None or at.tzinfo is UTC else at.isoformat(),
-                e.first_name,
-                e.last_name,
-                e.dob,
-                e.city,
-                e.salary,
+                first_name,
+                last_name,
+                dob,
+                city,
+                salary,
             )
         )
     try:
@@ -385,7 +384,35 @@ def _batch_json(items: Iterable[Delivered]) -> str:
     # JSON can carry a NUL (\u0000), text in PostgreSQL cannot: refuse it here, like psycopg2.
     if b"\\u0000" in text and any("\x00" in v for row in rows for v in row if isinstance(v, str)):
         raise UnencodableValueError("ValueError: A string literal cannot contain NUL (0x00) characters.")
-    return text.decode()
+    return _Json(text)
+
+
+class _Json:
+    """UTF-8 JSON text as a query parameter, quoted as bytes where the connection speaks UTF-8:
+    psycopg2 would decode, encode and escape the ~250 KB batch character by character, a fifth
+    of the consumer's time. orjson's output holds no raw control character, so doubling quotes
+    and backslashes in an E'' literal is all it needs. Another client encoding gets psycopg2's
+    own quoting (which refuses what that encoding cannot hold)."""
+
+    __slots__ = ("_conn", "text")
+
+    def __init__(self, text: bytes) -> None:
+        self.text = text
+        self._conn: psycopg2.extensions.connection | None = None
+
+    def __conform__(self, protocol: object) -> _Json:
+        return self
+
+    def prepare(self, conn: psycopg2.extensions.connection) -> None:
+        self._conn = conn
+
+    def getquoted(self) -> bytes:
+        if self._conn is not None and self._conn.encoding == "UTF8":
+            return b"E'" + self.text.replace(b"\\", b"\\\\").replace(b"'", b"''") + b"'"
+        quoted = psycopg2.extensions.QuotedString(self.text.decode())
+        if self._conn is not None:
+            quoted.prepare(self._conn)
+        return quoted.getquoted()
 
 
 def _execute(cur: psycopg2.extensions.cursor, statement: str, params: dict[str, Any]) -> None:
