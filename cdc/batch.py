@@ -36,6 +36,7 @@ from cdc.stats import Stats
 from employee import MARK_HEADER, MARK_VALUE, ChangeEvent, InvalidEventError
 
 log = logging.getLogger("consumer.batch")
+_new_tuple = tuple.__new__  # a named tuple without its __new__: one is built per message
 
 
 @dataclass
@@ -73,13 +74,14 @@ def decode(batch: Sequence[Received]) -> Decoded:
     """Step 1: decode and validate each message; an invalid one is a dead letter at once."""
     items: list[sink.Delivered] = []
     invalid: list[DeadLetter] = []
+    from_json, delivered = ChangeEvent.from_json, sink.Delivered
     for record in batch:
         try:
-            event = ChangeEvent.from_json(record.value)
+            event = from_json(record.value)
         except InvalidEventError as exc:
             invalid.append(DeadLetter(record, type(exc).__name__, str(exc), attempts=1))
             continue
-        items.append(sink.Delivered(event, record, is_replayed(record)))
+        items.append(_new_tuple(delivered, (event, record, is_replayed(record))))
     return Decoded(list(batch), items, invalid)
 
 

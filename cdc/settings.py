@@ -47,7 +47,7 @@ class Settings:
     producer_batch_size: int = 5000
     # A batch that was not full is followed by the next no sooner than this (see producer.py).
     producer_batch_interval_ms: int = 5
-    consumer_batch_size: int = 2000
+    consumer_batch_size: int = 5000
     poll_interval: float = 1.0
     consume_timeout: float = 1.0
     max_attempts: int = 3
