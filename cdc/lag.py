@@ -1,8 +1,12 @@
 """Consumer lag, measured beside the consumer: the group's committed offsets against the log end.
 
-A thread with an admin client of its own asks the brokers every LAG_REFRESH seconds, for the
-partitions this consumer owns: lag keeps moving while the consumer waits out a destination
-outage (its partitions paused), and the consume loop never waits for these requests.
+A thread asks the brokers every LAG_REFRESH seconds, for the partitions this consumer owns, so
+lag keeps moving while the consumer waits out a destination outage (its partitions paused) and
+the consume loop never waits for these requests. It uses a consumer handle of its own that
+never subscribes (so never joins the group): ``committed()`` reads the group's offsets and
+``get_watermark_offsets()`` the log end. Not the admin API: librdkafka 2.x can abort the process
+on a coordinator-bound admin request whose broker disconnects (confluentinc/librdkafka#5397),
+which a broker restart does.
 """
 
 from __future__ import annotations
@@ -11,10 +15,9 @@ import logging
 import threading
 from collections.abc import Callable
 
-from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
-from confluent_kafka.admin import OffsetSpec
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from cdc.kafka import admin_client
+from cdc.kafka import base_config
 from cdc.settings import Settings
 from cdc.stats import Stats
 
@@ -36,10 +39,18 @@ class LagWatch:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self._admin = None
+        self._probe: Consumer | None = None
 
     def start(self) -> None:
-        self._admin = admin_client(self.settings, logger=logging.getLogger("consumer.kafka.lag"))
+        self._probe = Consumer(
+            {
+                **base_config(self.settings),
+                "group.id": self.settings.consumer_group_id,
+                "client.id": f"cdc-lag-{self.settings.consumer_group_id}",
+                "enable.auto.commit": False,
+            },
+            logger=logging.getLogger("consumer.kafka.lag"),
+        )
         self._thread = threading.Thread(target=self._run, name="cdc-lag", daemon=True)
         self._thread.start()
 
@@ -50,9 +61,15 @@ class LagWatch:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(REQUEST_TIMEOUT + 1)
-            self._thread = None
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            # One request in flight at most; a thread still stuck in one keeps the handle.
+            thread.join(REQUEST_TIMEOUT + 1)
+            if thread.is_alive():
+                return
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None
 
     def _run(self) -> None:
         while True:
@@ -62,30 +79,24 @@ class LagWatch:
                 return
             try:
                 self.refresh()
-            except KafkaException as exc:  # the broker is away: keep the last figures
+            except KafkaException as exc:  # a broker is away: keep the last figures
                 log.debug("lag not measured: %s", exc)
 
     def refresh(self) -> None:
+        assert self._probe is not None
         owned = sorted(self.owned())
-        if not owned:
-            self.stats.set("lag", {})
-            self.stats.set("committed", {})
-            return
-        tps = [TopicPartition(t, p) for t, p in owned]
-        group = self.settings.consumer_group_id
-        committed_f = self._admin.list_consumer_group_offsets(
-            [ConsumerGroupTopicPartitions(group, tps)], request_timeout=REQUEST_TIMEOUT
-        )[group]
-        ends = self._offsets(tps, OffsetSpec.latest())
-        committed = {(tp.topic, tp.partition): tp.offset for tp in committed_f.result().topic_partitions}
-        committed = {key: o for key, o in committed.items() if o >= 0}  # negative: none yet
-        start = dict(committed)
-        if len(committed) < len(ends):
+        committed: dict[TP, int] = {}
+        if owned:
+            asked = self._probe.committed([TopicPartition(t, p) for t, p in owned], timeout=REQUEST_TIMEOUT)
+            committed = {(tp.topic, tp.partition): tp.offset for tp in asked if tp.offset >= 0}
+        lag = {}
+        for topic, partition in owned:
+            if self._stop.is_set():
+                return
+            low, high = self._probe.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=REQUEST_TIMEOUT, cached=False
+            )
             # Nothing committed yet: the group starts at the log start (auto.offset.reset=earliest).
-            start = {**self._offsets(tps, OffsetSpec.earliest()), **committed}
-        self.stats.set("lag", {key: max(0, end - start.get(key, end)) for key, end in ends.items()})
+            lag[(topic, partition)] = max(0, high - committed.get((topic, partition), low))
+        self.stats.set("lag", lag)
         self.stats.set("committed", committed)
-
-    def _offsets(self, tps: list[TopicPartition], spec: OffsetSpec) -> dict[TP, int]:
-        futures = self._admin.list_offsets({tp: spec for tp in tps}, request_timeout=REQUEST_TIMEOUT)
-        return {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
