@@ -47,7 +47,9 @@ def make_contender(name: str):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0].replace("\n", " "))
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run", description=__doc__.split("\n\n")[0].replace("\n", " ")
+    )
     p.add_argument("--changes", type=int, default=200_000, help="backlog size for the drain (default 200000)")
     p.add_argument("--naive-changes", type=int, default=10_000, help="the naive consumer drains this prefix")
     p.add_argument("--rates", default="1000,5000", help="steady rates in changes/s (default 1000,5000)")
