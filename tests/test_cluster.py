@@ -89,8 +89,18 @@ def active_controller(services: LocalServices) -> int | None:
 
 def test_topics_are_replicated_three_ways_with_two_in_sync_required(cluster_settings: Settings):
     admin = admin_client(cluster_settings)
-    topic = admin.list_topics(cluster_settings.cdc_topic, timeout=10).topics[cluster_settings.cdc_topic]
-    assert {len(p.replicas) for p in topic.partitions.values()} == {3}
+
+    def partitions() -> dict:
+        return (
+            admin.list_topics(cluster_settings.cdc_topic, timeout=10)
+            .topics[cluster_settings.cdc_topic]
+            .partitions
+        )
+
+    # A new topic reaches each broker's metadata a moment after the controller made it: the
+    # broker asked may not list its partitions yet.
+    wait_until(lambda: len(partitions()) == cluster_settings.topic_partitions, 30, "the topic's partitions")
+    assert {len(p.replicas) for p in partitions().values()} == {3}
     resource = ConfigResource(ConfigResource.Type.TOPIC, cluster_settings.cdc_topic)
     configs = admin.describe_configs([resource])[resource].result(timeout=30)
     assert configs["min.insync.replicas"].value == "2"
