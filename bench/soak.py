@@ -17,8 +17,9 @@ and it includes full-size batches: a daemon's memory grows to a ceiling the firs
 full batch (about 4 MiB for the producer, 20 MiB for the consumer at 5000 per batch) and stays
 there, which at 300 changes/s happens only when it catches up after an outage. So each time a
 daemon starts, the soak writes a burst of ``BURST`` changes in one transaction: the process meets
-its largest batches in warm-up, and what the comparison sees after it is growth, not the ceiling. Writes ``bench-results/soak.json`` and
-``soak.md``; exit status 0 only if identical, nothing in the DLQ, and flat.
+its largest batches in warm-up, and what the comparison sees after it is growth, not the ceiling.
+Writes ``bench-results/soak.json`` and ``soak.md``; exit status 0 only if identical, nothing in the
+DLQ, and flat.
 """
 
 from __future__ import annotations
