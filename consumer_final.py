@@ -200,6 +200,8 @@ class ProductionCDCConsumer:
                 elif self._in_flight is not None and self._in_flight.done.done():
                     self._settle()
                 self.stats.log_if_due(log, s.stats_interval, STATS_KEYS, "consumed")
+                if self._dlq is not None:
+                    self._dlq.serve()  # an idle publisher's queue grows with every broker outage
             self._settle()  # stopping: finish the batch in flight; _close commits its offsets
         except BaseException as exc:
             self.probe.set_ready(f"stopped: {type(exc).__name__}")

@@ -430,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
             "producer_batch_interval_ms",
             int,
             "MS",
-            "PRODUCER_BATCH_INTERVAL_MS: least time between the starts of batches that are not full (5)",
+            "PRODUCER_BATCH_INTERVAL_MS: least time between the starts of batches that are not full (10)",
         ),
         ("--poll-interval", "poll_interval", float, "SECONDS", "POLL_INTERVAL: poll without NOTIFY (1.0)"),
         ("--stats-interval", "stats_interval", float, "SECONDS", "STATS_INTERVAL: between stats lines (10)"),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -106,6 +107,7 @@ class DeadLetterQueue:
             logger=KAFKA_LOG,
             flush_timeout=FLUSH_TIMEOUT,
         )
+        self._sending = threading.Lock()
 
     def send(self, letters: Sequence[DeadLetter]) -> None:
         """Produce and flush; raises DeliveryError unless Kafka acknowledged every letter.
@@ -113,13 +115,23 @@ class DeadLetterQueue:
         After a fatal producer error the publisher has already started a new producer, so the
         consumer's retry of the batch can succeed.
         """
-        self._publisher.send(
-            (
-                (self.topic, letter.record.key, letter.record.value, headers_of(letter, self.group))
-                for letter in letters
-            ),
-            what=f"dead-letter topic {self.topic}",
-        )
+        with self._sending:
+            self._publisher.send(
+                (
+                    (self.topic, letter.record.key, letter.record.value, headers_of(letter, self.group))
+                    for letter in letters
+                ),
+                what=f"dead-letter topic {self.topic}",
+            )
+
+    def serve(self) -> None:
+        """Serve the publisher's queued events between sends (see ``Publisher.serve``); skipped
+        while a send runs (in the apply thread), which serves them itself."""
+        if self._sending.acquire(blocking=False):
+            try:
+                self._publisher.serve()
+            finally:
+                self._sending.release()
 
     def close(self) -> None:
         self._publisher.close(FLUSH_TIMEOUT)

@@ -314,6 +314,13 @@ class Publisher:
             )
         return count
 
+    def serve(self) -> None:
+        """Serve queued events (errors, reports) without waiting. A publisher that sends rarely
+        needs it: librdkafka queues an event at every failed connection attempt, and only a
+        poll reads them, so an idle one would hold every outage's events. Not while ``send``
+        runs in another thread (it polls itself, and its reports must reach it)."""
+        self._producer.poll(0)
+
     def _produce_when_room(
         self,
         report: Callable[[KafkaError | None, Message], None],

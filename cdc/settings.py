@@ -46,7 +46,7 @@ class Settings:
     consumer_group_id: str = "cdc_consumer"
     producer_batch_size: int = 5000
     # A batch that was not full is followed by the next no sooner than this (see producer.py).
-    producer_batch_interval_ms: int = 5
+    producer_batch_interval_ms: int = 10
     consumer_batch_size: int = 5000
     poll_interval: float = 1.0
     consume_timeout: float = 1.0
