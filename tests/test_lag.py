@@ -25,7 +25,9 @@ def total_lag(stats: Stats) -> int | None:
     return sum(lag.values()) if lag else None
 
 
-def test_the_lag_probe_serves_its_errors_through_a_broker_outage_and_measures_again(private_settings, local_services):
+def test_the_lag_probe_serves_its_errors_through_a_broker_outage_and_measures_again(
+    private_settings, local_services
+):
     s = private_settings
     ensure_topics(s, admin_client(s))
     owned = {(s.cdc_topic, p) for p in range(s.topic_partitions)}
