@@ -184,7 +184,7 @@ def flatness(samples: list[dict[str, Any]], daemon: str) -> dict[str, Any]:
         out[key] = {
             "start": round(a, 1),
             "end": round(b, 1),
-            "max": max(r[key] or 0 for r in rows),
+            "max": round(max(r[key] or 0 for r in rows), 1),
             "flat": ok,
         }
         flat = flat and ok

@@ -318,8 +318,22 @@ class Publisher:
         """Serve queued events (errors, reports) without waiting. A publisher that sends rarely
         needs it: librdkafka queues an event at every failed connection attempt, and only a
         poll reads them, so an idle one would hold every outage's events. Not while ``send``
-        runs in another thread (it polls itself, and its reports must reach it)."""
-        self._producer.poll(0)
+        runs in another thread (it polls itself, and its reports must reach it).
+
+        A fatal error found here (this client raises it from poll()) replaces the producer at
+        once, as ``send`` would: nothing is queued between sends, so nothing is dropped."""
+        try:
+            self._producer.poll(0)
+        except CLIENT_ERRORS as exc:
+            err = _kafka_error(exc)
+            if err is None or not _is_fatal(err):
+                raise
+            self._fatal = self._fatal or self._fatal_cause(err)
+        if self._fatal is not None:
+            fatal = self._restart()
+            self._log.warning(
+                "kafka producer fatal error %s: %s; a new producer was started", fatal.name(), fatal.str()
+            )
 
     def _produce_when_room(
         self,
