@@ -103,7 +103,12 @@ class DeadLetterQueue:
         self.topic = settings.cdc_dlq_topic
         self.group = settings.consumer_group_id
         self._publisher = Publisher(
-            producer_config(settings, **{"client.id": f"{self.group}-dlq"}),
+            # The broker judges a letter's size against the topic (ensure_topics sized it for
+            # any message of the CDC topic); the client's own 1,000,000-byte check would refuse
+            # a letter of a message the CDC topic took.
+            producer_config(
+                settings, **{"client.id": f"{self.group}-dlq", "message.max.bytes": 1_000_000_000}
+            ),
             logger=KAFKA_LOG,
             flush_timeout=FLUSH_TIMEOUT,
         )

@@ -9,7 +9,7 @@ from functools import partial
 from typing import NamedTuple
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic
 
 from cdc.errors import ConfigError, DeliveryError, ServiceError
 from cdc.settings import Settings
@@ -153,28 +153,90 @@ def wait_for_broker(admin: AdminClient, *, timeout: float, what: str = "Kafka") 
             time.sleep(1)
 
 
+# Bytes a dead letter may exceed the message it carries by: the diagnosis headers (the error
+# message is cut to 1,000 characters, at most 4,000 bytes; the rest well under 1 KiB) with room.
+LETTER_HEADROOM = 64 * 1024
+MAX_MESSAGE_BYTES = "max.message.bytes"
+
+
 def ensure_topics(settings: Settings, admin: AdminClient | None = None, *, timeout: float = 30.0) -> None:
-    """Create the CDC topic and its dead-letter topic if they do not exist yet."""
+    """Create the CDC topic and its dead-letter topic if they do not exist yet, and see that the
+    dead-letter topic takes a letter of any message the CDC topic accepts (its size limit is
+    LETTER_HEADROOM more; an older, smaller one is raised)."""
     admin = admin or admin_client(settings)
     wait_for_broker(admin, timeout=timeout)
     existing = set(admin.list_topics(timeout=10).topics)
+    if settings.cdc_topic not in existing:
+        _create(admin, settings, settings.cdc_topic, {}, timeout)
+    wanted = topic_limit(admin, settings.cdc_topic) + LETTER_HEADROOM
+    if settings.cdc_dlq_topic not in existing:
+        _create(admin, settings, settings.cdc_dlq_topic, {MAX_MESSAGE_BYTES: str(wanted)}, timeout)
+    elif (has := topic_limit(admin, settings.cdc_dlq_topic)) < wanted:
+        _raise_limit(admin, settings.cdc_dlq_topic, has, wanted)
+
+
+def _create(
+    admin: AdminClient, settings: Settings, topic: str, config: dict[str, str], timeout: float
+) -> None:
     rf = settings.topic_replication_factor
-    # Replicated: an acknowledged write (acks=all) is on two brokers before the producer moves on.
-    config = {"min.insync.replicas": "2"} if rf >= 3 else {}
-    wanted = [
-        NewTopic(t, num_partitions=settings.topic_partitions, replication_factor=rf, config=config)
-        for t in (settings.cdc_topic, settings.cdc_dlq_topic)
-        if t not in existing
-    ]
-    if not wanted:
-        return
-    for topic, future in admin.create_topics(wanted, operation_timeout=timeout).items():
+    if rf >= 3:
+        # Replicated: an acknowledged write (acks=all) is on two brokers before the producer moves on.
+        config = {"min.insync.replicas": "2", **config}
+    new = NewTopic(topic, num_partitions=settings.topic_partitions, replication_factor=rf, config=config)
+    try:
+        admin.create_topics([new], operation_timeout=timeout)[topic].result()
+        log.info("created topic=%s partitions=%d replication=%d", topic, settings.topic_partitions, rf)
+    except KafkaException as exc:
+        if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+            raise ServiceError(f"could not create topic {topic}: {exc.args[0].str()}") from exc
+
+
+def topic_limit(admin: AdminClient, topic: str) -> int:
+    """The topic's effective max.message.bytes (its own setting or the broker's default)."""
+    resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
+    for attempt in range(10):
         try:
-            future.result()
-            log.info("created topic=%s partitions=%d replication=%d", topic, settings.topic_partitions, rf)
+            configs = admin.describe_configs([resource], request_timeout=10)[resource].result(timeout=15)
+            return int(configs[MAX_MESSAGE_BYTES].value)
         except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise ServiceError(f"could not create topic {topic}: {exc.args[0].str()}") from exc
+            # A topic just created may not be known yet to the broker asked.
+            if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART or attempt == 9:
+                raise ServiceError(
+                    f"could not read the configuration of topic {topic}: {exc.args[0].str()}"
+                ) from exc
+            time.sleep(0.5)
+    raise AssertionError("unreachable")
+
+
+def _raise_limit(admin: AdminClient, topic: str, has: int, wanted: int) -> None:
+    resource = ConfigResource(
+        ConfigResource.Type.TOPIC,
+        topic,
+        incremental_configs=[
+            ConfigEntry(MAX_MESSAGE_BYTES, str(wanted), incremental_operation=AlterConfigOpType.SET)
+        ],
+    )
+    try:
+        admin.incremental_alter_configs([resource])[resource].result(timeout=15)
+        log.info(
+            "raised %s of dead-letter topic %s from %d to %d: a letter is its message plus headers",
+            MAX_MESSAGE_BYTES,
+            topic,
+            has,
+            wanted,
+        )
+    except KafkaException as exc:
+        log.warning(
+            "dead-letter topic %s takes messages up to %d bytes, less than the CDC topic's limit plus "
+            "%d for a letter's headers; a letter of a message near that limit would be refused: set "
+            "its %s to %d (%s)",
+            topic,
+            has,
+            LETTER_HEADROOM,
+            MAX_MESSAGE_BYTES,
+            wanted,
+            exc.args[0].str(),
+        )
 
 
 class _Batch:

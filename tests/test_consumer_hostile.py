@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 
 import pytest
+from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 from consumer_helpers import (
     OURS,
     Running,
@@ -23,7 +26,15 @@ from support import Daemons, dlq_count, wait_until
 from cdc import dlq
 from cdc.db import Database
 from cdc.errors import UnencodableValueError
-from cdc.kafka import Received
+from cdc.kafka import (
+    LETTER_HEADROOM,
+    Publisher,
+    Received,
+    admin_client,
+    ensure_topics,
+    producer_config,
+    topic_limit,
+)
 from cdc.sink import Delivered, apply_events
 from consumer_final import ProductionCDCConsumer
 from employee import MARK_HEADER
@@ -167,3 +178,49 @@ def test_a_value_psycopg2_cannot_encode_is_a_bad_message(clean_dest, text, words
             apply_events(cur, [item], idempotency=True)
     finally:
         db.close()
+
+
+def test_a_message_at_the_topic_size_limit_is_dead_lettered_whole(settings, clean_dest):
+    """The letter is the message plus its diagnosis headers, so a message the CDC topic only just
+    accepted is bigger than that limit as a letter. Before: the dead-letter topic had the same
+    limit, every send was refused as too large, and the consumer retried the batch forever."""
+    admin = admin_client(settings)
+    limit = topic_limit(admin, settings.cdc_topic)
+    assert topic_limit(admin, settings.cdc_dlq_topic) >= limit + LETTER_HEADROOM
+    # A stranger's producer allowed to send up to the broker's limit, one message per batch.
+    big = Publisher(
+        producer_config(settings, **{"message.max.bytes": limit, "compression.type": "none"}),
+        logger=logging.getLogger("test.kafka"),
+        flush_timeout=60,
+    )
+    value = os.urandom(limit - 200)  # incompressible; fits one record batch of the limit
+    assert len(value) + 500 > limit  # as a letter it would not
+    produce(settings, [event(1, "INSERT", 1), (b"big", value), event(3, "INSERT", 3)], big)
+    consumer = ProductionCDCConsumer(settings=fast(settings, retry_backoff_max=0.5))
+    with Running(consumer) as r:
+        r.wait(lambda: consumer.stats.get("dlq") == 1 and len(dest_rows(clean_dest)) == 2, 60)
+    assert consumer.stats.get("retries") == 0
+    [letter] = dlq_messages(settings)
+    assert letter["value"] == dlq.text_of(value)
+    assert set(dest_rows(clean_dest)) == {1, 3}
+
+
+def test_an_older_smaller_dead_letter_topic_is_raised_to_take_any_letter(settings, caplog):
+    admin = admin_client(settings)
+    limit = topic_limit(admin, settings.cdc_topic)
+    small = ConfigResource(
+        ConfigResource.Type.TOPIC,
+        settings.cdc_dlq_topic,
+        incremental_configs=[
+            ConfigEntry("max.message.bytes", str(limit), incremental_operation=AlterConfigOpType.SET)
+        ],
+    )
+    admin.incremental_alter_configs([small])[small].result(timeout=15)
+    wait_until(lambda: topic_limit(admin, settings.cdc_dlq_topic) == limit, 15, "the smaller limit")
+    with caplog.at_level(logging.INFO, logger="cdc.kafka"):
+        ensure_topics(settings, admin)
+    assert topic_limit(admin, settings.cdc_dlq_topic) == limit + LETTER_HEADROOM
+    assert any(
+        f"raised max.message.bytes of dead-letter topic {settings.cdc_dlq_topic}" in m
+        for m in caplog.messages
+    )
