@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import time
 from collections import Counter
 from datetime import datetime
 
@@ -281,12 +282,15 @@ def _set_dlq_max_message_bytes(settings, value: int) -> None:
 
 
 def test_when_the_dlq_cannot_be_written_the_offset_stays_until_it_can(settings, clean_dest):
-    # The broker refuses dead letters larger than 1000 bytes: the DLQ cannot take this one.
-    _set_dlq_max_message_bytes(settings, 1000)
     poison = os.urandom(3000)  # not UTF-8, and incompressible
-    produce(settings, [event(1, "INSERT", 1), (b"1", poison), event(2, "UPDATE", 1, salary=2)])
     consumer = ProductionCDCConsumer(settings=fast(settings, retry_backoff_max=0.5))
     with Running(consumer) as r:
+        # After the consumer's start, which sizes the DLQ topic for any letter: from now on the
+        # broker refuses dead letters larger than 1000 bytes, and the DLQ cannot take this one.
+        r.wait(lambda: consumer._dlq is not None, what="the DLQ producer")
+        _set_dlq_max_message_bytes(settings, 1000)
+        time.sleep(1)
+        produce(settings, [event(1, "INSERT", 1), (b"1", poison), event(2, "UPDATE", 1, salary=2)])
         r.wait(lambda: consumer.stats.get("retries") >= 3, what="retries of the DLQ write")
         assert all(o < 1 for o in committed_offsets(settings).values())  # not past offset 1
         assert count_processed(clean_dest) == 0  # the batch was rolled back, not half-applied
