@@ -13,11 +13,12 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, date, datetime
 
 from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 from psycopg2 import sql
 from support import execute, query, wait_until
 
 from cdc import dlq
-from cdc.kafka import Headers, Outgoing, Publisher, consumer_config, producer_config
+from cdc.kafka import Headers, Outgoing, Publisher, admin_client, consumer_config, producer_config
 from cdc.runner import settings_env
 from cdc.settings import Settings
 from consumer_final import ProductionCDCConsumer
@@ -197,3 +198,17 @@ def dest_constraint(url: str, name: str, check: str) -> Iterator[None]:
         execute(
             url, sql.SQL("ALTER TABLE employees DROP CONSTRAINT IF EXISTS {}").format(sql.Identifier(name))
         )
+
+
+def set_dlq_max_message_bytes(settings: Settings, value: int) -> None:
+    """Set the dead-letter topic's max.message.bytes on the broker."""
+    resource = ConfigResource(
+        ConfigResource.Type.TOPIC,
+        settings.cdc_dlq_topic,
+        incremental_configs=[
+            ConfigEntry("max.message.bytes", str(value), incremental_operation=AlterConfigOpType.SET)
+        ],
+    )
+    admin = admin_client(settings)  # kept alive until the futures resolve
+    for f in admin.incremental_alter_configs([resource]).values():
+        f.result(timeout=30)

@@ -11,7 +11,6 @@ from datetime import datetime
 
 import pytest
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
-from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 from consumer_helpers import (
     OURS,
     Running,
@@ -25,6 +24,7 @@ from consumer_helpers import (
     fast,
     outcomes,
     produce,
+    set_dlq_max_message_bytes,
     workload,
 )
 from support import end_offsets, query
@@ -268,19 +268,6 @@ def test_dlq_circuit_breaker_stops_instead_of_dead_lettering_the_stream(settings
     assert sum(max(o, 0) for o in committed_offsets(settings).values()) < 20
 
 
-def _set_dlq_max_message_bytes(settings, value: int) -> None:
-    resource = ConfigResource(
-        ResourceType.TOPIC,
-        settings.cdc_dlq_topic,
-        incremental_configs=[
-            ConfigEntry("max.message.bytes", str(value), incremental_operation=AlterConfigOpType.SET)
-        ],
-    )
-    admin = admin_client(settings)  # kept alive until the futures resolve
-    for f in admin.incremental_alter_configs([resource]).values():
-        f.result(timeout=30)
-
-
 def test_when_the_dlq_cannot_be_written_the_offset_stays_until_it_can(settings, clean_dest):
     poison = os.urandom(3000)  # not UTF-8, and incompressible
     consumer = ProductionCDCConsumer(settings=fast(settings, retry_backoff_max=0.5))
@@ -288,7 +275,7 @@ def test_when_the_dlq_cannot_be_written_the_offset_stays_until_it_can(settings, 
         # After the consumer's start, which sizes the DLQ topic for any letter: from now on the
         # broker refuses dead letters larger than 1000 bytes, and the DLQ cannot take this one.
         r.wait(lambda: consumer._dlq is not None, what="the DLQ producer")
-        _set_dlq_max_message_bytes(settings, 1000)
+        set_dlq_max_message_bytes(settings, 1000)
         time.sleep(1)
         produce(settings, [event(1, "INSERT", 1), (b"1", poison), event(2, "UPDATE", 1, salary=2)])
         r.wait(lambda: consumer.stats.get("retries") >= 3, what="retries of the DLQ write")
@@ -296,7 +283,7 @@ def test_when_the_dlq_cannot_be_written_the_offset_stays_until_it_can(settings, 
         assert count_processed(clean_dest) == 0  # the batch was rolled back, not half-applied
         assert dlq_messages(settings) == []
 
-        _set_dlq_max_message_bytes(settings, 1_000_000)
+        set_dlq_max_message_bytes(settings, 1_000_000)
         r.wait(lambda: count_processed(clean_dest) == 2, what="the batch after the DLQ recovered")
     [letter] = dlq_messages(settings)
     assert base64.b64decode(letter["value"][len("base64:") :]) == poison

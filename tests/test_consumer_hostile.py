@@ -7,7 +7,6 @@ import logging
 import os
 
 import pytest
-from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 from consumer_helpers import (
     OURS,
     Running,
@@ -20,6 +19,7 @@ from consumer_helpers import (
     fast,
     outcomes,
     produce,
+    set_dlq_max_message_bytes,
 )
 from support import Daemons, dlq_count, wait_until
 
@@ -208,14 +208,7 @@ def test_a_message_at_the_topic_size_limit_is_dead_lettered_whole(settings, clea
 def test_an_older_smaller_dead_letter_topic_is_raised_to_take_any_letter(settings, caplog):
     admin = admin_client(settings)
     limit = topic_limit(admin, settings.cdc_topic)
-    small = ConfigResource(
-        ConfigResource.Type.TOPIC,
-        settings.cdc_dlq_topic,
-        incremental_configs=[
-            ConfigEntry("max.message.bytes", str(limit), incremental_operation=AlterConfigOpType.SET)
-        ],
-    )
-    admin.incremental_alter_configs([small])[small].result(timeout=15)
+    set_dlq_max_message_bytes(settings, limit)
     wait_until(lambda: topic_limit(admin, settings.cdc_dlq_topic) == limit, 15, "the smaller limit")
     with caplog.at_level(logging.INFO, logger="cdc.kafka"):
         ensure_topics(settings, admin)
