@@ -32,9 +32,9 @@ import psycopg2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cdc.kafka import Publisher, admin_client, ensure_topics, producer_config
-from cdc.services import PROJECT_DIR, LocalServices, Ports
-from cdc.settings import Settings, load_settings
+from cdc.kafka.client import Publisher, admin_client, ensure_topics, producer_config
+from cdc.local.services import PROJECT_DIR, LocalServices, Ports
+from cdc.runtime.settings import Settings, load_settings
 from consumer_final import ProductionCDCConsumer, tune_gc
 from employee import MARK_HEADER, MARK_VALUE, ChangeEvent, Employee
 

@@ -48,10 +48,10 @@ import psycopg2  # noqa: E402
 from confluent_kafka import Consumer, TopicPartition  # noqa: E402
 
 from cdc.errors import ServiceError  # noqa: E402
-from cdc.kafka import base_config, ensure_topics  # noqa: E402
-from cdc.services import LocalServices, Ports  # noqa: E402
-from cdc.settings import Settings, load_settings  # noqa: E402
-from cdc.stats import process_cpu_seconds  # noqa: E402
+from cdc.kafka.client import base_config, ensure_topics  # noqa: E402
+from cdc.local.services import LocalServices, Ports  # noqa: E402
+from cdc.runtime.settings import Settings, load_settings  # noqa: E402
+from cdc.runtime.stats import process_cpu_seconds  # noqa: E402
 
 ACTIVE_LINE = re.compile(r"^(\S+ \S+) INFO +producer: active:", re.M)
 FINAL_LINE = re.compile(r"^(\S+ \S+) INFO +producer: final published=(\d+)", re.M)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psycopg2
 
-from cdc.services import PROJECT_DIR, SETUP_DEST_SQL, SETUP_SOURCE_SQL, Ports, PostgresServer
+from cdc.local.services import PROJECT_DIR, SETUP_DEST_SQL, SETUP_SOURCE_SQL, Ports, PostgresServer
 
 # One deterministic row per i, the same in both databases: NULLs, non-ASCII, dates, negatives.
 ROW_EXPRESSIONS = """

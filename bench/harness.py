@@ -25,7 +25,14 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from bench.contenders.base import BenchEnv
-from cdc.services import PROJECT_DIR, SETUP_DEST_SQL, SETUP_SOURCE_SQL, LocalServices, Ports, find_pg_bindir
+from cdc.local.services import (
+    PROJECT_DIR,
+    SETUP_DEST_SQL,
+    SETUP_SOURCE_SQL,
+    LocalServices,
+    Ports,
+    find_pg_bindir,
+)
 
 # Both servers: logical decoding for the replication contenders (the project's pipeline does not
 # need it, but every contender runs on the same servers).

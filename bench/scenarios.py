@@ -19,8 +19,8 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from bench import harness
 from bench.contenders.base import BenchEnv
 from bench.contenders.pipeline import Pipeline
-from cdc.settings import load_settings
-from cdc.verify import check_events
+from cdc.ops.verify import check_events
+from cdc.runtime.settings import load_settings
 
 DRAIN_TIMEOUT = 1800.0
 

@@ -41,12 +41,12 @@ from typing import Any
 
 import psycopg2
 
-from cdc.kafka import admin_client, ensure_topics
-from cdc.runner import Daemon
-from cdc.services import PROJECT_DIR, LocalServices, Ports
-from cdc.settings import Settings, load_settings
-from cdc.verify import verify
-from cdc.workload import Workload
+from cdc.kafka.client import admin_client, ensure_topics
+from cdc.local.runner import Daemon
+from cdc.local.services import PROJECT_DIR, LocalServices, Ports
+from cdc.ops.verify import verify
+from cdc.ops.workload import Workload
+from cdc.runtime.settings import Settings, load_settings
 
 SAMPLE_EVERY = 10.0
 WARMUP = 60.0

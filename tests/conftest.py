@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import support
 
-from cdc.services import LocalServices, Ports
-from cdc.settings import Settings
+from cdc.local.services import LocalServices, Ports
+from cdc.runtime.settings import Settings
 
 ENV_KEYS = ("SOURCE_DB_URL", "DEST_DB_URL", "KAFKA_BOOTSTRAP_SERVERS")
 

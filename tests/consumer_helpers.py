@@ -17,10 +17,10 @@ from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 from psycopg2 import sql
 from support import execute, query, wait_until
 
-from cdc import dlq
-from cdc.kafka import Headers, Outgoing, Publisher, admin_client, consumer_config, producer_config
-from cdc.runner import settings_env
-from cdc.settings import Settings
+from cdc.dlq import queue as dlq
+from cdc.kafka.client import Headers, Outgoing, Publisher, admin_client, consumer_config, producer_config
+from cdc.local.runner import settings_env
+from cdc.runtime.settings import Settings
 from consumer_final import ProductionCDCConsumer
 from employee import MARK_HEADER, MARK_VALUE, ChangeEvent, Employee
 

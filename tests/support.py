@@ -17,10 +17,10 @@ import psycopg2
 from confluent_kafka import Consumer, TopicPartition
 from psycopg2 import sql
 
-from cdc.kafka import admin_client, base_config, ensure_topics
-from cdc.runner import Daemon
-from cdc.services import SETUP_SOURCE_SQL
-from cdc.settings import Settings, load_settings
+from cdc.kafka.client import admin_client, base_config, ensure_topics
+from cdc.local.runner import Daemon
+from cdc.local.services import SETUP_SOURCE_SQL
+from cdc.runtime.settings import Settings, load_settings
 
 CLEAN_SOURCE = (
     "TRUNCATE employees, emp_records_cdc RESTART IDENTITY;"

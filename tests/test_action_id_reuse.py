@@ -9,8 +9,8 @@ from consumer_helpers import Running, count_processed, dest_rows, fast
 from support import execute
 from test_producer_support import insert_employees, producer_env
 
-from cdc.daemon import EXIT_OK
 from cdc.errors import ActionIdReusedError, SchemaMissingError
+from cdc.runtime.signals import EXIT_OK
 from consumer_final import ProductionCDCConsumer
 
 pytestmark = [pytest.mark.integration, pytest.mark.daemon]

@@ -20,9 +20,9 @@ from confluent_kafka.admin import ConfigResource
 from support import clean_dest, clean_source, fresh_settings, wait_until
 from test_pipeline_faults import Pipeline
 
-from cdc.kafka import admin_client
-from cdc.services import LocalServices, Ports
-from cdc.settings import Settings
+from cdc.kafka.client import admin_client
+from cdc.local.services import LocalServices, Ports
+from cdc.runtime.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.daemon, pytest.mark.fault]
 

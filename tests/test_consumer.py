@@ -29,9 +29,9 @@ from consumer_helpers import (
 )
 from support import end_offsets, query
 
-from cdc import dlq
+from cdc.dlq import queue as dlq
 from cdc.errors import HaltError
-from cdc.kafka import admin_client, consumer_config
+from cdc.kafka.client import admin_client, consumer_config
 from consumer_final import ProductionCDCConsumer
 
 pytestmark = pytest.mark.integration

@@ -20,13 +20,13 @@ from consumer_helpers import (
     produce,
 )
 
-from cdc.batch import BatchApplier
-from cdc.db import Database
-from cdc.dlq import CircuitBreaker, DeadLetterQueue
-from cdc.kafka import Received
-from cdc.runner import settings_env
-from cdc.services import PROJECT_DIR
-from cdc.stats import Stats
+from cdc.dlq.queue import CircuitBreaker, DeadLetterQueue
+from cdc.kafka.client import Received
+from cdc.local.runner import settings_env
+from cdc.local.services import PROJECT_DIR
+from cdc.runtime.db import Database
+from cdc.runtime.stats import Stats
+from cdc.sink.batch import BatchApplier
 from consumer_final import ProductionCDCConsumer
 from employee import ChangeEvent, InvalidEventError
 

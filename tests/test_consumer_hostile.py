@@ -23,10 +23,9 @@ from consumer_helpers import (
 )
 from support import Daemons, dlq_count, wait_until
 
-from cdc import dlq
-from cdc.db import Database
+from cdc.dlq import queue as dlq
 from cdc.errors import UnencodableValueError
-from cdc.kafka import (
+from cdc.kafka.client import (
     LETTER_HEADROOM,
     Publisher,
     Received,
@@ -35,7 +34,8 @@ from cdc.kafka import (
     producer_config,
     topic_limit,
 )
-from cdc.sink import Delivered, apply_events
+from cdc.runtime.db import Database
+from cdc.sink.statements import Delivered, apply_events
 from consumer_final import ProductionCDCConsumer
 from employee import MARK_HEADER
 

@@ -9,13 +9,14 @@ from concurrent.futures import Future
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from cdc.batch import Decoded
-from cdc.dlq import CircuitBreaker
+from cdc.dlq.queue import CircuitBreaker
 from cdc.errors import ConfigError, HaltError, TransientError
-from cdc.kafka import Received
-from cdc.settings import load_settings
-from cdc.sink import salvage_ids
-from consumer_final import ProductionCDCConsumer, _InFlight, parse_args
+from cdc.kafka.client import Received
+from cdc.runtime.settings import load_settings
+from cdc.sink.batch import Decoded
+from cdc.sink.daemon import _InFlight
+from cdc.sink.statements import salvage_ids
+from consumer_final import ProductionCDCConsumer, parse_args
 
 
 def test_breaker_trips_only_on_a_full_window_of_mostly_failures():

@@ -14,11 +14,11 @@ import pytest
 from support import connect, execute, scalar
 from test_producer_support import cursor_row, insert_employees, outbox_ids, producer_env, read_topic
 
-from cdc.capture import Cursor
-from cdc.daemon import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, StopSignal
 from cdc.errors import ConfigError
-from cdc.runner import Daemon
-from cdc.verify import verify
+from cdc.local.runner import Daemon
+from cdc.ops.verify import verify
+from cdc.runtime.signals import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, StopSignal
+from cdc.source.outbox import Cursor
 from producer import ChangeProducer
 
 pytestmark = [pytest.mark.integration, pytest.mark.daemon]

@@ -15,13 +15,15 @@ import pytest
 from consumer_helpers import OURS, Running, dest_rows, event, fast, outcomes, produce
 from support import dlq_count, end_offsets
 
-from cdc import dlq, dlq_letters, dlq_workbench
-from cdc.dlq_letters import Letter, Selection
-from cdc.dlq_workbench import Planned, Sent
+from cdc.dlq import letters as dlq_letters
+from cdc.dlq import queue as dlq
+from cdc.dlq.letters import Letter, Selection
 from cdc.errors import ConfigError
-from cdc.runner import settings_env
-from cdc.services import PROJECT_DIR
-from cdc.settings import Settings, load_settings
+from cdc.local.runner import settings_env
+from cdc.local.services import PROJECT_DIR
+from cdc.ops import dlq_workbench
+from cdc.ops.dlq_workbench import Planned, Sent
+from cdc.runtime.settings import Settings, load_settings
 from consumer_final import ProductionCDCConsumer
 
 DLQ = "t_dlq"

@@ -20,13 +20,13 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from support import dlq_count, query
 
-from cdc import dlq
-from cdc.batch import BatchApplier, BatchResult
-from cdc.db import Database
-from cdc.dlq import CircuitBreaker, DeadLetterQueue
-from cdc.kafka import Received
-from cdc.sink import salvage_ids
-from cdc.stats import Stats
+from cdc.dlq import queue as dlq
+from cdc.dlq.queue import CircuitBreaker, DeadLetterQueue
+from cdc.kafka.client import Received
+from cdc.runtime.db import Database
+from cdc.runtime.stats import Stats
+from cdc.sink.batch import BatchApplier, BatchResult
+from cdc.sink.statements import salvage_ids
 from employee import (
     ACTIONS,
     INT4_MAX,

@@ -26,12 +26,12 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, To
 from consumer_helpers import Running, dest_rows, dlq_messages, event, fast, outcomes, produce
 from test_producer_support import cursor_row, insert_employees, outbox_ids, read_topic
 
-import producer as producer_module
-from cdc import dlq
-from cdc.daemon import StopSignal
+from cdc.dlq import queue as dlq
 from cdc.errors import DeliveryError
-from cdc.kafka import Publisher, Received, consumer_config, producer_config
-from cdc.settings import Settings
+from cdc.kafka.client import Publisher, Received, consumer_config, producer_config
+from cdc.runtime.settings import Settings
+from cdc.runtime.signals import StopSignal
+from cdc.source import daemon as producer_module
 from consumer_final import ProductionCDCConsumer
 from producer import ChangeProducer
 

@@ -13,9 +13,9 @@ import pytest
 from consumer_helpers import produce
 from support import wait_until
 
-from cdc.kafka import admin_client, ensure_topics
-from cdc.lag import LagWatch
-from cdc.stats import Stats
+from cdc.kafka.client import admin_client, ensure_topics
+from cdc.kafka.lag import LagWatch
+from cdc.runtime.stats import Stats
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
 

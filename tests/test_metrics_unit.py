@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from cdc.metrics import CONSUMER, PRODUCER, Histogram, MetricsServer, histograms
-from cdc.stats import Stats
+from cdc.runtime.metrics import CONSUMER, PRODUCER, Histogram, MetricsServer, histograms
+from cdc.runtime.stats import Stats
 
 
 def exposition(component: str, stats: Stats, spec) -> dict[tuple[str, tuple], float]:

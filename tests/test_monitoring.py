@@ -39,12 +39,12 @@ from confluent_kafka import Producer
 from support import clean_dest, clean_source, dlq_count, wait_until
 
 from cdc.errors import CDCError
-from cdc.kafka import base_config
-from cdc.monitor import JOB_PORTS, MONITORING_DIR, PROMETHEUS_CONFIG, PrometheusServer, local_config
-from cdc.runner import Daemon
-from cdc.services import METRICS_PORTS, PROJECT_DIR, LocalServices, metrics_ports
-from cdc.settings import Settings
-from cdc.workload import Workload
+from cdc.kafka.client import base_config
+from cdc.local.prometheus import JOB_PORTS, MONITORING_DIR, PROMETHEUS_CONFIG, PrometheusServer, local_config
+from cdc.local.runner import Daemon
+from cdc.local.services import METRICS_PORTS, PROJECT_DIR, LocalServices, metrics_ports
+from cdc.ops.workload import Workload
+from cdc.runtime.settings import Settings
 
 ALERT_RULES = MONITORING_DIR / "prometheus" / "alerts.yml"
 ALERT_TESTS = MONITORING_DIR / "prometheus" / "alerts_test.yml"

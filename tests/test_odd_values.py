@@ -8,7 +8,7 @@ from consumer_helpers import consumer_env, outcomes
 from support import Daemons, execute
 from test_producer_support import producer_env, read_topic
 
-from cdc.verify import verify
+from cdc.ops.verify import verify
 from employee import INT4_MAX, INT4_MIN, MARK_HEADER, MARK_VALUE
 
 pytestmark = [pytest.mark.integration, pytest.mark.daemon]

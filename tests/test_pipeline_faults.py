@@ -28,12 +28,12 @@ from confluent_kafka import ConsumerGroupTopicPartitions, Producer, TopicPartiti
 from confluent_kafka.admin import AdminClient
 from support import clean_dest, clean_source, dlq_count, scalar, watermarks
 
-from cdc.kafka import admin_client, base_config
-from cdc.runner import Daemon
-from cdc.services import LocalServices
-from cdc.settings import Settings
-from cdc.verify import verify
-from cdc.workload import Workload
+from cdc.kafka.client import admin_client, base_config
+from cdc.local.runner import Daemon
+from cdc.local.services import LocalServices
+from cdc.ops.verify import verify
+from cdc.ops.workload import Workload
+from cdc.runtime.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.daemon, pytest.mark.fault]
 

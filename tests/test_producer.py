@@ -24,11 +24,11 @@ from test_producer_support import (
     read_topic,
 )
 
-from cdc.capture import LOCK_CLASS, LOCK_ID, Cursor, Leadership, Outbox
-from cdc.db import Database
 from cdc.errors import LeadershipLost
-from cdc.kafka import admin_client
-from cdc.stats import process_cpu_seconds
+from cdc.kafka.client import admin_client
+from cdc.runtime.db import Database
+from cdc.runtime.stats import process_cpu_seconds
+from cdc.source.outbox import LOCK_CLASS, LOCK_ID, Cursor, Leadership, Outbox
 from employee import ChangeEvent
 
 pytestmark = [pytest.mark.integration, pytest.mark.daemon]

@@ -15,10 +15,10 @@ import pytest
 from psycopg2 import sql
 from support import connect, execute, query, source_database
 
-from cdc.capture import Cursor, Leadership, Outbox
-from cdc.db import Database
 from cdc.errors import BadMessageError, LeadershipLost
-from cdc.services import SETUP_SOURCE_SQL
+from cdc.local.services import SETUP_SOURCE_SQL
+from cdc.runtime.db import Database
+from cdc.source.outbox import Cursor, Leadership, Outbox
 from employee import ChangeEvent, InvalidEventError
 
 pytestmark = pytest.mark.integration

@@ -21,7 +21,7 @@ from test_producer_support import (
     read_topic,
 )
 
-from cdc.daemon import EXIT_FORCED
+from cdc.runtime.signals import EXIT_FORCED
 
 pytestmark = [pytest.mark.integration, pytest.mark.daemon, pytest.mark.fault]
 

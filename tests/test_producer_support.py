@@ -15,9 +15,9 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from support import execute, query
 
-from cdc.kafka import base_config
-from cdc.runner import settings_env
-from cdc.settings import Settings
+from cdc.kafka.client import base_config
+from cdc.local.runner import settings_env
+from cdc.runtime.settings import Settings
 
 
 def producer_env(settings: Settings, **extra: Any) -> dict[str, str]:

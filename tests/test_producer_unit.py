@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from cdc.capture import Batch, Cursor
-from cdc.daemon import EXIT_CONFIG
+from cdc.runtime.signals import EXIT_CONFIG
+from cdc.source.outbox import Batch, Cursor
 from producer import build_parser, check_rows, main
 
 EVENT = {

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 
-from cdc.settings import ENV_NAMES, load_settings
+from cdc.runtime.settings import ENV_NAMES, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

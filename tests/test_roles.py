@@ -13,9 +13,9 @@ import pytest
 from consumer_helpers import event, produce
 from support import clean_dest, clean_source, execute, query
 
-from cdc.runner import Daemon, settings_env
-from cdc.services import SETUP_ROLES_DEST_SQL, SETUP_ROLES_SOURCE_SQL, LocalServices
-from cdc.settings import Settings
+from cdc.local.runner import Daemon, settings_env
+from cdc.local.services import SETUP_ROLES_DEST_SQL, SETUP_ROLES_SOURCE_SQL, LocalServices
+from cdc.runtime.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.daemon]
 

@@ -24,13 +24,13 @@ import pytest
 from confluent_kafka import Producer
 from support import clean_dest, clean_source, dlq_count, query, wait_until
 
-from cdc.kafka import admin_client, base_config, ensure_topics
-from cdc.runner import Daemon
-from cdc.services import PROJECT_DIR, LocalServices, Ports
-from cdc.settings import Settings, load_settings
-from cdc.tls import make_ca
-from cdc.verify import verify
-from cdc.workload import Workload
+from cdc.kafka.client import admin_client, base_config, ensure_topics
+from cdc.local.runner import Daemon
+from cdc.local.services import PROJECT_DIR, LocalServices, Ports
+from cdc.local.tls import make_ca
+from cdc.ops.verify import verify
+from cdc.ops.workload import Workload
+from cdc.runtime.settings import Settings, load_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.daemon]
 

@@ -6,7 +6,7 @@ import base64
 
 import pytest
 
-from cdc.services import KafkaBroker, Ports
+from cdc.local.services import KafkaBroker, Ports
 
 pytestmark = pytest.mark.integration
 

@@ -3,7 +3,7 @@
 import pytest
 
 from cdc.errors import ConfigError
-from cdc.settings import kafka_properties_from_env, load_settings, redact_url
+from cdc.runtime.settings import kafka_properties_from_env, load_settings, redact_url
 
 BASE = {
     "SOURCE_DB_URL": "postgresql://u:s3cret@127.0.0.1:5432/src",

@@ -11,10 +11,10 @@ import pytest
 from consumer_helpers import dest_rows, event, outcomes
 from support import connect, query, wait_until
 
-from cdc.db import Database
 from cdc.errors import TransientError
-from cdc.kafka import Received
-from cdc.sink import ApplyResult, Delivered, apply_events
+from cdc.kafka.client import Received
+from cdc.runtime.db import Database
+from cdc.sink.statements import ApplyResult, Delivered, apply_events
 
 pytestmark = pytest.mark.integration
 

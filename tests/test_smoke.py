@@ -15,8 +15,8 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from cdc.errors import ServiceError
-from cdc.kafka import consumer_config, producer_config
-from cdc.services import PROJECT_DIR, LocalServices, Ports, PostgresServer
+from cdc.kafka.client import consumer_config, producer_config
+from cdc.local.services import PROJECT_DIR, LocalServices, Ports, PostgresServer
 
 pytestmark = pytest.mark.integration
 

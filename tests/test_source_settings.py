@@ -19,8 +19,8 @@ import psycopg2.errors
 import pytest
 from support import connect, execute, query, scalar, source_database, wait_until
 
-from cdc.capture import Cursor, Leadership, Outbox
-from cdc.db import Database
+from cdc.runtime.db import Database
+from cdc.source.outbox import Cursor, Leadership, Outbox
 
 pytestmark = pytest.mark.integration
 

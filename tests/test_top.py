@@ -24,10 +24,10 @@ from consumer_helpers import consumer_env
 from support import Daemons, clean_dest, clean_source, connect, scalar, wait_until
 from test_producer_support import insert_employees, producer_env
 
-from cdc.kafka import base_config
-from cdc.services import PROJECT_DIR
-from cdc.settings import load_settings
-from cdc.top import Metrics, Scrape, Target, Top, Window, bucket_delta, fetch, quantile, targets
+from cdc.kafka.client import base_config
+from cdc.local.services import PROJECT_DIR
+from cdc.ops.top import Metrics, Scrape, Target, Top, Window, bucket_delta, fetch, quantile, targets
+from cdc.runtime.settings import load_settings
 
 INF = float("inf")
 

@@ -16,10 +16,10 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from psycopg2.extras import execute_values
 from support import query
 
-from cdc.kafka import consumer_config, producer_config
-from cdc.services import PROJECT_DIR
-from cdc.verify import check_events, compare_rows, merge_sorted, pipeline_lag, verify
-from cdc.workload import Workload
+from cdc.kafka.client import consumer_config, producer_config
+from cdc.local.services import PROJECT_DIR
+from cdc.ops.verify import check_events, compare_rows, merge_sorted, pipeline_lag, verify
+from cdc.ops.workload import Workload
 
 COLUMNS = "emp_id, first_name, last_name, dob, city, salary"
 

@@ -12,8 +12,8 @@ import uuid
 from pathlib import Path
 
 from bench.contenders.base import BenchEnv
-from cdc.services import PROJECT_DIR
-from cdc.top import Scrape, bucket_delta, fetch, quantile
+from cdc.local.services import PROJECT_DIR
+from cdc.ops.top import Scrape, bucket_delta, fetch, quantile
 
 PARTS = ("producer", "consumer")
 SCRIPTS = {"producer": "producer.py", "consumer": "consumer_final.py"}

@@ -21,10 +21,10 @@ from typing import Any
 
 from confluent_kafka import Message
 
-from cdc import dlq
+from cdc.dlq import queue as dlq
 from cdc.errors import ConfigError
-from cdc.kafka import Headers
-from cdc.settings import Settings
+from cdc.kafka.client import Headers
+from cdc.runtime.settings import Settings
 
 ERROR_SHORT = 60  # characters of the error message in a list line
 # librdkafka's own connection lines stay quiet: a failure reaches the operator as one error line.

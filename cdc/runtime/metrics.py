@@ -27,7 +27,7 @@ from prometheus_client.exposition import choose_encoder
 
 from cdc import __version__
 from cdc.errors import ConfigError
-from cdc.stats import Buckets, Snapshot, Stats
+from cdc.runtime.stats import Buckets, Snapshot, Stats
 
 log = logging.getLogger(__name__)
 

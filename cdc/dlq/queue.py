@@ -32,9 +32,9 @@ from datetime import UTC, datetime
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 
 from cdc.errors import DeliveryError, HaltError, ServiceError
-from cdc.kafka import Headers, Outgoing, Publisher, Received, consumer_config, producer_config
-from cdc.logs import quiet_repeats
-from cdc.settings import Settings
+from cdc.kafka.client import Headers, Outgoing, Publisher, Received, consumer_config, producer_config
+from cdc.runtime.logs import quiet_repeats
+from cdc.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 KAFKA_LOG = logging.getLogger("dlq.kafka")

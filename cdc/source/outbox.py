@@ -27,10 +27,10 @@ import psycopg2.errors
 import psycopg2.extensions
 from psycopg2 import sql
 
-from cdc.db import CONNECT_TIMEOUT, KEEPALIVES, Database, classify
 from cdc.errors import CDCError, ConfigError, LeadershipLost, SchemaMissingError, TransientError
-from cdc.settings import redact_url
-from employee import ACTIONS, TEXT_MAX
+from cdc.model.event import ACTIONS, TEXT_MAX
+from cdc.runtime.db import CONNECT_TIMEOUT, KEEPALIVES, Database, classify
+from cdc.runtime.settings import redact_url
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from typing import IO
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from cdc.settings import Settings
+from cdc.runtime.settings import Settings
 
 DEFAULT_INTERVAL = 2.0  # seconds between screens
 FETCH_TIMEOUT = 2.0  # per request; a daemon slower than this is shown as not answering

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cdc.errors import ServiceError
-from cdc.services import (
+from cdc.local.services import (
     PROJECT_DIR,
     START_TIMEOUT,
     STOP_TIMEOUT,

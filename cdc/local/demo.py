@@ -22,12 +22,12 @@ from pathlib import Path
 import psycopg2
 
 from cdc.errors import CDCError
-from cdc.kafka import ensure_topics
-from cdc.runner import Daemon
-from cdc.services import PROJECT_DIR, Ports
-from cdc.settings import Settings
-from cdc.verify import LagProbe, verify
-from cdc.workload import Mix, Workload
+from cdc.kafka.client import ensure_topics
+from cdc.local.runner import Daemon
+from cdc.local.services import PROJECT_DIR, Ports
+from cdc.ops.verify import LagProbe, verify
+from cdc.ops.workload import Mix, Workload
+from cdc.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 

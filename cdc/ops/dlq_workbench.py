@@ -31,13 +31,13 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
-from cdc import dlq
-from cdc.db import Database
-from cdc.dlq_letters import QUIET, Letter, Selection, list_lines, parse_position, read_letters, show_lines
+from cdc.dlq import queue as dlq
+from cdc.dlq.letters import QUIET, Letter, Selection, list_lines, parse_position, read_letters, show_lines
 from cdc.errors import CDCError, ConfigError
-from cdc.kafka import Headers, Publisher, consumer_config, producer_config
-from cdc.settings import Settings
-from employee import ChangeEvent, InvalidEventError
+from cdc.kafka.client import Headers, Publisher, consumer_config, producer_config
+from cdc.model.event import ChangeEvent, InvalidEventError
+from cdc.runtime.db import Database
+from cdc.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from collections.abc import Callable
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from cdc.kafka import base_config
-from cdc.settings import Settings
-from cdc.stats import Stats
+from cdc.kafka.client import base_config
+from cdc.runtime.settings import Settings
+from cdc.runtime.stats import Stats
 
 log = logging.getLogger(__name__)
 

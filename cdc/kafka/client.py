@@ -12,7 +12,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic
 
 from cdc.errors import ConfigError, DeliveryError, ServiceError
-from cdc.settings import Settings
+from cdc.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 

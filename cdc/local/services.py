@@ -29,11 +29,11 @@ from pathlib import Path
 from urllib.parse import quote
 
 from cdc.errors import ServiceError
-from cdc.tls import Certificates, make_ca
+from cdc.local.tls import Certificates, make_ca
 
 log = logging.getLogger(__name__)
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 KAFKA_POM = PROJECT_DIR / "services" / "kafka" / "pom.xml"
 KAFKA_LOG4J = PROJECT_DIR / "services" / "kafka" / "log4j2.properties"
 SETUP_SOURCE_SQL = PROJECT_DIR / "setup_db.sql"

@@ -38,11 +38,11 @@ import psycopg2.extensions
 from psycopg2 import sql
 from psycopg2.extras import execute_values
 
-from cdc.daemon import backoff_delay
-from cdc.db import CONNECT_TIMEOUT, KEEPALIVES
 from cdc.errors import CDCError, ConfigError
-from cdc.settings import redact_url
-from cdc.stats import Stats
+from cdc.runtime.db import CONNECT_TIMEOUT, KEEPALIVES
+from cdc.runtime.settings import redact_url
+from cdc.runtime.signals import backoff_delay
+from cdc.runtime.stats import Stats
 
 log = logging.getLogger(__name__)
 

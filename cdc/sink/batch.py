@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 import psycopg2
 import psycopg2.extensions
 
-from cdc import sink
-from cdc.db import Database, classify
-from cdc.dlq import CircuitBreaker, DeadLetter, DeadLetterQueue, is_replayed
+from cdc.dlq.queue import CircuitBreaker, DeadLetter, DeadLetterQueue, is_replayed
 from cdc.errors import BadMessageError, HaltError
-from cdc.kafka import Received
-from cdc.stats import Stats
-from employee import MARK_HEADER, MARK_VALUE, ChangeEvent, InvalidEventError
+from cdc.kafka.client import Received
+from cdc.model.event import MARK_HEADER, MARK_VALUE, ChangeEvent, InvalidEventError
+from cdc.runtime.db import Database, classify
+from cdc.runtime.stats import Stats
+from cdc.sink import statements as sink
 
 log = logging.getLogger("consumer.batch")
 _new_tuple = tuple.__new__  # a named tuple without its __new__: one is built per message

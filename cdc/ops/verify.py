@@ -28,10 +28,10 @@ from typing import Any
 import psycopg2
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from cdc.db import Database
 from cdc.errors import CDCError, TransientError
-from cdc.kafka import consumer_config
-from cdc.settings import Settings
+from cdc.kafka.client import consumer_config
+from cdc.runtime.db import Database
+from cdc.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import psycopg2.extensions
 from psycopg2.pool import PoolError, ThreadedConnectionPool
 
 from cdc.errors import BadMessageError, CDCError, ConfigError, SchemaMissingError, TransientError
-from cdc.settings import redact_url
+from cdc.runtime.settings import redact_url
 
 log = logging.getLogger(__name__)
 

@@ -41,8 +41,8 @@ import psycopg2.errors
 import psycopg2.extensions
 
 from cdc.errors import ActionIdReusedError, TransientError, UnencodableValueError
-from cdc.kafka import Received
-from employee import ACTIONS, INT4_MAX, INT4_MIN, INT8_MAX, ChangeEvent
+from cdc.kafka.client import Received
+from cdc.model.event import ACTIONS, INT4_MAX, INT4_MIN, INT8_MAX, ChangeEvent
 
 TABLES = ("employees", "processed_events", "emp_versions")
 # A unique violation here means another transaction decided the same id or emp_id meanwhile.

@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from cdc.services import PROJECT_DIR
-from cdc.settings import Settings
+from cdc.local.services import PROJECT_DIR
+from cdc.runtime.settings import Settings
 
 
 def settings_env(settings: Settings, **extra: Any) -> dict[str, str]:
