@@ -10,7 +10,7 @@ from support import execute
 from test_producer_support import insert_employees, producer_env
 
 from cdc.errors import ActionIdReusedError, SchemaMissingError
-from cdc.runtime.signals import EXIT_OK
+from cdc.runtime import exits
 from consumer_final import ProductionCDCConsumer
 
 pytestmark = [pytest.mark.integration, pytest.mark.daemon]
@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.daemon]
 def test_new_changes_under_reused_action_ids_stop_the_consumer(settings, clean_source, clean_dest, producers):
     env = producer_env(settings)
     insert_employees(clean_source, 3)
-    assert producers.start(env, "--once").wait(60) == EXIT_OK
+    assert producers.start(env, "--once").wait(60) == exits.OK
     consumer = ProductionCDCConsumer(settings=fast(settings))
     with Running(consumer) as r:
         r.wait(lambda: count_processed(clean_dest) == 3, what="the first three changes applied")
@@ -36,7 +36,7 @@ def test_new_changes_under_reused_action_ids_stop_the_consumer(settings, clean_s
             " SELECT setval('emp_records_cdc_action_id_seq', 1);",
         )
         insert_employees(clean_source, 2, city="Rewound")
-        assert producers.start(env, "--once").wait(60) == EXIT_OK
+        assert producers.start(env, "--once").wait(60) == exits.OK
         r.thread.join(60)
 
     assert isinstance(r.error, ActionIdReusedError), r.error

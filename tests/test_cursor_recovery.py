@@ -17,7 +17,8 @@ from test_producer_support import cursor_row, insert_employees, outbox_ids, prod
 from cdc.errors import ConfigError
 from cdc.local.runner import Daemon
 from cdc.ops.verify import verify
-from cdc.runtime.signals import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, StopSignal
+from cdc.runtime import exits
+from cdc.runtime.signals import StopSignal
 from cdc.source.outbox import Cursor
 from producer import ChangeProducer
 
@@ -60,7 +61,7 @@ def test_a_cursor_from_another_cluster_is_refused_at_takeover(settings, clean_so
     txid = restore_cursor_from_another_cluster(clean_source)
     # Today: it takes over, reports backlog=0 and skips every change for ever.
     proc = producers.start(producer_env(settings))
-    assert proc.wait(30) == EXIT_CONFIG, proc.output()
+    assert proc.wait(30) == exits.CONFIG, proc.output()
     [line] = error_lines(proc.output())
     assert re.search(
         rf"cursor txid={txid} action_id=77 is beyond this server's transaction ids \(next xid \d+\)", line
@@ -75,7 +76,7 @@ def test_outbox_rows_from_another_cluster_are_refused(settings, clean_source, pr
     insert_employees(clean_source, 3)
     restore_rows_from_another_cluster(clean_source, [2, 3])
     proc = producers.start(producer_env(settings))
-    assert proc.wait(30) == EXIT_CONFIG, proc.output()
+    assert proc.wait(30) == exits.CONFIG, proc.output()
     [line] = error_lines(proc.output())
     assert "2 outbox rows carry txids beyond this server's transaction ids" in line, line
     assert "--reset-cursor" in line
@@ -96,13 +97,13 @@ def test_the_periodic_check_refuses_a_cursor_beyond_the_horizon(settings, clean_
 def test_reset_cursor_beginning_republishes_the_outbox(settings, clean_source, producers):
     env = producer_env(settings)
     insert_employees(clean_source, 5)
-    assert producers.start(env, "--once").wait(60) == EXIT_OK
+    assert producers.start(env, "--once").wait(60) == exits.OK
     restore_cursor_from_another_cluster(clean_source)
     restore_rows_from_another_cluster(clean_source, [4, 5])
     insert_employees(clean_source, 2)  # new changes, with txids below the restored cursor
 
     reset = producers.start(env, "--reset-cursor", "beginning")
-    assert reset.wait(30) == EXIT_OK, reset.output()
+    assert reset.wait(30) == exits.OK, reset.output()
     assert re.search(
         r"cursor reset to the beginning: was txid=\d+ action_id=77, now txid=0 action_id=0;"
         r" 2 outbox rows with txids from another cluster moved to txid=\d+; 7 outbox rows to publish",
@@ -110,7 +111,7 @@ def test_reset_cursor_beginning_republishes_the_outbox(settings, clean_source, p
     ), reset.output()
     assert cursor_row(clean_source)[:2] == (0, 0)
 
-    assert producers.start(env, "--once").wait(60) == EXIT_OK
+    assert producers.start(env, "--once").wait(60) == exits.OK
     counts = Counter(r.action_id for r in read_topic(settings, want=12))
     assert counts == Counter({1: 2, 2: 2, 3: 2, 4: 2, 5: 2, 6: 1, 7: 1})
     assert cursor_row(clean_source)[1] == outbox_ids(clean_source)[-1]
@@ -124,7 +125,7 @@ def test_reset_cursor_end_skips_the_outbox_but_not_running_transactions(settings
     with connect(clean_source) as running:
         running.cursor().execute("INSERT INTO employees (first_name) VALUES ('in flight')")
         reset = producers.start(env, "--reset-cursor", "end")
-        assert reset.wait(30) == EXIT_OK, reset.output()
+        assert reset.wait(30) == exits.OK, reset.output()
         running.commit()
     out = reset.output()
     assert re.search(r"cursor reset to the end: was txid=\d+ action_id=77, now txid=\d+ action_id=5;", out), (
@@ -134,7 +135,7 @@ def test_reset_cursor_end_skips_the_outbox_but_not_running_transactions(settings
     assert "run `python -m cdc verify`" in out and "--snapshot" in out
     insert_employees(clean_source, 2)
 
-    assert producers.start(env, "--once").wait(60) == EXIT_OK
+    assert producers.start(env, "--once").wait(60) == exits.OK
     records = read_topic(settings, want=3)
     assert sorted(r.action_id for r in records) == [6, 7, 8]
     assert [r.value["first_name"] for r in records if r.action_id == 6] == ["in flight"]
@@ -146,7 +147,7 @@ def test_reset_cursor_refuses_while_a_producer_is_active(settings, clean_source,
     active.wait_for_log("active: holding the producer lock")
     before = cursor_row(clean_source)
     reset = producers.start(env, "--reset-cursor", "beginning")
-    assert reset.wait(30) == EXIT_ERROR, reset.output()
+    assert reset.wait(30) == exits.FAILED, reset.output()
     [line] = error_lines(reset.output())
     assert "another producer is active" in line
     assert cursor_row(clean_source) == before
@@ -159,7 +160,7 @@ def test_the_recovery_procedure_through_the_pipeline(settings, clean_source, cle
     consumer = Daemon("consumer_final.py", settings, tmp_path / "consumer").start()
     try:
         insert_employees(clean_source, 20)
-        assert producers.start(env, "--once").wait(60) == EXIT_OK
+        assert producers.start(env, "--once").wait(60) == exits.OK
         assert verify(settings, wait=60, events=True).ok
 
         # A restore into another cluster, then new changes there.
@@ -170,9 +171,9 @@ def test_the_recovery_procedure_through_the_pipeline(settings, clean_source, cle
             "UPDATE employees SET salary = -1 WHERE emp_id <= 5; DELETE FROM employees WHERE emp_id = 20",
         )
         insert_employees(clean_source, 3)
-        assert producers.start(env).wait(30) == EXIT_CONFIG
-        assert producers.start(env, "--reset-cursor", "beginning").wait(30) == EXIT_OK
-        assert producers.start(env, "--once").wait(60) == EXIT_OK
+        assert producers.start(env).wait(30) == exits.CONFIG
+        assert producers.start(env, "--reset-cursor", "beginning").wait(30) == exits.OK
+        assert producers.start(env, "--once").wait(60) == exits.OK
         result = verify(settings, wait=60, events=True)
         assert result.ok, "\n".join(result.lines())
 
@@ -182,13 +183,13 @@ def test_the_recovery_procedure_through_the_pipeline(settings, clean_source, cle
             clean_source,
             "UPDATE employees SET salary = -2 WHERE emp_id <= 3; DELETE FROM employees WHERE emp_id = 19",
         )
-        assert producers.start(env, "--reset-cursor", "end").wait(30) == EXIT_OK
-        assert producers.start(env, "--once").wait(60) == EXIT_OK
+        assert producers.start(env, "--reset-cursor", "end").wait(30) == exits.OK
+        assert producers.start(env, "--once").wait(60) == exits.OK
         result = verify(settings, wait=60)
         assert result.rows is not None
         assert (result.rows.different.first, result.rows.extra.first) == ([1, 2, 3], [19])
         # ...and a snapshot brings back every row the source has; the delete stays for the operator.
-        assert producers.start(env, "--snapshot", "--once").wait(60) == EXIT_OK
+        assert producers.start(env, "--snapshot", "--once").wait(60) == exits.OK
         result = verify(settings, wait=60)
         assert result.rows is not None
         assert (result.rows.missing.total, result.rows.different.total, result.rows.extra.first) == (

@@ -21,7 +21,7 @@ from test_producer_support import (
     read_topic,
 )
 
-from cdc.runtime.signals import EXIT_FORCED
+from cdc.runtime import exits
 
 pytestmark = [pytest.mark.integration, pytest.mark.daemon, pytest.mark.fault]
 
@@ -190,7 +190,7 @@ def test_second_signal_exits_at_once(private, producers, local_services):
     time.sleep(1)
     assert proc.proc.poll() is None, "stopped without finishing the batch"
     proc.signal(signal.SIGTERM)
-    assert proc.wait(10) == EXIT_FORCED
+    assert proc.wait(10) == exits.FORCED
     assert cursor_row(url)[1] == 0  # the unacknowledged batch did not move the cursor
 
     local_services.kafka.start()

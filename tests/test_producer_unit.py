@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from cdc.runtime.signals import EXIT_CONFIG
+from cdc.runtime import exits
 from cdc.source.outbox import Batch, Cursor
 from producer import build_parser, check_rows, main
 
@@ -84,12 +84,12 @@ def test_flags_name_their_settings_and_default_to_not_given():
 
 
 def test_bad_flag_value_is_one_line_and_exit_config(capsys):
-    assert main(["--env-file", os.devnull, "--partitions", "0"]) == EXIT_CONFIG
+    assert main(["--env-file", os.devnull, "--partitions", "0"]) == exits.CONFIG
     err = capsys.readouterr().err
     assert err.strip() == "producer: error: CDC_TOPIC_PARTITIONS=0 must be at least 1"
 
 
 @pytest.mark.parametrize("value", ["-1", "1001"])
 def test_batch_interval_is_checked(capsys, value):
-    assert main(["--env-file", os.devnull, "--batch-interval-ms", value]) == EXIT_CONFIG
+    assert main(["--env-file", os.devnull, "--batch-interval-ms", value]) == exits.CONFIG
     assert "PRODUCER_BATCH_INTERVAL_MS" in capsys.readouterr().err

@@ -36,12 +36,9 @@ from cdc.ops import dlq_workbench
 from cdc.ops.top import DEFAULT_INTERVAL, run_top, targets
 from cdc.ops.verify import DEFAULT_LIMIT, verify
 from cdc.ops.workload import Workload
+from cdc.runtime import exits
 from cdc.runtime.logs import configure_logging
 from cdc.runtime.settings import Settings, load_settings
-
-EXIT_OK = 0
-EXIT_DIFFERENT = 1
-EXIT_ERROR = 2
 
 DLQ_AUDIT_FILE = "dlq-audit.jsonl"  # under --home, unless --audit-file says otherwise
 
@@ -57,7 +54,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     kafka_home = os.environ.get("KAFKA_HOME")
     libs = f"{kafka_home}/libs" if kafka_home else str(resolve_kafka_jars(kafka_lib_dir()))
     print(f"kafka jars: {libs}; postgres binaries: {find_pg_bindir()}")
-    return EXIT_OK
+    return exits.OK
 
 
 def _env_over_dotenv(args: argparse.Namespace) -> dict[str, str]:
@@ -84,7 +81,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         + (f", broker rss {rss:.0f} MiB" if rss else "")
         + f"; wrote {args.env_file}"
     )
-    return EXIT_OK
+    return exits.OK
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -92,14 +89,14 @@ def cmd_down(args: argparse.Namespace) -> int:
     services = _services(args)
     services.down()
     print("stopped prometheus, kafka, postgres-source, postgres-dest")
-    return EXIT_OK
+    return exits.OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     services = _services(args)
     for line in [*services.status_lines(), _prometheus(args).status()]:
         print(line)
-    return EXIT_OK if services.all_running() else 1
+    return exits.OK if services.all_running() else 1
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
@@ -113,7 +110,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         answering = "answering" if port_open(port) else "nothing there yet"
         print(f"  scrapes {job:<13} {target:<16} ({var}; {answering})")
     print(f"alerts: {prometheus.url}/alerts   queries: {prometheus.url}/graph   log: {prometheus.logfile}")
-    return EXIT_OK
+    return exits.OK
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -122,7 +119,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     result = verify(settings, wait=args.wait, events=args.events, limit=args.limit)
     for line in result.lines():
         print(line)
-    return EXIT_OK if result.ok else EXIT_DIFFERENT
+    return exits.OK if result.ok else exits.FAILED
 
 
 def cmd_workload(args: argparse.Namespace) -> int:
@@ -142,7 +139,7 @@ def cmd_workload(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         workload.stop()
     print(workload.summary())
-    return EXIT_OK
+    return exits.OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -150,7 +147,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     identical = run_demo(
         settings, duration=args.duration, rate=args.rate, writers=args.writers, seed=args.seed
     )
-    return EXIT_OK if identical else EXIT_DIFFERENT
+    return exits.OK if identical else exits.FAILED
 
 
 def _dlq_selection(args: argparse.Namespace, settings: Settings) -> dlq_letters.Selection:
@@ -171,7 +168,7 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
     settings = load_settings(dotenv_path=args.env_file)
     chosen = _dlq_selection(args, settings)
     dlq_workbench.list_command(settings, chosen, limit=args.limit, as_json=args.json)
-    return EXIT_OK
+    return exits.OK
 
 
 def cmd_dlq_show(args: argparse.Namespace) -> int:
@@ -185,7 +182,7 @@ def cmd_dlq_show(args: argparse.Namespace) -> int:
         edit_file=Path(args.edit_file) if args.edit_file else None,
         force=args.force,
     )
-    return EXIT_OK if written else EXIT_DIFFERENT
+    return exits.OK if written else exits.FAILED
 
 
 def cmd_dlq_replay(args: argparse.Namespace) -> int:
@@ -203,7 +200,7 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
         audit_file=Path(args.audit_file) if args.audit_file else Path(args.home) / DLQ_AUDIT_FILE,
         note=args.note,
     )
-    return EXIT_OK if done else EXIT_DIFFERENT
+    return exits.OK if done else exits.FAILED
 
 
 def cmd_top(args: argparse.Namespace) -> int:
@@ -211,7 +208,7 @@ def cmd_top(args: argparse.Namespace) -> int:
     settings = load_settings(dotenv_path=args.env_file)
     watched = targets(settings, producers=args.producer, consumers=args.consumer)
     answered = run_top(watched, interval=args.interval, once=args.once)
-    return EXIT_OK if answered else EXIT_DIFFERENT
+    return exits.OK if answered else exits.FAILED
 
 
 def _positive(text: str) -> float:
@@ -430,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except CDCError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return exits.CONFIG
     except KeyboardInterrupt:
         return 130
 

@@ -1,4 +1,4 @@
-"""What both daemons share: exit codes, signal handling, and a capped exponential backoff."""
+"""What both daemons share: signal handling and a capped exponential backoff."""
 
 from __future__ import annotations
 
@@ -9,12 +9,10 @@ import signal
 import threading
 from types import FrameType
 
+from cdc.runtime import exits
+
 log = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_ERROR = 1  # stopped on an error it could not handle (a clear line says which)
-EXIT_CONFIG = 2  # bad settings or missing setup; nothing was done
-EXIT_FORCED = 3  # a second signal: stopped at once, the last batch may be re-delivered
 
 # Backoff for transient errors: 0.5 s, 1 s, 2 s, ... up to the cap, each +/- 20 %.
 INITIAL_DELAY = 0.5
@@ -53,6 +51,6 @@ class StopSignal:
         name = signal.Signals(signum).name
         if self._stop.is_set():
             log.warning("second %s: exiting now without finishing the batch", name)
-            os._exit(EXIT_FORCED)
+            os._exit(exits.FORCED)
         log.info("%s received: finishing the current batch, then stopping (again to force)", name)
         self._stop.set()

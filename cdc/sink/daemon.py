@@ -56,11 +56,12 @@ from cdc.errors import (
 from cdc.kafka.client import Received, admin_client, consumer_config, ensure_topics
 from cdc.kafka.lag import LagWatch
 from cdc.model.event import ACTIONS
+from cdc.runtime import exits
 from cdc.runtime.db import Database
 from cdc.runtime.logs import configure_logging, quiet_repeats
 from cdc.runtime.metrics import CONSUMER, MetricsServer, Probe, histograms
 from cdc.runtime.settings import Settings, load_settings, validate
-from cdc.runtime.signals import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, StopSignal, backoff_delay
+from cdc.runtime.signals import StopSignal, backoff_delay
 from cdc.runtime.stats import Stats
 from cdc.sink import statements as sink
 from cdc.sink.batch import BatchApplier, BatchResult, Decoded, decode
@@ -591,17 +592,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("DEST_DB_URL is not set (put it in .env or the environment, or run `make up`)")
     except ConfigError as exc:
         print(f"consumer_final.py: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return exits.CONFIG
     configure_logging(settings.log_level, settings.log_format)
     tune_gc()
     try:
         if args.replay_dlq:
             dlq_module.replay(settings, limit=args.limit)
-            return EXIT_OK
+            return exits.OK
         if args.show_dlq:
             for record in dlq_module.show(settings, limit=args.limit):
                 print(json.dumps(record, ensure_ascii=False), flush=True)
-            return EXIT_OK
+            return exits.OK
         ProductionCDCConsumer(
             settings=settings,
             enable_dlq=not args.no_dlq,
@@ -610,10 +611,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ).run()
     except (ConfigError, SchemaMissingError) as exc:
         log.error("%s", exc)
-        return EXIT_CONFIG
+        return exits.CONFIG
     except CDCError as exc:  # HaltError, ServiceError, ...
         log.error("stopping: %s", exc)
-        return EXIT_ERROR
+        return exits.FAILED
     except psycopg2.Error as exc:
         # Neither transient nor a data error: a bug or a broken destination. Offsets of the
         # failed batch were not committed, so nothing is lost by stopping.
@@ -623,8 +624,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             type(exc).__name__,
             first[0] if first else "",
         )
-        return EXIT_ERROR
-    return EXIT_OK
+        return exits.FAILED
+    return exits.OK
 
 
 if __name__ == "__main__":

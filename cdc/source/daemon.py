@@ -40,11 +40,12 @@ from cdc.errors import (
 )
 from cdc.kafka.client import Publisher, admin_client, ensure_topics, producer_config, wait_for_broker
 from cdc.model.event import MARK_HEADER, MARK_VALUE, ChangeEvent, InvalidEventError
+from cdc.runtime import exits
 from cdc.runtime.db import Database
 from cdc.runtime.logs import configure_logging, quiet_repeats
 from cdc.runtime.metrics import PRODUCER, MetricsServer, Probe, histograms
 from cdc.runtime.settings import Settings, load_settings
-from cdc.runtime.signals import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, StopSignal, backoff_delay
+from cdc.runtime.signals import StopSignal, backoff_delay
 from cdc.runtime.stats import Stats
 from cdc.source.outbox import Batch, Cursor, Leadership, Outbox
 
@@ -404,7 +405,7 @@ class ChangeProducer:
             self.metrics.stop()
         self.db.close()
         log.info("final %s uptime_s=%s", self.stats.line(FINAL_KEYS), self.stats.get_stats()["uptime_s"])
-        return EXIT_OK
+        return exits.OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -515,7 +516,7 @@ def reset_cursor(settings: Settings, mode: str) -> int:
             "changes in the outbox that were not published yet are skipped: the destination may miss some;"
             " run `python -m cdc verify` and, if it differs, `producer.py --snapshot`"
         )
-    return EXIT_OK
+    return exits.OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -530,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         daemon = ChangeProducer(settings, stop=stop, snapshot=snapshot, once=once)
     except ConfigError as exc:
         print(f"producer: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return exits.CONFIG
     try:
         if reset:
             return reset_cursor(settings, reset)
@@ -538,10 +539,10 @@ def main(argv: list[str] | None = None) -> int:
         return daemon.run()
     except (ConfigError, SchemaMissingError) as exc:
         log.error("%s", exc)
-        return EXIT_CONFIG
+        return exits.CONFIG
     except CDCError as exc:
         log.error("stopped: %s", exc)
-        return EXIT_ERROR
+        return exits.FAILED
 
 
 if __name__ == "__main__":
