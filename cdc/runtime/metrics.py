@@ -27,6 +27,7 @@ from prometheus_client.exposition import choose_encoder
 
 from cdc import __version__
 from cdc.errors import ConfigError
+from cdc.runtime import stats as k
 from cdc.runtime.stats import Buckets, Snapshot, Stats
 
 log = logging.getLogger(__name__)
@@ -82,69 +83,69 @@ def histograms(spec: Spec) -> dict[str, Sequence[float]]:
 
 
 PRODUCER: Spec = (
-    Counter("events_published", "Events published to the CDC topic and acknowledged", ["published"]),
-    Counter("batches", "Batches published (fetch, publish, acknowledge, store the cursor)", ["batches"]),
+    Counter("events_published", "Events published to the CDC topic and acknowledged", [k.PUBLISHED]),
+    Counter("batches", "Batches published (fetch, publish, acknowledge, store the cursor)", [k.BATCHES]),
     Counter(
         "invalid_rows",
         "Outbox rows that fail validation, published for the consumer to dead-letter",
-        ["invalid"],
+        [k.INVALID],
     ),
     Counter(
         "delivery_errors",
         "Batches whose delivery to Kafka failed (retried; the cursor did not move)",
-        ["delivery_errors"],
+        [k.DELIVERY_ERRORS],
     ),
-    Counter("retries", "Batch retries after a transient error (source or Kafka)", ["retries"]),
-    Counter("rows_pruned", "Published outbox rows deleted (CDC_PRUNE)", ["pruned"]),
-    Gauge("active", "1 while this producer holds the lock and publishes, 0 as a standby", "active"),
-    Gauge("outbox_backlog_rows", "Outbox rows after the cursor, readable or not", "backlog"),
+    Counter("retries", "Batch retries after a transient error (source or Kafka)", [k.RETRIES]),
+    Counter("rows_pruned", "Published outbox rows deleted (CDC_PRUNE)", [k.PRUNED]),
+    Gauge("active", "1 while this producer holds the lock and publishes, 0 as a standby", k.ACTIVE),
+    Gauge("outbox_backlog_rows", "Outbox rows after the cursor, readable or not", k.BACKLOG),
     Gauge(
-        "held_back_rows", "Committed outbox rows behind an open transaction (the xid horizon)", "held_back"
+        "held_back_rows", "Committed outbox rows behind an open transaction (the xid horizon)", k.HELD_BACK
     ),
-    Gauge("held_back_seconds", "How long the oldest held-back row has waited (0 when none)", "held_back_s"),
+    Gauge("held_back_seconds", "How long the oldest held-back row has waited (0 when none)", k.HELD_BACK_S),
     Gauge(
         "oldest_transaction_age_seconds",
         "Age of the oldest source transaction holding an xid, open or prepared (0 when none)",
-        "oldest_xact_s",
+        k.OLDEST_XACT_S,
     ),
-    Gauge("cursor_txid", "txid of the last published row", "cursor_txid"),
-    Gauge("cursor_action_id", "action_id of the last published row", "cursor_action_id"),
+    Gauge("cursor_txid", "txid of the last published row", k.CURSOR_TXID),
+    Gauge("cursor_action_id", "action_id of the last published row", k.CURSOR_ACTION_ID),
     Histogram(
-        "batch_duration_seconds", "One batch: fetch, publish, acknowledged, cursor stored", "batch_duration"
+        "batch_duration_seconds", "One batch: fetch, publish, acknowledged, cursor stored", k.BATCH_DURATION
     ),
     Histogram(
         "capture_to_ack_seconds",
         "Source capture (captured_at) to broker acknowledgement, sampled",
-        "capture_to_ack",
+        k.CAPTURE_TO_ACK,
     ),
 )
 
 _EVENTS = [
     *(
-        (f"applied_{a}", {"outcome": "applied", "action": a})
+        (k.APPLIED + a, {"outcome": "applied", "action": a})
         for a in ("insert", "update", "delete", "snapshot")
     ),
     *(
         (key, {"outcome": outcome, "action": ""})
-        for key, outcome in (("duplicates", "duplicate"), ("stale", "stale"), ("dlq", "dlq"))
+        for key, outcome in ((k.DUPLICATES, "duplicate"), (k.STALE, "stale"), (k.DLQ, "dlq"))
     ),
 ]
 CONSUMER: Spec = (
-    Counter("messages_consumed", "Messages read from the CDC topic and decided", ["consumed"]),
+    Counter("messages_consumed", "Messages read from the CDC topic and decided", [k.CONSUMED]),
     Counter(
         "events",
         "Events decided, by outcome (and action, when applied)",
         _EVENTS,
         labels=("outcome", "action"),
     ),
-    Counter("batches", "Batches committed to the destination", ["batches"]),
-    Counter("retries", "Batch retries after a transient error", ["retries"]),
+    Counter("batches", "Batches committed to the destination", [k.BATCHES]),
+    Counter("retries", "Batch retries after a transient error", [k.RETRIES]),
     Counter(
         "transient_errors",
         "Transient errors by kind (each rolls back and retries, or retries a commit)",
         (),
         labels=("kind",),
-        prefix="transient_",
+        prefix=k.TRANSIENT,
         known=("connection", "conflict", "failover", "server", "dlq", "offset_commit", "other"),
     ),
     Counter(
@@ -152,31 +153,31 @@ CONSUMER: Spec = (
         "Group rebalance events seen by this consumer",
         (),
         labels=("event",),
-        prefix="rebalance_",
+        prefix=k.REBALANCE,
         known=("assigned", "revoked", "lost"),
     ),
     Gauge(
         "lag_messages",
         "High watermark minus the group's committed offset, per owned partition",
-        "lag",
+        k.LAG,
         ("topic", "partition"),
     ),
     Gauge(
         "committed_offset",
         "The group's committed offset, per owned partition",
-        "committed",
+        k.COMMITTED,
         ("topic", "partition"),
     ),
-    Gauge("assigned_partitions", "Partitions assigned to this consumer", "assigned"),
-    Gauge("paused", "1 while the partitions are paused, waiting out an outage", "paused"),
-    Gauge("db_connections_in_use", "Destination pool connections checked out", "db_in_use"),
-    Gauge("db_connections_max", "Destination pool size limit (DB_POOL_MAX)", "db_max"),
+    Gauge("assigned_partitions", "Partitions assigned to this consumer", k.ASSIGNED),
+    Gauge("paused", "1 while the partitions are paused, waiting out an outage", k.PAUSED),
+    Gauge("db_connections_in_use", "Destination pool connections checked out", k.DB_IN_USE),
+    Gauge("db_connections_max", "Destination pool size limit (DB_POOL_MAX)", k.DB_MAX),
     Histogram(
-        "batch_duration_seconds", "One batch decided and committed (retries included)", "batch_latency"
+        "batch_duration_seconds", "One batch decided and committed (retries included)", k.BATCH_LATENCY
     ),
-    Histogram("batch_messages", "Messages per batch", "batch_messages", BATCH_SIZE_BUCKETS),
+    Histogram("batch_messages", "Messages per batch", k.BATCH_MESSAGES, BATCH_SIZE_BUCKETS),
     Histogram(
-        "end_to_end_seconds", "Source capture (captured_at) to destination commit, per event", "e2e_latency"
+        "end_to_end_seconds", "Source capture (captured_at) to destination commit, per event", k.E2E_LATENCY
     ),
 )
 

@@ -15,6 +15,62 @@ from typing import Any
 # Latency samples kept per series for percentiles: recent enough to move, big enough for p99.
 LATENCY_WINDOW = 10_000
 
+# -- the daemons' keys ---------------------------------------------------------------------------
+# Every counter, gauge and series a daemon keeps is named here once: a typo is a NameError, not a
+# new key. The log lines print these names; cdc.runtime.metrics maps them to the Prometheus names.
+
+# Both daemons.
+BATCHES = "batches"  # counter: batches done (published; committed to the destination)
+RETRIES = "retries"  # counter: retries after a transient error (consumer: also of a bad message)
+
+# The producer (cdc.source.daemon).
+PUBLISHED = "published"  # counter: events published and acknowledged
+INVALID = "invalid"  # counter: outbox rows that fail validation, published for the consumer to dead-letter
+DELIVERY_ERRORS = "delivery_errors"  # counter: batches whose delivery failed
+PRUNED = "pruned"  # counter: published outbox rows deleted
+ACTIVE = "active"  # gauge: 1 while this producer holds the lock
+BACKLOG = "backlog"  # gauge: outbox rows after the cursor
+HELD_BACK = "held_back"  # gauge: committed rows behind an open transaction
+HELD_BACK_S = "held_back_s"  # gauge: how long the oldest held-back row has waited
+OLDEST_XACT_S = "oldest_xact_s"  # gauge: age of the oldest source transaction holding an xid
+CURSOR_TXID = "cursor_txid"  # gauge
+CURSOR_ACTION_ID = "cursor_action_id"  # gauge
+BATCH_DURATION = "batch_duration"  # series: fetch, publish, acknowledge, store the cursor
+CAPTURE_TO_ACK = "capture_to_ack"  # series: captured_at to broker acknowledgement, sampled
+
+# The consumer (cdc.sink).
+CONSUMED = "consumed"  # counter: messages read and decided
+APPLIED = "applied_"  # counters: + the action in lower case, events applied
+DUPLICATES = "duplicates"  # counter
+STALE = "stale"  # counter
+DLQ = "dlq"  # counter: dead letters sent
+TRANSIENT = "transient_"  # counters: + the kind of transient error (TransientError.kind, or below)
+TRANSIENT_DLQ = TRANSIENT + "dlq"
+TRANSIENT_OFFSET_COMMIT = TRANSIENT + "offset_commit"
+REBALANCE = "rebalance_"  # counters: + the event
+REBALANCE_ASSIGNED = REBALANCE + "assigned"
+REBALANCE_REVOKED = REBALANCE + "revoked"
+REBALANCE_LOST = REBALANCE + "lost"
+ASSIGNED = "assigned"  # gauge: partitions assigned
+PAUSED = "paused"  # gauge: 1 while the partitions are paused
+DB_IN_USE = "db_in_use"  # gauge: pool connections checked out
+DB_MAX = "db_max"  # gauge: pool size limit
+LAG = "lag"  # gauge: {(topic, partition): messages behind}
+COMMITTED = "committed"  # gauge: {(topic, partition): committed offset}
+BATCH_LATENCY = "batch_latency"  # series: one batch decided and committed
+BATCH_MESSAGES = "batch_messages"  # series: messages per batch
+E2E_LATENCY = "e2e_latency"  # series: captured_at to destination commit, per event
+
+
+def p50(key: str) -> str:
+    """The ``get_stats`` key of a series' median, in milliseconds."""
+    return f"{key}_p50_ms"
+
+
+def p99(key: str) -> str:
+    """The ``get_stats`` key of a series' 99th percentile, in milliseconds."""
+    return f"{key}_p99_ms"
+
 
 def _percentile(sorted_values: list[float], q: float) -> float:
     if not sorted_values:
@@ -128,8 +184,8 @@ class Stats:
             out[key] = value
         for key, values in latency.items():
             values.sort()
-            out[f"{key}_p50_ms"] = round(_percentile(values, 0.50) * 1000, 1)
-            out[f"{key}_p99_ms"] = round(_percentile(values, 0.99) * 1000, 1)
+            out[p50(key)] = round(_percentile(values, 0.50) * 1000, 1)
+            out[p99(key)] = round(_percentile(values, 0.99) * 1000, 1)
         out["uptime_s"] = round(time.monotonic() - self.started, 1)
         return out
 
