@@ -46,7 +46,24 @@ from cdc.runtime.logs import configure_logging, quiet_repeats
 from cdc.runtime.metrics import PRODUCER, MetricsServer, Probe, histograms
 from cdc.runtime.settings import Settings, load_settings
 from cdc.runtime.signals import StopSignal, backoff_delay
-from cdc.runtime.stats import Stats
+from cdc.runtime.stats import (
+    ACTIVE,
+    BACKLOG,
+    BATCH_DURATION,
+    BATCHES,
+    CAPTURE_TO_ACK,
+    CURSOR_ACTION_ID,
+    CURSOR_TXID,
+    DELIVERY_ERRORS,
+    HELD_BACK,
+    HELD_BACK_S,
+    INVALID,
+    OLDEST_XACT_S,
+    PRUNED,
+    PUBLISHED,
+    RETRIES,
+    Stats,
+)
 from cdc.source.outbox import Batch, Cursor, Leadership, Outbox
 
 log = logging.getLogger("producer")
@@ -61,17 +78,17 @@ STANDBY_RETRY = 1.0
 # Rows per batch whose capture-to-acknowledgement time feeds the latency percentiles.
 LATENCY_SAMPLES = 100
 STATS_KEYS = [
-    "published",
-    "batches",
-    "invalid",
-    "retries",
-    "cursor_txid",
-    "cursor_action_id",
-    "backlog",
-    "held_back",
-    "held_back_s",
+    PUBLISHED,
+    BATCHES,
+    INVALID,
+    RETRIES,
+    CURSOR_TXID,
+    CURSOR_ACTION_ID,
+    BACKLOG,
+    HELD_BACK,
+    HELD_BACK_S,
 ]
-FINAL_KEYS = ["published", "batches", "invalid", "retries", "pruned", "cursor_txid", "cursor_action_id"]
+FINAL_KEYS = [PUBLISHED, BATCHES, INVALID, RETRIES, PRUNED, CURSOR_TXID, CURSOR_ACTION_ID]
 
 
 def check_rows(batch: Batch) -> int:
@@ -106,15 +123,7 @@ class ChangeProducer:
         self.snapshot = snapshot
         self.once = once
         self.stats = Stats("producer", histograms(PRODUCER))
-        for gauge in (
-            "cursor_txid",
-            "cursor_action_id",
-            "backlog",
-            "held_back",
-            "held_back_s",
-            "oldest_xact_s",
-            "active",
-        ):
+        for gauge in (CURSOR_TXID, CURSOR_ACTION_ID, BACKLOG, HELD_BACK, HELD_BACK_S, OLDEST_XACT_S, ACTIVE):
             self.stats.set(gauge, 0)
         self.probe = Probe()
         self.db = Database(
@@ -202,7 +211,7 @@ class ChangeProducer:
                     self.cursor = self.outbox.load_cursor()
                     self.outbox.check_horizon(self.cursor)
                     self._set_cursor_stats()
-                    self.stats.set("active", 1)
+                    self.stats.set(ACTIVE, 1)
                     self.probe.set_ready(None)
                     log.info(
                         "active: holding the producer lock; cursor txid=%d action_id=%d",
@@ -219,7 +228,7 @@ class ChangeProducer:
             if not announced:
                 log.info("standby: another producer holds the lock; taking over when it goes")
                 announced = True
-            self.stats.set("active", 0)
+            self.stats.set(ACTIVE, 0)
             self.stop.wait(STANDBY_RETRY)
         return False
 
@@ -263,9 +272,9 @@ class ChangeProducer:
             except (TransientError, DeliveryError) as exc:
                 attempt += 1
                 delay = backoff_delay(attempt, self.settings.retry_backoff_max)
-                self.stats.incr("retries")
+                self.stats.incr(RETRIES)
                 if isinstance(exc, DeliveryError):
-                    self.stats.incr("delivery_errors")
+                    self.stats.incr(DELIVERY_ERRORS)
                 self.probe.set_ready(f"batches failing: {exc}")
                 log.warning("batch not published: %s; retrying in %.1fs", exc, delay)
                 self._check_leadership()
@@ -312,14 +321,14 @@ class ChangeProducer:
         new = batch.last
         pruned = self.leader.advance(new, len(rows), prune=self.settings.prune)
         self.cursor = new
-        self.stats.incr("published", len(rows))
-        self.stats.incr("batches")
-        self.stats.incr("pruned", pruned)
-        self.stats.incr("invalid", invalid)
-        self.stats.observe("batch_duration", time.monotonic() - self._fetched_at)
+        self.stats.incr(PUBLISHED, len(rows))
+        self.stats.incr(BATCHES)
+        self.stats.incr(PRUNED, pruned)
+        self.stats.incr(INVALID, invalid)
+        self.stats.observe(BATCH_DURATION, time.monotonic() - self._fetched_at)
         # Every row of a small batch, an even sample of a large one: enough for the percentiles.
         sample = rows[:: max(1, len(rows) // LATENCY_SAMPLES)]
-        self.stats.observe_many("capture_to_ack", [acked_at - c for _, _, c, _ in sample if c is not None])
+        self.stats.observe_many(CAPTURE_TO_ACK, [acked_at - c for _, _, c, _ in sample if c is not None])
         self._set_cursor_stats()
         log.debug("batch rows=%d cursor txid=%d action_id=%d", len(rows), new.txid, new.action_id)
         return len(rows)
@@ -334,11 +343,11 @@ class ChangeProducer:
     def _lose_leadership(self, exc: LeadershipLost) -> None:
         log.warning("no longer the active producer: %s; trying to take the lock again", exc)
         self.leader.close()
-        self.stats.set("active", 0)
+        self.stats.set(ACTIVE, 0)
 
     def _set_cursor_stats(self) -> None:
-        self.stats.set("cursor_txid", self.cursor.txid)
-        self.stats.set("cursor_action_id", self.cursor.action_id)
+        self.stats.set(CURSOR_TXID, self.cursor.txid)
+        self.stats.set(CURSOR_ACTION_ID, self.cursor.action_id)
 
     def _tick(self) -> None:
         """Every STATS_INTERVAL: refresh backlog gauges, warn about a held horizon, log the stats line."""
@@ -352,15 +361,15 @@ class ChangeProducer:
         except TransientError as exc:
             log.debug("backlog not measured: %s", exc)
             return
-        self.stats.set("backlog", backlog.rows)
-        self.stats.set("held_back", backlog.held_back)
-        self.stats.set("held_back_s", round(backlog.held_for, 1))
-        self.stats.set("oldest_xact_s", round(backlog.oldest_xact_age, 1))
+        self.stats.set(BACKLOG, backlog.rows)
+        self.stats.set(HELD_BACK, backlog.held_back)
+        self.stats.set(HELD_BACK_S, round(backlog.held_for, 1))
+        self.stats.set(OLDEST_XACT_S, round(backlog.oldest_xact_age, 1))
         warn_after = self.settings.horizon_warn_seconds
         if backlog.held_back and backlog.held_for > warn_after and now >= self._next_horizon_warning:
             self._next_horizon_warning = now + max(warn_after, self.settings.stats_interval)
             self._warn_horizon(backlog.held_back, backlog.held_for)
-        self.stats.log_if_due(log, 0, STATS_KEYS, "published")
+        self.stats.log_if_due(log, 0, STATS_KEYS, PUBLISHED)
 
     def _warn_horizon(self, held: int, held_for: float) -> None:
         try:
