@@ -32,7 +32,7 @@ from cdc.errors import BadMessageError, HaltError
 from cdc.kafka.client import Received
 from cdc.model.event import MARK_HEADER, MARK_VALUE, ChangeEvent, InvalidEventError
 from cdc.runtime.db import Database, classify
-from cdc.runtime.stats import Stats
+from cdc.runtime.stats import APPLIED, CONSUMED, DLQ, DUPLICATES, RETRIES, STALE, Stats
 from cdc.sink import statements as sink
 
 log = logging.getLogger("consumer.batch")
@@ -136,12 +136,12 @@ class BatchApplier:
                 result.duplicates += copies
         # Committed: from here on the batch counts.
         self.breaker.record(len(result.dead), len(batch.records))
-        self.stats.incr("consumed", len(batch.records))
+        self.stats.incr(CONSUMED, len(batch.records))
         for action, n in done.applied_by_action().items():
-            self.stats.incr(f"applied_{action.lower()}", n)
-        self.stats.incr("duplicates", len(result.duplicates))
-        self.stats.incr("stale", len(result.stale))
-        self.stats.incr("dlq", len(result.dead))
+            self.stats.incr(APPLIED + action.lower(), n)
+        self.stats.incr(DUPLICATES, len(result.duplicates))
+        self.stats.incr(STALE, len(result.stale))
+        self.stats.incr(DLQ, len(result.dead))
         return result
 
     def _isolate(
@@ -205,7 +205,7 @@ class BatchApplier:
                 else:
                     # At once: a pause per attempt could hold a batch with many bad rows
                     # past max.poll.interval.ms.
-                    self.stats.incr("retries")
+                    self.stats.incr(RETRIES)
 
     def _in_savepoint(self, cur: psycopg2.extensions.cursor, items: list[sink.Delivered]) -> sink.ApplyResult:
         """Apply ``items`` in a savepoint, released after; rolled back on a data error, which is
