@@ -49,7 +49,8 @@ from confluent_kafka import Consumer, TopicPartition  # noqa: E402
 
 from cdc.errors import ServiceError  # noqa: E402
 from cdc.kafka.client import base_config, ensure_topics  # noqa: E402
-from cdc.local.services import LocalServices, Ports  # noqa: E402
+from cdc.local.ports import Ports  # noqa: E402
+from cdc.local.services import LocalServices  # noqa: E402
 from cdc.runtime.settings import Settings, load_settings  # noqa: E402
 from cdc.runtime.stats import process_cpu_seconds  # noqa: E402
 

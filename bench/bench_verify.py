@@ -21,7 +21,9 @@ from pathlib import Path
 
 import psycopg2
 
-from cdc.local.services import PROJECT_DIR, SETUP_DEST_SQL, SETUP_SOURCE_SQL, Ports, PostgresServer
+from cdc.local.paths import PROJECT_DIR, SETUP_DEST_SQL, SETUP_SOURCE_SQL
+from cdc.local.ports import Ports
+from cdc.local.postgres import PostgresServer
 
 # One deterministic row per i, the same in both databases: NULLs, non-ASCII, dates, negatives.
 ROW_EXPRESSIONS = """

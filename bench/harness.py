@@ -25,14 +25,10 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from bench.contenders.base import BenchEnv
-from cdc.local.services import (
-    PROJECT_DIR,
-    SETUP_DEST_SQL,
-    SETUP_SOURCE_SQL,
-    LocalServices,
-    Ports,
-    find_pg_bindir,
-)
+from cdc.local.paths import PROJECT_DIR, SETUP_DEST_SQL, SETUP_SOURCE_SQL
+from cdc.local.ports import Ports
+from cdc.local.postgres import find_pg_bindir
+from cdc.local.services import LocalServices
 
 # Both servers: logical decoding for the replication contenders (the project's pipeline does not
 # need it, but every contender runs on the same servers).

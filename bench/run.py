@@ -26,7 +26,7 @@ from typing import Any
 from bench import harness, report, scenarios
 from bench.contenders.logical import Logical
 from bench.contenders.pipeline import Naive, Pipeline
-from cdc.local.services import PROJECT_DIR
+from cdc.local.paths import PROJECT_DIR
 
 ALL_CONTENDERS = ("cdc", "logical", "debezium", "naive")
 ALL_SCENARIOS = ("drain", "latency", "load", "scaleout")

@@ -42,8 +42,10 @@ from typing import Any
 import psycopg2
 
 from cdc.kafka.client import admin_client, ensure_topics
+from cdc.local.paths import PROJECT_DIR
+from cdc.local.ports import Ports
 from cdc.local.runner import Daemon
-from cdc.local.services import PROJECT_DIR, LocalServices, Ports
+from cdc.local.services import LocalServices
 from cdc.ops.verify import verify
 from cdc.ops.workload import Workload
 from cdc.runtime.settings import Settings, load_settings

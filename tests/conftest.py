@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import support
 
-from cdc.local.services import LocalServices, Ports
+from cdc.local.ports import Ports
+from cdc.local.services import LocalServices
 from cdc.runtime.settings import Settings
 
 ENV_KEYS = ("SOURCE_DB_URL", "DEST_DB_URL", "KAFKA_BOOTSTRAP_SERVERS")

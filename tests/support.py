@@ -18,8 +18,8 @@ from confluent_kafka import Consumer, TopicPartition
 from psycopg2 import sql
 
 from cdc.kafka.client import admin_client, base_config, ensure_topics
+from cdc.local.paths import SETUP_SOURCE_SQL
 from cdc.local.runner import Daemon
-from cdc.local.services import SETUP_SOURCE_SQL
 from cdc.runtime.settings import Settings, load_settings
 
 CLEAN_SOURCE = (

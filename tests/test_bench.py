@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from bench import report
-from cdc.local.services import PROJECT_DIR
+from cdc.local.paths import PROJECT_DIR
 
 pytestmark = pytest.mark.integration
 

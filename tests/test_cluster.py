@@ -21,7 +21,8 @@ from support import clean_dest, clean_source, fresh_settings, wait_until
 from test_pipeline_faults import Pipeline
 
 from cdc.kafka.client import admin_client
-from cdc.local.services import LocalServices, Ports
+from cdc.local.ports import Ports
+from cdc.local.services import LocalServices
 from cdc.runtime.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.daemon, pytest.mark.fault]

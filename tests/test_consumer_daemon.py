@@ -29,8 +29,8 @@ from consumer_helpers import (
 )
 from support import Daemons, clean_dest, end_offsets, query, wait_until
 
+from cdc.local.paths import PROJECT_DIR
 from cdc.local.runner import Daemon
-from cdc.local.services import PROJECT_DIR
 
 F_SETPIPE_SZ = 1031  # Linux fcntl: resize a pipe
 

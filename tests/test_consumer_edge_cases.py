@@ -22,8 +22,8 @@ from consumer_helpers import (
 
 from cdc.dlq.queue import CircuitBreaker, DeadLetterQueue
 from cdc.kafka.client import Received
+from cdc.local.paths import PROJECT_DIR
 from cdc.local.runner import settings_env
-from cdc.local.services import PROJECT_DIR
 from cdc.runtime.db import Database
 from cdc.runtime.stats import Stats
 from cdc.sink.batch import BatchApplier

@@ -19,8 +19,8 @@ from cdc.dlq import letters as dlq_letters
 from cdc.dlq import queue as dlq
 from cdc.dlq.letters import Letter, Selection
 from cdc.errors import ConfigError
+from cdc.local.paths import PROJECT_DIR
 from cdc.local.runner import settings_env
-from cdc.local.services import PROJECT_DIR
 from cdc.ops import dlq_workbench
 from cdc.ops.dlq_workbench import Planned, Sent
 from cdc.runtime.settings import Settings, load_settings

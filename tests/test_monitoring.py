@@ -40,9 +40,11 @@ from support import clean_dest, clean_source, dlq_count, wait_until
 
 from cdc.errors import CDCError
 from cdc.kafka.client import base_config
-from cdc.local.prometheus import JOB_PORTS, MONITORING_DIR, PROMETHEUS_CONFIG, PrometheusServer, local_config
+from cdc.local.env import METRICS_PORTS, metrics_ports
+from cdc.local.paths import MONITORING_DIR, PROJECT_DIR, PROMETHEUS_CONFIG
+from cdc.local.prometheus import JOB_PORTS, PrometheusServer, local_config
 from cdc.local.runner import Daemon
-from cdc.local.services import METRICS_PORTS, PROJECT_DIR, LocalServices, metrics_ports
+from cdc.local.services import LocalServices
 from cdc.ops.workload import Workload
 from cdc.runtime.settings import Settings
 

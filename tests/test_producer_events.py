@@ -16,7 +16,7 @@ from psycopg2 import sql
 from support import connect, execute, query, source_database
 
 from cdc.errors import BadMessageError, LeadershipLost
-from cdc.local.services import SETUP_SOURCE_SQL
+from cdc.local.paths import SETUP_SOURCE_SQL
 from cdc.runtime.db import Database
 from cdc.source.outbox import Cursor, Leadership, Outbox
 from employee import ChangeEvent, InvalidEventError

@@ -13,8 +13,9 @@ import pytest
 from consumer_helpers import event, produce
 from support import clean_dest, clean_source, execute, query
 
+from cdc.local.paths import SETUP_ROLES_DEST_SQL, SETUP_ROLES_SOURCE_SQL
 from cdc.local.runner import Daemon, settings_env
-from cdc.local.services import SETUP_ROLES_DEST_SQL, SETUP_ROLES_SOURCE_SQL, LocalServices
+from cdc.local.services import LocalServices
 from cdc.runtime.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.daemon]

@@ -25,8 +25,10 @@ from confluent_kafka import Producer
 from support import clean_dest, clean_source, dlq_count, query, wait_until
 
 from cdc.kafka.client import admin_client, base_config, ensure_topics
+from cdc.local.paths import PROJECT_DIR
+from cdc.local.ports import Ports
 from cdc.local.runner import Daemon
-from cdc.local.services import PROJECT_DIR, LocalServices, Ports
+from cdc.local.services import LocalServices
 from cdc.local.tls import make_ca
 from cdc.ops.verify import verify
 from cdc.ops.workload import Workload

@@ -6,7 +6,8 @@ import base64
 
 import pytest
 
-from cdc.local.services import KafkaBroker, Ports
+from cdc.local.kafka import KafkaBroker
+from cdc.local.ports import Ports
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from support import connect, scalar
 
-from cdc.local.services import SETUP_DEST_SQL, SETUP_SOURCE_SQL, apply_sql, find_pg_bindir
+from cdc.local.paths import SETUP_DEST_SQL, SETUP_SOURCE_SQL
+from cdc.local.postgres import apply_sql, find_pg_bindir
 
 pytestmark = pytest.mark.integration
 

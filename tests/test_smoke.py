@@ -16,7 +16,10 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from cdc.errors import ServiceError
 from cdc.kafka.client import consumer_config, producer_config
-from cdc.local.services import PROJECT_DIR, LocalServices, Ports, PostgresServer
+from cdc.local.paths import PROJECT_DIR
+from cdc.local.ports import Ports
+from cdc.local.postgres import PostgresServer
+from cdc.local.services import LocalServices
 
 pytestmark = pytest.mark.integration
 

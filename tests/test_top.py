@@ -25,7 +25,7 @@ from support import Daemons, clean_dest, clean_source, connect, scalar, wait_unt
 from test_producer_support import insert_employees, producer_env
 
 from cdc.kafka.client import base_config
-from cdc.local.services import PROJECT_DIR
+from cdc.local.paths import PROJECT_DIR
 from cdc.ops.top import Metrics, Scrape, Target, Top, Window, bucket_delta, fetch, quantile, targets
 from cdc.runtime.settings import load_settings
 

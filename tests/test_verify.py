@@ -17,7 +17,7 @@ from psycopg2.extras import execute_values
 from support import query
 
 from cdc.kafka.client import consumer_config, producer_config
-from cdc.local.services import PROJECT_DIR
+from cdc.local.paths import PROJECT_DIR
 from cdc.ops.verify import check_events, compare_rows, merge_sorted, pipeline_lag, verify
 from cdc.ops.workload import Workload
 

@@ -13,7 +13,7 @@ import pytest
 from support import query, scalar
 
 from cdc.errors import ConfigError
-from cdc.local.services import PROJECT_DIR
+from cdc.local.paths import PROJECT_DIR
 from cdc.ops.workload import Mix, Workload, check_local
 
 OUTBOX = "SELECT action_id, emp_id, action, first_name, last_name, dob, city, salary FROM emp_records_cdc"

@@ -42,7 +42,7 @@ from urllib.parse import unquote, urlsplit
 import psycopg2
 
 from bench.contenders.base import BenchEnv
-from cdc.local.services import PROJECT_DIR
+from cdc.local.paths import PROJECT_DIR
 
 CONF_DIR = PROJECT_DIR / "bench" / "debezium"
 POMS = ("pom.xml", "worker/pom.xml", "postgres/pom.xml", "jdbc/pom.xml")

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 from bench.contenders.base import BenchEnv
-from cdc.local.services import PROJECT_DIR
+from cdc.local.paths import PROJECT_DIR
 from cdc.ops.top import Scrape, bucket_delta, fetch, quantile
 
 PARTS = ("producer", "consumer")

@@ -23,8 +23,9 @@ import psycopg2
 
 from cdc.errors import CDCError
 from cdc.kafka.client import ensure_topics
+from cdc.local.paths import PROJECT_DIR
+from cdc.local.ports import Ports
 from cdc.local.runner import Daemon
-from cdc.local.services import PROJECT_DIR, Ports
 from cdc.ops.verify import LagProbe, verify
 from cdc.ops.workload import Mix, Workload
 from cdc.runtime.settings import Settings

@@ -4,7 +4,7 @@
 host.docker.internal). ``local_config`` turns it into the config of a Prometheus on this machine:
 the same rules file (by its absolute path), the same intervals, only each job's targets changed.
 ``PrometheusServer`` runs Debian's ``prometheus`` with it on 127.0.0.1, its data, pid file and
-log under the services' folder, like the other local services (``cdc/services.py``).
+log under the services' folder, like the other local services (``cdc.local.services``).
 """
 
 from __future__ import annotations
@@ -22,19 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from cdc.errors import ServiceError
-from cdc.local.services import (
-    PROJECT_DIR,
-    START_TIMEOUT,
-    STOP_TIMEOUT,
-    metrics_ports,
-    pid_alive,
-    port_open,
-    read_pid,
-    terminate,
-)
+from cdc.local.env import metrics_ports
+from cdc.local.paths import PROMETHEUS_CONFIG
+from cdc.local.ports import port_open
+from cdc.local.processes import START_TIMEOUT, STOP_TIMEOUT, pid_alive, read_pid, terminate
 
-MONITORING_DIR = PROJECT_DIR / "monitoring"
-PROMETHEUS_CONFIG = MONITORING_DIR / "prometheus" / "prometheus.yml"
 # Each scrape job of PROMETHEUS_CONFIG and the .env variable with its daemon's metrics port.
 JOB_PORTS = {"cdc-producer": "PRODUCER_METRICS_PORT", "cdc-consumer": "CONSUMER_METRICS_PORT"}
 PROMETHEUS_PORT = 9090

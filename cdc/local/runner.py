@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from cdc.local.services import PROJECT_DIR
+from cdc.local.paths import PROJECT_DIR
 from cdc.runtime.settings import Settings
 
 
