@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from cdc.cli.args import non_negative, positive_int
 from cdc.local.demo import run_demo
@@ -13,7 +14,13 @@ from cdc.runtime.settings import load_settings
 def cmd_demo(args: argparse.Namespace) -> int:
     settings = load_settings(dotenv_path=args.env_file)
     identical = run_demo(
-        settings, duration=args.duration, rate=args.rate, writers=args.writers, seed=args.seed
+        settings,
+        home=Path(args.home),
+        duration=args.duration,
+        rate=args.rate,
+        writers=args.writers,
+        seed=args.seed,
+        long_transactions=not args.no_long_transactions,
     )
     return exits.OK if identical else exits.FAILED
 

@@ -1,7 +1,7 @@
 """``make demo``: the whole pipeline on local services, under load, verified at the end.
 
 1. Start the local services (``make up`` does it before this runs; already running is fine).
-2. Start ``producer.py`` and ``consumer_final.py`` as subprocesses (logs in ``.cdc/logs/``).
+2. Start ``producer.py`` and ``consumer_final.py`` as subprocesses (logs in ``<home>/logs/``).
 3. Drive the workload generator for a while, showing one refreshing progress line.
 4. Stop the load, wait for the pipeline to catch up, run ``verify`` (rows and events).
 5. Stop both daemons cleanly and print a short summary.
@@ -23,7 +23,6 @@ import psycopg2
 
 from cdc.errors import CDCError
 from cdc.kafka.client import ensure_topics
-from cdc.local.paths import PROJECT_DIR
 from cdc.local.ports import Ports
 from cdc.local.runner import Daemon
 from cdc.ops.verify import LagProbe, verify
@@ -34,6 +33,8 @@ log = logging.getLogger(__name__)
 
 CATCH_UP_TIMEOUT = 180.0
 PROGRESS_EVERY = 1.0
+# The progress line says what their INFO lines would; keep the screen to one refreshing line.
+QUIET_LOGGERS = (Workload.__module__, verify.__module__, "cdc.kafka")
 
 
 def _scalar(url: str, query: str) -> int:
@@ -93,18 +94,19 @@ def _consumer_stats(port: int) -> dict:
 def run_demo(
     settings: Settings,
     *,
+    home: Path,
     duration: float,
     rate: float,
     writers: int,
     seed: int | None,
     long_transactions: bool = True,
 ) -> bool:
-    """Run the demo; True when the destination ended identical to the source."""
-    # The progress line says what their INFO lines would; keep the screen to one refreshing line.
-    for name in ("cdc.workload", "cdc.verify", "cdc.kafka"):
+    """Run the demo, the daemons' logs under ``home``; True when the destination ended identical to
+    the source."""
+    for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     ensure_topics(settings)
-    logdir = PROJECT_DIR / ".cdc" / "logs"
+    logdir = home / "logs"
     # The consumer's port from .env (`make up` writes one, for `make monitor` and `cdc top`), else any.
     metrics_port = settings.metrics_port_of("consumer") or Ports.free().kafka
     producer = Daemon("producer.py", settings, logdir / "demo-producer", STATS_INTERVAL="5")
