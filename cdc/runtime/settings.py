@@ -7,15 +7,18 @@ object is built, so a typo stops the program at start-up with one line naming th
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
 from dotenv import dotenv_values
 
 from cdc.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
@@ -30,6 +33,11 @@ _KAFKA_SCRIPT_VARS = {
     "KAFKA_JMX_OPTS",
     "KAFKA_DEBUG",
 }
+
+# The channel the source trigger notifies (pg_notify in setup_db.sql); fixed there, so not a setting.
+NOTIFY_CHANNEL = "emp_records_cdc"
+# Variables no longer read, and why: set, each gets one warning line and is ignored.
+_RETIRED = {"CDC_NOTIFY_CHANNEL": f"the source trigger always notifies {NOTIFY_CHANNEL}"}
 
 
 @dataclass(frozen=True)
@@ -57,7 +65,7 @@ class Settings:
     statement_timeout_ms: int = 30000
     horizon_warn_seconds: float = 30.0
     prune: bool = False
-    notify_channel: str = "emp_records_cdc"
+    notify_channel: ClassVar[str] = NOTIFY_CHANNEL
     stats_interval: float = 10.0
     metrics_port: int = 0
     # Per daemon, for two daemons sharing one .env (None: METRICS_PORT); see metrics_port_of.
@@ -123,7 +131,6 @@ _ENV_FIELDS: dict[str, tuple[str, Any]] = {
     "STATEMENT_TIMEOUT_MS": ("statement_timeout_ms", int),
     "HORIZON_WARN_SECONDS": ("horizon_warn_seconds", float),
     "CDC_PRUNE": ("prune", _bool),
-    "CDC_NOTIFY_CHANNEL": ("notify_channel", _str),
     "STATS_INTERVAL": ("stats_interval", float),
     "METRICS_PORT": ("metrics_port", int),
     "PRODUCER_METRICS_PORT": ("producer_metrics_port", int),
@@ -216,6 +223,9 @@ def load_settings(
     if dotenv_path is not None and os.path.exists(dotenv_path):
         merged.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
     merged.update(os.environ if env is None else env)
+    for name, why in _RETIRED.items():
+        if (merged.get(name) or "").strip():
+            log.warning("%s is no longer read (%s); remove it", name, why)
 
     values: dict[str, Any] = {}
     for name, (fname, parse) in _ENV_FIELDS.items():
@@ -261,7 +271,7 @@ def validate(s: Settings) -> None:
         host, _, port = server.strip().rpartition(":")
         if not host or not port.isdigit():
             raise bad("kafka_bootstrap_servers", f"has {server!r}, expected host:port")
-    for fname in ("cdc_topic", "cdc_dlq_topic", "consumer_group_id", "notify_channel"):
+    for fname in ("cdc_topic", "cdc_dlq_topic", "consumer_group_id"):
         if not getattr(s, fname):
             raise bad(fname, "must not be empty")
     if s.cdc_topic == s.cdc_dlq_topic:
