@@ -32,13 +32,13 @@ import psycopg2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cdc.kafka.client import Publisher, admin_client, ensure_topics, producer_config
+from cdc.kafka.client import MARK_HEADER, MARK_VALUE, Publisher, admin_client, ensure_topics, producer_config
 from cdc.local.paths import PROJECT_DIR
 from cdc.local.ports import Ports
 from cdc.local.services import LocalServices
 from cdc.runtime.settings import Settings, load_settings
 from consumer_final import ProductionCDCConsumer, tune_gc
-from employee import MARK_HEADER, MARK_VALUE, ChangeEvent, Employee
+from employee import ChangeEvent, Employee
 
 
 def events(n: int, emps: int, seed: int = 1) -> list[ChangeEvent]:

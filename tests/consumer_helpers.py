@@ -18,11 +18,20 @@ from psycopg2 import sql
 from support import execute, query, wait_until
 
 from cdc.dlq import queue as dlq
-from cdc.kafka.client import Headers, Outgoing, Publisher, admin_client, consumer_config, producer_config
+from cdc.kafka.client import (
+    MARK_HEADER,
+    MARK_VALUE,
+    Headers,
+    Outgoing,
+    Publisher,
+    admin_client,
+    consumer_config,
+    producer_config,
+)
 from cdc.local.runner import settings_env
 from cdc.runtime.settings import Settings
 from consumer_final import ProductionCDCConsumer
-from employee import MARK_HEADER, MARK_VALUE, ChangeEvent, Employee
+from employee import ChangeEvent, Employee
 
 
 def event(action_id: int, action: str, emp_id: int, **fields: object) -> ChangeEvent:

@@ -27,6 +27,7 @@ from cdc.dlq import queue as dlq
 from cdc.errors import UnencodableValueError
 from cdc.kafka.client import (
     LETTER_HEADROOM,
+    MARK_HEADER,
     Publisher,
     Received,
     admin_client,
@@ -34,10 +35,10 @@ from cdc.kafka.client import (
     producer_config,
     topic_limit,
 )
+from cdc.model.table import SOURCE_TABLE, Table
 from cdc.runtime.db import Database
-from cdc.sink.statements import Delivered, apply_events
+from cdc.sink.statements import Delivered, Statements, apply_events
 from consumer_final import ProductionCDCConsumer
-from employee import MARK_HEADER
 
 pytestmark = pytest.mark.integration
 
@@ -175,7 +176,9 @@ def test_a_value_psycopg2_cannot_encode_is_a_bad_message(clean_dest, text, words
     db = Database(clean_dest)
     try:
         with pytest.raises(UnencodableValueError, match=words), db.connection() as conn, conn.cursor() as cur:
-            apply_events(cur, [item], idempotency=True)
+            apply_events(
+                cur, [item], idempotency=True, statements=Statements.build(cur, Table.load(cur, SOURCE_TABLE))
+            )
     finally:
         db.close()
 

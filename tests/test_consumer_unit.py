@@ -12,11 +12,14 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from cdc.dlq.queue import CircuitBreaker
 from cdc.errors import ConfigError, HaltError, TransientError
 from cdc.kafka.client import Received
+from cdc.model.event import Codec
 from cdc.runtime.settings import load_settings
 from cdc.sink.batch import Decoded
 from cdc.sink.daemon import _InFlight
-from cdc.sink.statements import salvage_ids
 from consumer_final import ProductionCDCConsumer, parse_args
+from employee import EMPLOYEES
+
+salvage_ids = Codec(EMPLOYEES).salvage
 
 
 def test_breaker_trips_only_on_a_full_window_of_mostly_failures():

@@ -21,10 +21,12 @@ from cdc.dlq.letters import Letter, Selection
 from cdc.errors import ConfigError
 from cdc.local.paths import PROJECT_DIR
 from cdc.local.runner import settings_env
+from cdc.model.event import Codec
 from cdc.ops import dlq_workbench
 from cdc.ops.dlq_workbench import Planned, Sent
 from cdc.runtime.settings import Settings, load_settings
 from consumer_final import ProductionCDCConsumer
+from employee import EMPLOYEES
 
 DLQ = "t_dlq"
 
@@ -55,6 +57,7 @@ def _ev(action_id: int, emp_id: int, **extra: object) -> bytes:
     return json.dumps({"action_id": action_id, "action": "UPDATE", "emp_id": emp_id, **extra}).encode()
 
 
+CODEC = Codec(EMPLOYEES)
 UNIT_SETTINGS = load_settings(env={"CDC_TOPIC": "t", "CDC_DLQ_TOPIC": DLQ}, dotenv_path=None)
 
 
@@ -153,7 +156,7 @@ def test_the_edit_file_round_trips_and_a_corrected_value_is_diffed_field_by_fiel
 
     # Untouched entries replay the original bytes as they were.
     edits = dlq_workbench.read_edit_file(path, DLQ)
-    same = dlq_workbench.plan(UNIT_SETTINGS, [bad_date, not_json], edits)
+    same = dlq_workbench.plan(UNIT_SETTINGS, [bad_date, not_json], edits, CODEC)
     assert [(p.value, p.edited) for p in same] == [(bad_date.value, False), (b"oops", False)]
     assert same[1].invalid.startswith("value is not JSON")
     assert dict(same[0].headers)[dlq.H_REPLAYED_FROM] == f"{DLQ}/0/3".encode()
@@ -161,7 +164,7 @@ def test_the_edit_file_round_trips_and_a_corrected_value_is_diffed_field_by_fiel
 
     entries[0]["value"].update(dob="1990-02-28", emp_id=8, city="Lima")
     path.write_text(json.dumps(entries))
-    [fixed] = dlq_workbench.plan(UNIT_SETTINGS, [bad_date], dlq_workbench.read_edit_file(path, DLQ))
+    [fixed] = dlq_workbench.plan(UNIT_SETTINGS, [bad_date], dlq_workbench.read_edit_file(path, DLQ), CODEC)
     assert [c.line() for c in fixed.changes] == [
         "emp_id: 7 -> 8",
         'dob: "1990-02-30" -> "1990-02-28"',
@@ -185,7 +188,7 @@ def test_the_edit_file_round_trips_and_a_corrected_value_is_diffed_field_by_fiel
 def test_an_edit_the_consumer_would_refuse_or_misread_is_refused(value, words):
     letter = _letter(0, 3, _ev(42, 7, dob="1990-02-30", captured_at="2026-11-28T10:00:00+00:00"))
     with pytest.raises(ConfigError, match=words):
-        dlq_workbench.plan(UNIT_SETTINGS, [letter], {(0, 3): value})
+        dlq_workbench.plan(UNIT_SETTINGS, [letter], {(0, 3): value}, CODEC)
 
 
 @pytest.mark.parametrize(

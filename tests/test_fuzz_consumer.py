@@ -22,21 +22,14 @@ from support import dlq_count, query
 
 from cdc.dlq import queue as dlq
 from cdc.dlq.queue import CircuitBreaker, DeadLetterQueue
-from cdc.kafka.client import Received
+from cdc.kafka.client import MARK_HEADER, MARK_VALUE, Received
+from cdc.model.event import Codec
 from cdc.runtime.db import Database
 from cdc.runtime.stats import Stats
 from cdc.sink.batch import BatchApplier, BatchResult
-from cdc.sink.statements import salvage_ids
-from employee import (
-    ACTIONS,
-    INT4_MAX,
-    INT4_MIN,
-    MARK_HEADER,
-    MARK_VALUE,
-    ChangeEvent,
-    InvalidEventError,
-    _from_json_fast,
-)
+from employee import ACTIONS, EMPLOYEES, INT4_MAX, INT4_MIN, ChangeEvent, InvalidEventError, _from_json_fast
+
+salvage_ids = Codec(EMPLOYEES).salvage
 
 EXAMPLES = int(os.environ.get("CDC_FUZZ_EXAMPLES", "200"))
 FUZZ = hsettings(

@@ -8,8 +8,9 @@ from consumer_helpers import consumer_env, outcomes
 from support import Daemons, execute
 from test_producer_support import producer_env, read_topic
 
+from cdc.kafka.client import MARK_HEADER, MARK_VALUE
 from cdc.ops.verify import verify
-from employee import INT4_MAX, INT4_MIN, MARK_HEADER, MARK_VALUE
+from employee import INT4_MAX, INT4_MIN
 
 pytestmark = [pytest.mark.integration, pytest.mark.daemon]
 

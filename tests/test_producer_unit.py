@@ -8,9 +8,13 @@ import os
 
 import pytest
 
+from cdc.model.event import Codec
 from cdc.runtime import exits
 from cdc.source.outbox import Batch, Cursor
+from employee import EMPLOYEES
 from producer import build_parser, check_rows, main
+
+CODEC = Codec(EMPLOYEES)
 
 EVENT = {
     "action_id": 42,
@@ -40,12 +44,12 @@ def test_the_cursor_after_a_batch_is_the_position_of_its_last_event():
 def test_rows_the_fetch_vouched_for_are_not_parsed_again(caplog):
     # Not a valid event, but marked checked: the SQL's guarantee stands, nothing is re-checked.
     with caplog.at_level(logging.WARNING, logger="producer"):
-        assert check_rows(Batch([row(True, dob="12/10/1815")])) == 0
+        assert check_rows(Batch([row(True, dob="12/10/1815")]), CODEC) == 0
     assert caplog.text == ""
 
 
 def test_unchecked_valid_rows_pass():
-    assert check_rows(Batch([row(False), row(False, captured_at=None, first_name=None)])) == 0
+    assert check_rows(Batch([row(False), row(False, captured_at=None, first_name=None)]), CODEC) == 0
 
 
 @pytest.mark.parametrize(
@@ -60,7 +64,7 @@ def test_unchecked_valid_rows_pass():
 def test_invalid_row_is_logged_and_counted_and_passed_on_as_is(caplog, change, field):
     batch = Batch([row(True), row(False, **change)])
     with caplog.at_level(logging.WARNING, logger="producer"):
-        assert check_rows(batch) == 1
+        assert check_rows(batch, CODEC) == 1
     action_id = {**EVENT, **change}["action_id"]
     assert f"invalid source row action_id={action_id} field={field}" in caplog.text
     assert json.loads(batch.rows[1][1])[field] == change[field]  # the value itself is untouched

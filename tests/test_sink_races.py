@@ -13,8 +13,9 @@ from support import connect, query, wait_until
 
 from cdc.errors import TransientError
 from cdc.kafka.client import Received
+from cdc.model.table import SOURCE_TABLE, Table
 from cdc.runtime.db import Database
-from cdc.sink.statements import ApplyResult, Delivered, apply_events
+from cdc.sink.statements import ApplyResult, Delivered, Statements, apply_events
 
 pytestmark = pytest.mark.integration
 
@@ -24,7 +25,8 @@ APP = "cdc-race-test"
 def _apply(db: Database, *events) -> ApplyResult:
     items = [Delivered(ev, Received("t", 0, n, None, None)) for n, ev in enumerate(events)]
     with db.connection() as conn, conn.cursor() as cur:
-        return apply_events(cur, items, idempotency=True)
+        statements = Statements.build(cur, Table.load(cur, SOURCE_TABLE))
+        return apply_events(cur, items, idempotency=True, statements=statements)
 
 
 def _apply_behind(url: str, statement: str, db: Database, *events) -> BaseException | None:

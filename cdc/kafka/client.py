@@ -27,6 +27,10 @@ WAITING_NOTE_EVERY = 10.0
 CLIENT_ERRORS = (KafkaException, SystemError)
 
 Headers = list[tuple[str, bytes]]
+# The header the producer puts on every message: only such messages may record a dead-lettered
+# action_id, so a stranger's message cannot take a real one.
+MARK_HEADER = "cdc.producer"
+MARK_VALUE = b"1"
 _new_tuple = tuple.__new__
 # One message to send: topic, key, value, headers.
 Outgoing = tuple[str, bytes | str | None, bytes | str | None, Headers | None]

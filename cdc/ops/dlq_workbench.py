@@ -35,7 +35,8 @@ from cdc.dlq import queue as dlq
 from cdc.dlq.letters import QUIET, Letter, Selection, list_lines, parse_position, read_letters, show_lines
 from cdc.errors import CDCError, ConfigError
 from cdc.kafka.client import Headers, Publisher, consumer_config, producer_config
-from cdc.model.event import ChangeEvent, InvalidEventError
+from cdc.model.event import Codec, InvalidEventError
+from cdc.model.table import SOURCE_TABLE, Table
 from cdc.runtime.db import Database
 from cdc.runtime.settings import Settings
 
@@ -139,23 +140,26 @@ class Planned:
         return bool(self.changes)
 
 
-def plan(settings: Settings, letters: Sequence[Letter], edits: dict[tuple[int, int], Any]) -> list[Planned]:
-    """The messages to send. An edited value must be a valid change event (ConfigError if not)."""
+def plan(
+    settings: Settings, letters: Sequence[Letter], edits: dict[tuple[int, int], Any], codec: Codec
+) -> list[Planned]:
+    """The messages to send. An edited value must be a valid change event of the table ``codec``
+    describes (ConfigError if not)."""
     out = []
     for m in letters:
         key, value, changes = m.key, m.value, ()
         where = (m.partition, m.offset)
         if where in edits and not _unchanged(m, edits[where]):
             new = edits[where]
-            _check_edit(m, new)
+            _check_edit(m, new, codec)
             value = json.dumps(new, ensure_ascii=False, separators=(",", ":")).encode()
-            key = str(new["emp_id"]).encode()
+            key = str(new[codec.key_name]).encode()
             changes = _diff(m, new) + (
                 (Change("(key)", dlq.text_of(m.key), key.decode()),) if key != m.key else ()
             )
         try:
-            event = ChangeEvent.from_json(value)
-            action_id, emp_id, invalid = event.action_id, event.emp_id, None
+            event = codec.from_json(value)
+            action_id, emp_id, invalid = event.action_id, codec.key_of(event), None
         except InvalidEventError as exc:
             action_id, emp_id, invalid = m.action_id, m.emp_id, str(exc)
         out.append(
@@ -179,12 +183,12 @@ def _unchanged(m: Letter, new: Any) -> bool:
     return new == m.data if m.value_format == "json" else new is None
 
 
-def _check_edit(m: Letter, new: Any) -> None:
+def _check_edit(m: Letter, new: Any, codec: Codec) -> None:
     where = f"edit of {m.position}"
     if not isinstance(new, dict):
         raise ConfigError(f"{where}: the value must be a change event (a JSON object)")
     try:
-        ChangeEvent.from_mapping(new)
+        codec.from_mapping(new)
     except InvalidEventError as exc:
         raise ConfigError(f"{where}: {exc}: the consumer would dead-letter it again") from None
     if m.action_id is not None and new.get("action_id") != m.action_id:
@@ -248,6 +252,20 @@ def expectations(settings: Settings, plans: Sequence[Planned]) -> dict[str, str]
             what = "applied, unless the destination rejects the row"
         out[p.letter.position] = what
     return out
+
+
+def table_codec(settings: Settings) -> Codec:
+    """The table's events as the destination's catalog describes them (the source's, if no
+    destination is set): what a replayed message is checked against."""
+    url = settings.dest_db_url or settings.source_db_url
+    if not url:
+        raise ConfigError("replay checks messages against the table: set DEST_DB_URL (or SOURCE_DB_URL)")
+    with (
+        Database(url, minconn=1, maxconn=1, application_name="cdc-dlq-workbench") as db,
+        db.connection() as conn,
+        conn.cursor() as cur,
+    ):
+        return Codec(Table.load(cur, SOURCE_TABLE))
 
 
 def _dest(settings: Settings) -> Database:
@@ -568,7 +586,7 @@ def replay_command(
         letters = [m for m in letters if chosen.matches(m)][:limit]
     else:
         letters = read_letters(settings, chosen.matches, limit=limit)
-    plans = plan(settings, letters, edits)
+    plans = plan(settings, letters, edits, table_codec(settings))
     if not plans:
         out("nothing to replay: no dead letter matches")
         return False

@@ -29,8 +29,9 @@ import psycopg2.extensions
 
 from cdc.dlq.queue import CircuitBreaker, DeadLetter, DeadLetterQueue, is_replayed
 from cdc.errors import BadMessageError, HaltError
-from cdc.kafka.client import Received
-from cdc.model.event import MARK_HEADER, MARK_VALUE, ChangeEvent, InvalidEventError
+from cdc.kafka.client import MARK_HEADER, MARK_VALUE, Received
+from cdc.model.event import Codec, Event, InvalidEventError
+from cdc.model.table import SOURCE_TABLE, Table
 from cdc.runtime.db import Database, classify
 from cdc.runtime.stats import APPLIED, CONSUMED, DLQ, DUPLICATES, RETRIES, STALE, Stats
 from cdc.sink import statements as sink
@@ -48,7 +49,7 @@ class BatchResult:
     duplicates: list[Received] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
 
-    def decided_events(self) -> list[ChangeEvent]:
+    def decided_events(self) -> list[Event]:
         return [i.event for i in self.applied + self.stale]
 
 
@@ -70,11 +71,11 @@ class Decoded:
         )
 
 
-def decode(batch: Sequence[Received]) -> Decoded:
+def decode(batch: Sequence[Received], codec: Codec) -> Decoded:
     """Step 1: decode and validate each message; an invalid one is a dead letter at once."""
     items: list[sink.Delivered] = []
     invalid: list[DeadLetter] = []
-    from_json, delivered = ChangeEvent.from_json, sink.Delivered
+    from_json, delivered = codec.from_json, sink.Delivered
     for record in batch:
         try:
             event = from_json(record.value)
@@ -104,10 +105,37 @@ class BatchApplier:
         self.stats = stats
         self.max_attempts = max_attempts
         self.idempotency = idempotency
+        self._statements: sink.Statements | None = None
+        self._codec: Codec | None = None
+
+    def load_table(self) -> None:
+        """Read the destination table from its catalog and build the statements and the event
+        checks from it (done once, at the first batch if not before)."""
+        with self.db.connection() as conn, conn.cursor() as cur:
+            statements = sink.Statements.build(cur, Table.load(cur, SOURCE_TABLE))
+        self._statements, self._codec = statements, Codec(statements.table)
+
+    @property
+    def statements(self) -> sink.Statements:
+        if self._statements is None:
+            self.load_table()
+        assert self._statements is not None
+        return self._statements
+
+    @property
+    def codec(self) -> Codec:
+        if self._codec is None:
+            self.load_table()
+        assert self._codec is not None
+        return self._codec
+
+    def decode(self, batch: Sequence[Received]) -> Decoded:
+        """Step 1 for this destination's table (no database call once the table is known)."""
+        return decode(batch, self.codec)
 
     def apply(self, batch: Sequence[Received]) -> BatchResult:
         """Decode, decide and commit ``batch``; count it in the stats. Raises TransientError and bugs."""
-        return self.apply_decoded(decode(batch))
+        return self.apply_decoded(self.decode(batch))
 
     def apply_decoded(self, batch: Decoded) -> BatchResult:
         """Decide and commit a decoded batch; count it in the stats. Raises TransientError and bugs."""
@@ -118,7 +146,7 @@ class BatchApplier:
             # where the server is configured with synchronous_commit = off.
             cur.execute("SET LOCAL synchronous_commit = on; SAVEPOINT batch")
             try:
-                done = sink.apply_events(cur, items, idempotency=self.idempotency)
+                done = sink.apply_events(cur, items, idempotency=self.idempotency, statements=self.statements)
             except (psycopg2.Error, BadMessageError) as exc:
                 if not isinstance(classify(exc), BadMessageError):
                     raise
@@ -212,7 +240,7 @@ class BatchApplier:
         raised as BadMessageError caused by the original one. Other errors leave as they are."""
         cur.execute("SAVEPOINT part")
         try:
-            done = sink.apply_events(cur, items, idempotency=self.idempotency)
+            done = sink.apply_events(cur, items, idempotency=self.idempotency, statements=self.statements)
         except (psycopg2.Error, BadMessageError) as exc:
             if not isinstance(classify(exc), BadMessageError):
                 raise
@@ -243,7 +271,7 @@ class BatchApplier:
             by_id: dict[int, tuple[DeadLetter, sink.EventRecord]] = {}
             for letter in dead:
                 m = letter.record
-                ids = sink.salvage_ids(m.value) if m.has_header(MARK_HEADER, MARK_VALUE) else None
+                ids = self.codec.salvage(m.value) if m.has_header(MARK_HEADER, MARK_VALUE) else None
                 if ids is None:
                     unknown.append(letter)
                     continue
@@ -255,7 +283,7 @@ class BatchApplier:
                         copies.append(kept[0].record)
                 else:
                     copies.append(m)
-            new = sink.record_dead(cur, [r for _, r in by_id.values()])
+            new = sink.record_dead(cur, [r for _, r in by_id.values()], statements=self.statements)
             copies += [letter.record for letter, r in by_id.values() if r.action_id not in new]
             dead = unknown + [letter for letter, r in by_id.values() if r.action_id in new]
         for letter in dead:

@@ -29,7 +29,6 @@ A value that cannot be put into the statement (a lone surrogate, a NUL) raises
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -39,30 +38,38 @@ from typing import Any, NamedTuple
 import orjson
 import psycopg2.errors
 import psycopg2.extensions
+from psycopg2 import sql
 
 from cdc.errors import ActionIdReusedError, TransientError, UnencodableValueError
 from cdc.kafka.client import Received
-from cdc.model.event import ACTIONS, INT4_MAX, INT4_MIN, INT8_MAX, ChangeEvent
+from cdc.model.event import Event
+from cdc.model.table import SOURCE_TABLE, VERSIONS, Column, Kind, Table
 
-TABLES = ("employees", "processed_events", "emp_versions")
-# A unique violation here means another transaction decided the same id or emp_id meanwhile.
-_RACE_TABLES = ("processed_events", "emp_versions")
+# The sink's own tables beside the replicated one: it is their one owner (``cdc.sink.records``
+# reads them for the tools).
+BOOKKEEPING = ("processed_events", VERSIONS)
+# A unique violation here means another transaction decided the same id or key meanwhile.
+_RACE_TABLES = BOOKKEEPING
 _RACED = (
-    "another transaction decided some of this batch's action_ids or emp_ids while it was "
+    "another transaction decided some of this batch's action_ids or keys while it was "
     "applied (a second consumer on this destination?): retrying the batch"
 )
 
-# The batch: one JSON array of [action_id, emp_id, action, topic, partition, offset, captured_at,
-# first_name, last_name, dob, city, salary] per event (see _batch_json), one action_id each.
+# The statements below are templates: {table}, {versions}, {key} (the primary key column, which
+# names the key column of processed_events and of the version table too), and the columns. In
+# the statement the key travels as ``_key`` and the other columns as ``_c1``, ``_c2``, ...: a
+# column of the table can never take the name of one of the statement's own.
+#
+# The batch: one JSON array of [action_id, key, action, topic, partition, offset, captured_at,
+# the other columns in column order] per event (see _batch_json), one action_id each.
 #
 # No step joins two of the statement's own results: their sizes are unknown to the planner (it
 # guesses 1 row, and a nested loop over 2000 x 2000 rows took 300 ms). Each step adds columns
 # to the batch instead, and every lookup is a subquery on a primary key, one probe per event.
 _INPUT = """
 WITH b AS (
-    SELECT (x->>0)::bigint AS action_id, (x->>1)::int AS emp_id, x->>2 AS action, x->>3 AS topic,
-           (x->>4)::int AS part, (x->>5)::bigint AS off, (x->>6)::timestamptz AS captured_at,
-           x->>7 AS first_name, x->>8 AS last_name, x->>9 AS dob, x->>10 AS city, (x->>11)::int AS salary
+    SELECT (x->>0)::bigint AS action_id, (x->>1)::{key_type} AS _key, x->>2 AS action, x->>3 AS topic,
+           (x->>4)::int AS part, (x->>5)::bigint AS off, (x->>6)::timestamptz AS captured_at{inputs}
       FROM jsonb_array_elements(%(batch)s::jsonb) AS x
 ),"""
 
@@ -84,66 +91,65 @@ c AS (
     SELECT b.*, NULL::timestamptz AS known_at, false AS seen, true AS fresh FROM b
 ),"""
 
-# Steps 2 and 3: the newest fresh event per emp_id is its head; a head wins if its action_id is
-# above the version row's (``version``, NULL when the emp_id has none yet). OFFSET 0 keeps the
-# lookup a probe per head: pulled up into a join, the planner could pick a scan of emp_versions.
+# Steps 2 and 3: the newest fresh event per key is its head; a head wins if its action_id is
+# above the version row's (``version``, NULL when the key has none yet). OFFSET 0 keeps the
+# lookup a probe per head: pulled up into a join, the planner could pick a scan of the versions.
 # Rows the snapshot says are new go in with a plain INSERT: ON CONFLICT costs a second index
 # probe and a second WAL record per row, and a row another transaction added meanwhile fails the
 # statement with a unique violation instead (``_RACE_TABLES``: a TransientError).
-# The guard takes version rows in emp_id order, so concurrent batches cannot deadlock on them.
-# dob travels as PostgreSQL's ISO text (BC, infinity, years above 9999): the server parses it.
+# The guard takes version rows in key order, so concurrent batches cannot deadlock on them.
+# Values other than integers travel as text (a date as PostgreSQL's ISO text, BC, infinity,
+# years above 9999) and the server casts them where they are written.
 _APPLY = """
 d AS (
-    SELECT c.*, fresh AND action_id = max(action_id) FILTER (WHERE fresh) OVER (PARTITION BY emp_id) AS head
+    SELECT c.*, fresh AND action_id = max(action_id) FILTER (WHERE fresh) OVER (PARTITION BY _key) AS head
       FROM c
 ),
 e AS (
     SELECT d.*, v.last_action_id AS version, head AND coalesce(v.last_action_id < d.action_id, true) AS wins
       FROM d LEFT JOIN LATERAL (
-               SELECT v.last_action_id FROM emp_versions v WHERE d.head AND v.emp_id = d.emp_id OFFSET 0
+               SELECT v.last_action_id FROM {versions} v WHERE d.head AND v.{key} = d._key OFFSET 0
            ) AS v ON true
 ),
 guard_new AS (
-    INSERT INTO emp_versions (emp_id, last_action_id, deleted)
-    SELECT emp_id, action_id, action = 'DELETE' FROM e WHERE wins AND version IS NULL ORDER BY emp_id
+    INSERT INTO {versions} ({key}, last_action_id, deleted)
+    SELECT _key, action_id, action = 'DELETE' FROM e WHERE wins AND version IS NULL ORDER BY _key
 ),
 guard AS (
-    INSERT INTO emp_versions AS v (emp_id, last_action_id, deleted)
-    SELECT emp_id, action_id, action = 'DELETE' FROM e WHERE wins AND version IS NOT NULL ORDER BY emp_id
-    ON CONFLICT (emp_id) DO UPDATE
+    INSERT INTO {versions} AS v ({key}, last_action_id, deleted)
+    SELECT _key, action_id, action = 'DELETE' FROM e WHERE wins AND version IS NOT NULL ORDER BY _key
+    ON CONFLICT ({key}) DO UPDATE
        SET last_action_id = EXCLUDED.last_action_id, deleted = EXCLUDED.deleted, updated_at = now()
      WHERE v.last_action_id < EXCLUDED.last_action_id
     RETURNING 1
 ),
 removed AS (
-    DELETE FROM employees WHERE emp_id = ANY(ARRAY(SELECT emp_id FROM e WHERE wins AND action = 'DELETE'))
+    DELETE FROM {table} WHERE {key} = ANY(ARRAY(SELECT _key FROM e WHERE wins AND action = 'DELETE'))
 ),
 written AS (
-    INSERT INTO employees (emp_id, first_name, last_name, dob, city, salary)
-    SELECT emp_id, first_name, last_name, dob::date, city, salary FROM e
-     WHERE wins AND action <> 'DELETE' ORDER BY emp_id
-    ON CONFLICT (emp_id) DO UPDATE
-       SET first_name = EXCLUDED.first_name, last_name = EXCLUDED.last_name, dob = EXCLUDED.dob,
-           city = EXCLUDED.city, salary = EXCLUDED.salary
+    INSERT INTO {table} ({key}{columns})
+    SELECT _key{values} FROM e
+     WHERE wins AND action <> 'DELETE' ORDER BY _key
+    ON CONFLICT ({key}) {upsert}
 )"""
 
 # Step 4: ids never seen go in plainly; a dead letter the operator replayed is updated.
 _RECORD_NEW = """,
 recorded_new AS (
     INSERT INTO processed_events
-           (action_id, emp_id, action, outcome, topic, "partition", "offset", captured_at)
-    SELECT action_id, emp_id, action, CASE WHEN wins THEN 'applied' ELSE 'stale' END,
+           (action_id, {key}, action, outcome, topic, "partition", "offset", captured_at)
+    SELECT action_id, _key, action, CASE WHEN wins THEN 'applied' ELSE 'stale' END,
            topic, part, off, captured_at
       FROM e WHERE fresh AND NOT seen ORDER BY action_id
 ),
 recorded AS (
     INSERT INTO processed_events AS p
-           (action_id, emp_id, action, outcome, topic, "partition", "offset", captured_at)
-    SELECT action_id, emp_id, action, CASE WHEN wins THEN 'applied' ELSE 'stale' END,
+           (action_id, {key}, action, outcome, topic, "partition", "offset", captured_at)
+    SELECT action_id, _key, action, CASE WHEN wins THEN 'applied' ELSE 'stale' END,
            topic, part, off, captured_at
       FROM e WHERE fresh AND seen ORDER BY action_id
     ON CONFLICT (action_id) DO UPDATE
-       SET emp_id = EXCLUDED.emp_id, action = EXCLUDED.action, outcome = EXCLUDED.outcome,
+       SET {key} = EXCLUDED.{key}, action = EXCLUDED.action, outcome = EXCLUDED.outcome,
            topic = EXCLUDED.topic, "partition" = EXCLUDED."partition", "offset" = EXCLUDED."offset",
            captured_at = EXCLUDED.captured_at, processed_at = now()
      WHERE p.outcome = 'dlq' AND p.action_id = ANY(%(replayed)s::bigint[])
@@ -164,28 +170,18 @@ SELECT action_id, fresh,
        CASE WHEN NOT fresh AND known_at <> captured_at THEN captured_at END
   FROM e WHERE NOT wins
 """
-
-_APPLY_RECORDED = (
-    _INPUT
-    + _FRESH_RECORDED
-    + _APPLY
-    + _RECORD_NEW
-    + _REPORT.format(
-        recorded=" AND (SELECT count(*) FROM recorded) = (SELECT count(*) FROM e WHERE fresh AND seen)"
-    )
-)
-_APPLY_UNRECORDED = _INPUT + _FRESH_UNRECORDED + _APPLY + _REPORT.format(recorded="")
+_RECORDED_TOO = " AND (SELECT count(*) FROM recorded) = (SELECT count(*) FROM e WHERE fresh AND seen)"
 
 # Dead letters: recorded as ``dlq`` (see record_dead).
 _RECORD = """
 INSERT INTO processed_events AS p
-       (action_id, emp_id, action, outcome, topic, "partition", "offset", captured_at)
-SELECT t.action_id, t.emp_id, t.action, %(outcome)s, t.topic, t.part, t.off, t.captured_at
-  FROM unnest(%(action_id)s::bigint[], %(emp_id)s::int[], %(action)s::text[],
+       (action_id, {key}, action, outcome, topic, "partition", "offset", captured_at)
+SELECT t.action_id, t._key, t.action, %(outcome)s, t.topic, t.part, t.off, t.captured_at
+  FROM unnest(%(action_id)s::bigint[], %(key)s::{key_type}[], %(action)s::text[],
               %(topic)s::text[], %(part)s::int[], %(off)s::bigint[], %(captured_at)s::timestamptz[])
-       AS t(action_id, emp_id, action, topic, part, off, captured_at)
+       AS t(action_id, _key, action, topic, part, off, captured_at)
 ON CONFLICT (action_id) DO UPDATE
-   SET emp_id = EXCLUDED.emp_id, action = EXCLUDED.action, outcome = EXCLUDED.outcome,
+   SET {key} = EXCLUDED.{key}, action = EXCLUDED.action, outcome = EXCLUDED.outcome,
        topic = EXCLUDED.topic, "partition" = EXCLUDED."partition", "offset" = EXCLUDED."offset",
        captured_at = EXCLUDED.captured_at, processed_at = now()
  WHERE p.outcome = 'dlq' AND p.action_id = ANY(%(replayed)s::bigint[])
@@ -193,20 +189,85 @@ RETURNING action_id
 """
 
 
+def _input(i: int, column: Column) -> sql.Composable:
+    """Column ``i`` (1-based among the non-key columns) read from the batch's JSON array."""
+    at = sql.SQL(str(i + 6))
+    if column.kind is Kind.INTEGER:
+        return sql.SQL(", (x->>{})::{} AS _c{}").format(at, sql.SQL(column.type), sql.SQL(str(i)))
+    return sql.SQL(", x->>{} AS _c{}").format(at, sql.SQL(str(i)))
+
+
+def _value(i: int, column: Column) -> sql.Composable:
+    """Column ``i`` as written: text as it is, integers cast on input, anything else cast here."""
+    if column.kind in (Kind.INTEGER, Kind.TEXT):
+        return sql.SQL(", _c{}").format(sql.SQL(str(i)))
+    return sql.SQL(", _c{}::{}").format(sql.SQL(str(i)), sql.SQL(column.type))
+
+
+def _upsert(values: tuple[Column, ...]) -> sql.Composable:
+    if not values:  # a table of its key alone: the row is there or not
+        return sql.SQL("DO NOTHING")
+    updates = sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(c.ident) for c in values)
+    return sql.SQL("DO UPDATE\n       SET {}").format(updates)
+
+
+@dataclass(frozen=True)
+class Statements:
+    """The sink's statements for one destination table, built from its catalog description."""
+
+    table: Table
+    apply_recorded: str
+    apply_unrecorded: str
+    record: str
+
+    @property
+    def key_index(self) -> int:
+        """Where the key is in an event's row."""
+        return [c.name for c in self.table.written].index(self.table.key.name)
+
+    @classmethod
+    def build(cls, cur: psycopg2.extensions.cursor, table: Table) -> Statements:
+        key = table.key
+        values = table.values
+
+        def text(template: str, **extra: str) -> str:
+            parts = {
+                "table": table.ident,
+                "versions": sql.Identifier(VERSIONS),
+                "key": key.ident,
+                "key_type": sql.SQL(key.type),
+                "inputs": sql.Composed([_input(i, c) for i, c in enumerate(values, 1)]),
+                "columns": sql.Composed([sql.SQL(", {}").format(c.ident) for c in values]),
+                "values": sql.Composed([_value(i, c) for i, c in enumerate(values, 1)]),
+                "upsert": _upsert(values),
+                **{name: sql.SQL(value) for name, value in extra.items()},
+            }
+            return sql.SQL(template).format(**parts).as_string(cur)
+
+        return cls(
+            table,
+            apply_recorded=text(
+                _INPUT + _FRESH_RECORDED + _APPLY + _RECORD_NEW + _REPORT, recorded=_RECORDED_TOO
+            ),
+            apply_unrecorded=text(_INPUT + _FRESH_UNRECORDED + _APPLY + _REPORT, recorded=""),
+            record=text(_RECORD),
+        )
+
+
 class Delivered(NamedTuple):
     """A decoded event and the message it came in (a named tuple: one is built per message)."""
 
-    event: ChangeEvent
+    event: Event
     record: Received
     replayed: bool = False  # republished from the DLQ by the operator
 
 
 @dataclass(frozen=True, slots=True)
 class EventRecord:
-    """What ``processed_events`` keeps about one message (emp_id and action may be unknown)."""
+    """What ``processed_events`` keeps about one message (key and action may be unknown)."""
 
     action_id: int
-    emp_id: int | None
+    key: Any
     action: str | None
     topic: str
     partition: int
@@ -219,7 +280,7 @@ class EventRecord:
 class ApplyResult:
     """The decision on every item given to ``apply_events``: each is in exactly one list."""
 
-    applied: list[Delivered] = field(default_factory=list)  # written to employees
+    applied: list[Delivered] = field(default_factory=list)  # written to the table
     stale: list[Delivered] = field(default_factory=list)
     duplicates: list[Delivered] = field(default_factory=list)
 
@@ -234,7 +295,9 @@ class ApplyResult:
 
 def missing_tables(cur: psycopg2.extensions.cursor) -> list[str]:
     """Tables (and columns added since, as ``table.column``) the destination lacks."""
-    cur.execute("SELECT t FROM unnest(%s::text[]) AS t WHERE to_regclass(t) IS NULL", (list(TABLES),))
+    cur.execute(
+        "SELECT t FROM unnest(%s::text[]) AS t WHERE to_regclass(t) IS NULL", ([SOURCE_TABLE, *BOOKKEEPING],)
+    )
     missing = [row[0] for row in cur.fetchall()]
     if "processed_events" not in missing:
         cur.execute(
@@ -267,7 +330,7 @@ def dedupe(items: Iterable[Delivered]) -> tuple[dict[int, Delivered], list[Deliv
 
 
 def apply_events(
-    cur: psycopg2.extensions.cursor, items: Sequence[Delivered], *, idempotency: bool
+    cur: psycopg2.extensions.cursor, items: Sequence[Delivered], *, idempotency: bool, statements: Statements
 ) -> ApplyResult:
     """Apply ``items`` in the open transaction of ``cur`` (one statement). Errors are left to the caller."""
     fresh, copies = dedupe(items)
@@ -277,8 +340,11 @@ def apply_events(
     try:
         _execute(
             cur,
-            _APPLY_RECORDED if idempotency else _APPLY_UNRECORDED,
-            {"batch": _batch_json(fresh.values()), "replayed": _replayed(fresh.values())},
+            statements.apply_recorded if idempotency else statements.apply_unrecorded,
+            {
+                "batch": _batch_json(fresh.values(), statements.key_index),
+                "replayed": _replayed(fresh.values()),
+            },
         )
     except psycopg2.errors.UniqueViolation as exc:
         if exc.diag.table_name in _RACE_TABLES:
@@ -311,36 +377,18 @@ def apply_events(
     return result
 
 
-def record_dead(cur: psycopg2.extensions.cursor, records: Sequence[EventRecord]) -> set[int]:
+def record_dead(
+    cur: psycopg2.extensions.cursor, records: Sequence[EventRecord], *, statements: Statements
+) -> set[int]:
     """Record dead-lettered ids as ``dlq``. Returns the ids not recorded before (or replayed)."""
     if not records:
         return set()
     _execute(
         cur,
-        _RECORD,
+        statements.record,
         _record_params(records, outcome="dlq", replayed=[r.action_id for r in records if r.replayed]),
     )
     return {row[0] for row in cur.fetchall()}
-
-
-def salvage_ids(value: bytes | None) -> tuple[int, int | None, str | None] | None:
-    """(action_id, emp_id, action) from an invalid message, when its action_id is usable."""
-    try:
-        data = json.loads(value or b"")
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(data, dict):
-        return None
-    action_id = data.get("action_id")
-    if not _is_int(action_id, 1, INT8_MAX):
-        return None
-    emp_id = data.get("emp_id")
-    action = data.get("action")
-    return (
-        action_id,
-        emp_id if _is_int(emp_id, INT4_MIN, INT4_MAX) else None,
-        action if isinstance(action, str) and action in ACTIONS else None,
-    )
 
 
 def _reused(found: tuple[int, datetime, datetime]) -> None:
@@ -353,15 +401,15 @@ def _reused(found: tuple[int, datetime, datetime]) -> None:
     )
 
 
-def _batch_json(items: Iterable[Delivered]) -> _Json:
+def _batch_json(items: Iterable[Delivered], key_index: int) -> _Json:
     """The batch as the JSON the statement reads (see _INPUT)."""
     rows = []
     for event, record, _ in items:
-        action_id, action, (emp_id, first_name, last_name, dob, city, salary), _, at = event
+        action_id, action, row, _, at = event
         rows.append(
             (
                 action_id,
-                emp_id,
+                row[key_index],
                 action,
                 record.topic,
                 record.partition,
@@ -370,11 +418,7 @@ def _batch_json(items: Iterable[Delivered]) -> _Json:
                 # orjson prints a UTC datetime the same, 20 times faster; another offset may
                 # have seconds, which orjson would drop.
                 at if at is None or at.tzinfo is UTC else at.isoformat(),
-                first_name,
-                last_name,
-                dob,
-                city,
-                salary,
+                *(row[1:] if key_index == 0 else row[:key_index] + row[key_index + 1 :]),
             )
         )
     try:
@@ -423,10 +467,6 @@ def _execute(cur: psycopg2.extensions.cursor, statement: str, params: dict[str, 
         raise UnencodableValueError(f"{type(exc).__name__}: {exc}") from exc
 
 
-def _is_int(value: Any, lo: int, hi: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
-
-
 def _replayed(items: Iterable[Delivered]) -> list[int]:
     return [i.event.action_id for i in items if i.replayed]
 
@@ -435,7 +475,7 @@ def _record_params(records: Sequence[EventRecord], *, outcome: str, replayed: li
     return {
         "outcome": outcome,
         "action_id": [r.action_id for r in records],
-        "emp_id": [r.emp_id for r in records],
+        "key": [r.key for r in records],
         "action": [r.action for r in records],
         "topic": [r.topic for r in records],
         "part": [r.partition for r in records],

@@ -38,8 +38,16 @@ from cdc.errors import (
     ServiceError,
     TransientError,
 )
-from cdc.kafka.client import Publisher, admin_client, ensure_topics, producer_config, wait_for_broker
-from cdc.model.event import MARK_HEADER, MARK_VALUE, ChangeEvent, InvalidEventError
+from cdc.kafka.client import (
+    MARK_HEADER,
+    MARK_VALUE,
+    Publisher,
+    admin_client,
+    ensure_topics,
+    producer_config,
+    wait_for_broker,
+)
+from cdc.model.event import Codec, InvalidEventError
 from cdc.runtime import exits
 from cdc.runtime.db import Database
 from cdc.runtime.logs import configure_logging, quiet_repeats
@@ -91,8 +99,8 @@ STATS_KEYS = [
 FINAL_KEYS = [PUBLISHED, BATCHES, INVALID, RETRIES, PRUNED, CURSOR_TXID, CURSOR_ACTION_ID]
 
 
-def check_rows(batch: Batch) -> int:
-    """Check the rows the fetch could not vouch for (see ``cdc.capture``); returns how many are
+def check_rows(batch: Batch, codec: Codec) -> int:
+    """Check the rows the fetch could not vouch for (see ``cdc.source.outbox``); returns how many are
     invalid. Each is logged and published as it is, so the consumer dead-letters it: one bad row
     never blocks the changes behind it."""
     invalid = 0
@@ -100,7 +108,7 @@ def check_rows(batch: Batch) -> int:
         if checked:
             continue
         try:
-            ChangeEvent.from_json(value)
+            codec.from_json(value)
         except InvalidEventError as exc:
             invalid += 1
             log.warning(
@@ -312,7 +320,7 @@ class ChangeProducer:
         if not rows:
             return 0
         assert self.publisher is not None
-        invalid = check_rows(batch)
+        invalid = check_rows(batch, self.leader.codec)
         topic = self.settings.cdc_topic
         # The mark tells the consumer an invalid message is ours, so its action_id is real.
         mark = [(MARK_HEADER, MARK_VALUE)]

@@ -28,7 +28,8 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from cdc.errors import CDCError, ConfigError, LeadershipLost, SchemaMissingError, TransientError
-from cdc.model.event import ACTIONS, TEXT_MAX
+from cdc.model.event import ACTIONS, Codec
+from cdc.model.table import OUTBOX, SOURCE_TABLE, Column, Kind, Table
 from cdc.runtime.db import CONNECT_TIMEOUT, KEEPALIVES, Database, classify
 from cdc.runtime.settings import redact_url
 
@@ -47,39 +48,67 @@ SNAPSHOT_LOCK_TIMEOUT = "10s"
 # for the whole session on the producer's own (``Leadership``).
 _INDEX_ONLY = "SET LOCAL enable_seqscan = off; SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off"
 
-# The event JSON (DESIGN.md "Event") and its key, built by PostgreSQL: byte for byte what
-# ``ChangeEvent.to_json()`` makes of the row, so Python only hands text to Kafka.
+# The event JSON and its key, built by PostgreSQL from the table's description (``Table``):
+# byte for byte what ``Codec.to_json()`` makes of the row, so Python only hands text to Kafka.
 # - to_json() escapes text as json.dumps(ensure_ascii=False) does; to_json(date) is ISO text
 #   ("1815-12-10", "12345-06-07", "0044-03-15 BC", "infinity") whatever the session's DateStyle.
 # - captured_at in UTC whatever the session's TimeZone, as datetime.isoformat() writes it: six
 #   fraction digits, none when there is no fraction, "+00:00". Outside years 1..9999 (which
-#   datetime cannot hold) PostgreSQL's own JSON text, which employee.py refuses.
+#   datetime cannot hold) PostgreSQL's own JSON text, which the event model refuses.
 # - ``checked``: true when the columns' types and constraints already guarantee a valid event
 #   (the schema's own limits, plus what it allows but the contract refuses: an action_id below 1,
-#   a captured_at outside years 1..9999). Other rows are checked by employee.py before sending.
-_EVENT = """
-'{"action_id":' || action_id || ',"action":' || coalesce(to_json(action)::text, 'null')
-|| ',"emp_id":' || coalesce(emp_id::text, 'null')
-|| ',"first_name":' || coalesce(to_json(first_name)::text, 'null')
-|| ',"last_name":' || coalesce(to_json(last_name)::text, 'null')
-|| ',"dob":' || coalesce(to_json(dob)::text, 'null')
-|| ',"city":' || coalesce(to_json(city)::text, 'null')
-|| ',"salary":' || coalesce(salary::text, 'null')
-|| ',"txid":' || txid
-|| ',"captured_at":' || coalesce(
+#   a captured_at outside years 1..9999). Other rows are checked by the event model before sending.
+_CAPTURED_AT = """
+coalesce(
        CASE WHEN captured_at >= '0001-01-01 00:00:00+00' AND captured_at < '10000-01-01 00:00:00+00'
             THEN '"' || replace(to_char(captured_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US'),
                                 '.000000', '') || '+00:00"'
             ELSE to_json(captured_at)::text END,
        'null')
-|| '}'
 """
 
-_CHECKED = """
-action_id > 0 AND action = ANY($4) AND emp_id IS NOT NULL
-AND captured_at >= '0001-01-01 00:00:00+00' AND captured_at < '10000-01-01 00:00:00+00'
-AND (action = 'DELETE' OR coalesce(greatest(length(first_name), length(last_name), length(city)), 0) <= $5)
-"""
+
+def event_sql(table: Table) -> sql.Composed:
+    """The expression of an outbox row's event JSON (the outbox has the table's columns)."""
+    parts = [
+        sql.SQL("""'{"action_id":' || action_id || ',"action":' || coalesce(to_json(action)::text, 'null')""")
+    ]
+    for column in table.written:
+        value = (
+            "coalesce({}::text, 'null')"
+            if column.kind is Kind.INTEGER
+            else "coalesce(to_json({})::text, 'null')"
+        )
+        parts.append(
+            sql.SQL("\n|| {} || " + value).format(
+                sql.Literal("," + json.dumps(column.name) + ":"), column.ident
+            )
+        )
+    parts.append(
+        sql.SQL("""\n|| ',"txid":' || txid\n|| ',"captured_at":' || """ + _CAPTURED_AT.strip() + "\n|| '}'")
+    )
+    return sql.Composed(parts)
+
+
+def checked_sql(table: Table) -> sql.Composed:
+    """True for a row whose columns' types and constraints already make its event valid."""
+    checks = [
+        sql.SQL("action_id > 0 AND action = ANY($4) AND {} IS NOT NULL").format(table.key.ident),
+        sql.SQL("captured_at >= '0001-01-01 00:00:00+00' AND captured_at < '10000-01-01 00:00:00+00'"),
+    ]
+    # A DELETE carries its old image leniently: only the other actions must fit the text limits.
+    limits: dict[int, list[Column]] = {}
+    for column in table.values:
+        if column.kind is Kind.TEXT and column.length is not None:
+            limits.setdefault(column.length, []).append(column)
+    for limit, columns in limits.items():
+        lengths = sql.SQL(", ").join(sql.SQL("length({})").format(c.ident) for c in columns)
+        checks.append(
+            sql.SQL("(action = 'DELETE' OR coalesce(greatest({}), 0) <= {})").format(
+                lengths, sql.Literal(limit)
+            )
+        )
+    return sql.SQL("\nAND ").join(checks)
 
 
 @dataclass(frozen=True)
@@ -100,19 +129,25 @@ class Statement:
         return f"EXECUTE {self.name} ({', '.join(['%s'] * len(self.types))})"
 
 
-# $1, $2: the cursor (txid as text), $3: the limit, $4: the actions, $5: the text length limit.
-_FETCH = Statement(
-    "cdc_fetch",
-    ("xid8", "bigint", "int", "text[]", "int"),
-    f"""
-SELECT emp_id::text, {_EVENT}, extract(epoch FROM captured_at)::float8, coalesce({_CHECKED}, false)
-  FROM emp_records_cdc
+def fetch_statement(cur: psycopg2.extensions.cursor, table: Table) -> Statement:
+    """The next batch of the outbox as Kafka messages: key, event, captured_at, checked.
+
+    $1, $2: the cursor (txid as text), $3: the limit, $4: the actions.
+    """
+    text = sql.SQL(
+        """
+SELECT {key}::text, {event}, extract(epoch FROM captured_at)::float8, coalesce({checked}, false)
+  FROM {outbox}
  WHERE (txid, action_id) > ($1, $2)
    AND txid < pg_snapshot_xmin(pg_current_snapshot())
  ORDER BY txid, action_id
  LIMIT $3
-""",
-)
+"""
+    ).format(
+        key=table.key.ident, event=event_sql(table), checked=checked_sql(table), outbox=sql.Identifier(OUTBOX)
+    )
+    return Statement("cdc_fetch", ("xid8", "bigint", "int", "text[]"), text.as_string(cur))
+
 
 # Store the cursor ($1, $2; $3 more published under row $4) and, with $5, delete the rows at or
 # behind it: one statement, so one transaction. It runs on the session that holds the producer
@@ -198,14 +233,20 @@ SELECT pid, x::text, age_s, state, query, gid, prepared, owner, database
  LIMIT 1
 """
 
-_SNAPSHOT = """
+
+def snapshot_sql(table: Table) -> sql.Composed:
+    """Every current row of the table queued as a SNAPSHOT event, in key order."""
+    columns = sql.SQL(", ").join(c.ident for c in table.written)
+    return sql.SQL(
+        """
 WITH ins AS (
-    INSERT INTO emp_records_cdc (emp_id, first_name, last_name, dob, city, salary, action)
-    SELECT emp_id, first_name, last_name, dob, city, salary, 'SNAPSHOT' FROM employees ORDER BY emp_id
+    INSERT INTO {outbox} ({columns}, action)
+    SELECT {columns}, 'SNAPSHOT' FROM {table} ORDER BY {key}
     RETURNING action_id
 )
 SELECT count(*), min(action_id), max(action_id) FROM ins
 """
+    ).format(outbox=sql.Identifier(OUTBOX), columns=columns, table=table.ident, key=table.key.ident)
 
 
 @dataclass(frozen=True, order=True)
@@ -264,7 +305,7 @@ class Outbox:
         with self.db.connection() as conn, conn.cursor() as cur:
             cur.execute(
                 "SELECT t FROM unnest(%s::text[]) AS t WHERE to_regclass(t) IS NULL",
-                (["employees", "emp_records_cdc", "cdc_producer_state"],),
+                ([SOURCE_TABLE, OUTBOX, "cdc_producer_state"],),
             )
             missing = [r[0] for r in cur.fetchall()]
             if missing:
@@ -383,7 +424,7 @@ class Outbox:
         return dict(zip(keys, row, strict=True))
 
     def snapshot(self, channel: str) -> tuple[int, int | None, int | None]:
-        """Queue every current employee as a SNAPSHOT event. Returns (rows, first action_id, last).
+        """Queue every current row of the table as a SNAPSHOT event. Returns (rows, first action_id, last).
 
         The SHARE lock waits for writers in flight and holds new ones off during the copy: the
         copy sees every change that took a lower action_id, and every later change gets a higher
@@ -397,14 +438,15 @@ class Outbox:
                 cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
                 cur.execute("SELECT set_config('lock_timeout', %s, true)", (SNAPSHOT_LOCK_TIMEOUT,))
                 cur.execute("SELECT set_config('statement_timeout', '0', true)")
-                cur.execute("LOCK TABLE employees IN SHARE MODE")
-                cur.execute(_SNAPSHOT)
+                table = Table.load(cur, SOURCE_TABLE)
+                cur.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(table.ident))
+                cur.execute(snapshot_sql(table))
                 count, first, last = cur.fetchone()
                 cur.execute("SELECT pg_notify(%s, '')", (channel,))
         except TransientError as exc:
             if isinstance(exc.__cause__, psycopg2.errors.LockNotAvailable):
                 raise CDCError(
-                    f"snapshot: employees could not be locked within {SNAPSHOT_LOCK_TIMEOUT} (a long "
+                    f"snapshot: {SOURCE_TABLE} could not be locked within {SNAPSHOT_LOCK_TIMEOUT} (a long "
                     "transaction is writing to it); nothing was queued, try again"
                 ) from exc
             raise
@@ -434,6 +476,9 @@ class Leadership:
         self._conn: psycopg2.extensions.connection | None = None
         self._prepared: set[str] = set()
         self.pid: int | None = None  # backend pid of the lock connection while the lock is held
+        self.table: Table | None = None  # the source table, read from the catalog when the lock is taken
+        self.codec: Codec | None = None  # the table's events, for rows the fetch cannot vouch for
+        self._fetch: Statement | None = None
 
     @property
     def held(self) -> bool:
@@ -460,6 +505,9 @@ class Leadership:
                 if not got:
                     return False
                 cur.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+                self.table = Table.load(cur, SOURCE_TABLE)
+                self._fetch = fetch_statement(cur, self.table)
+                self.codec = Codec(self.table)
         except psycopg2.Error as exc:
             self.close()
             raise (classify(exc) or TransientError(str(exc).strip())) from exc
@@ -484,7 +532,9 @@ class Leadership:
 
     def fetch(self, after: Cursor, limit: int) -> Batch:
         """The next rows after ``after`` whose transactions have all ended, in cursor order."""
-        return Batch(self._run(_FETCH, (str(after.txid), after.action_id, limit, list(ACTIONS), TEXT_MAX)))
+        if self._fetch is None:
+            raise LeadershipLost("the lock is not held")
+        return Batch(self._run(self._fetch, (str(after.txid), after.action_id, limit, list(ACTIONS))))
 
     def advance(self, to: Cursor, count: int, *, prune: bool) -> int:
         """Store the cursor (and prune behind it) in one transaction. Returns rows pruned."""
