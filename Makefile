@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: help venv deps up monitor demo down status test test-unit lint format clean bench soak bench-verify bench-producer bench-consumer
+.PHONY: help venv deps up monitor demo down status test test-unit lint typecheck format clean bench soak bench-verify bench-producer bench-consumer
 
 help:
 	@echo "make demo    - start local services, run producer + consumer under load, verify (DEMO_SECONDS=30)"
@@ -13,7 +13,8 @@ help:
 	@echo "make monitor - start a local Prometheus (PROMETHEUS_PORT, 9090) with the alerts, scraping both daemons"
 	@echo "make status  - say what runs where"
 	@echo "make down    - stop the local services and Prometheus"
-	@echo "make lint    - ruff check and format check"
+	@echo "make lint    - ruff check and format check, the import layering contract (lint-imports), hadolint"
+	@echo "make typecheck - mypy on cdc/ and the root scripts (not yet part of make lint)"
 	@echo "make bench   - side by side: this pipeline, PostgreSQL logical replication, Debezium, a naive consumer"
 	@echo "               (drain, latency, initial load, cost; ~40 min; bench-results/report.md). BENCH_ARGS=--smoke: ~3 min"
 	@echo "make soak    - the pipeline for SOAK_MINUTES (30) with a fault every 3 min; memory/fds must stay flat"
@@ -59,9 +60,16 @@ test: deps
 test-unit: venv
 	$(PY) -m pytest -m "not integration and not prometheus"
 
+# CI (.ci/run) runs this before make test. The contracts of lint-imports are in pyproject.toml.
 lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/hadolint Dockerfile
+
+# mypy's settings and the files it checks are in pyproject.toml.
+typecheck: venv
+	$(PY) -m mypy
 
 format: venv
 	$(PY) -m ruff format .

@@ -1,0 +1,1 @@
+../../../setup_db_with_idempotency.sql

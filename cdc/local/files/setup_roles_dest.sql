@@ -1,0 +1,1 @@
+../../../setup_roles_dest.sql
