@@ -2,10 +2,11 @@
 
 Three checks, each streamed so memory stays flat whatever the table size:
 
-- rows: source ``employees`` against destination ``employees``. Each database hashes its own
-  rows (md5 of the row as JSON, which prints dates and NULLs the same way whatever the session
-  settings); the (emp_id, hash) pairs come through server-side cursors ordered by emp_id and are
-  merge-compared, so neither table is ever held in Python.
+- rows: the source table against the destination's (the columns as the source's catalog
+  describes them, ``cdc.model.table``). Each database hashes its own rows (md5 of the row's
+  values as JSON, which prints dates and NULLs the same way whatever the session settings); the
+  (key, hash) pairs come through server-side cursors ordered by the key and are merge-compared,
+  so neither table is ever held in Python.
 - events (``--events``): every action_id of the outbox ``emp_records_cdc`` has its row in the
   sink's ``processed_events`` (applied, stale or dlq), merged the same way.
 - caught up (``--wait``): no outbox row beyond the producer's cursor and, for the consumer group,
@@ -27,11 +28,14 @@ from typing import Any
 
 import psycopg2
 from confluent_kafka import Consumer, KafkaException, TopicPartition
+from psycopg2 import sql
 
 from cdc.errors import CDCError, TransientError
 from cdc.kafka.client import consumer_config
+from cdc.model.table import SOURCE_TABLE, Table
 from cdc.runtime.db import Database
 from cdc.runtime.settings import Settings
+from cdc.sink import records
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +47,16 @@ KAFKA_TIMEOUT = 10.0
 WAIT_INTERVAL = 0.5
 PRODUCER_STATE_NAME = "default"
 
-ROW_HASHES_SQL = """
-SELECT emp_id, md5(json_build_array(first_name, last_name, dob, city, salary)::text)
-  FROM employees
- ORDER BY emp_id
-"""
+
+def row_hashes_sql(table: Table) -> sql.Composed:
+    """(key, md5 of the other written columns as a JSON array) of every row, in key order."""
+    values = sql.SQL(", ").join(c.ident for c in table.values)
+    return sql.SQL("SELECT {key}, md5(json_build_array({values})::text) FROM {table} ORDER BY {key}").format(
+        key=table.key.ident, values=values, table=table.ident
+    )
+
+
 OUTBOX_IDS_SQL = "SELECT action_id, NULL FROM emp_records_cdc ORDER BY action_id"
-PROCESSED_IDS_SQL = "SELECT action_id, outcome FROM processed_events ORDER BY action_id"
 # Outbox rows the producer has not published yet; no cursor row means nothing was published.
 PENDING_SQL = """
 WITH cursor AS (
@@ -87,7 +94,7 @@ class IdSample:
 
 @dataclass
 class RowsReport:
-    """Source ``employees`` against destination ``employees``."""
+    """The source table against the destination's."""
 
     source_rows: int
     dest_rows: int
@@ -95,6 +102,7 @@ class RowsReport:
     extra: IdSample  # in the destination, not in the source
     different: IdSample  # in both, with different values
     seconds: float
+    key: str = "key"  # the key column's name, for the report
 
     @property
     def identical(self) -> bool:
@@ -103,9 +111,9 @@ class RowsReport:
     def lines(self) -> list[str]:
         return [
             f"rows: source {self.source_rows}, destination {self.dest_rows} ({self.seconds:.1f}s)",
-            self.missing.describe("missing in destination", "emp_id"),
-            self.extra.describe("extra in destination", "emp_id"),
-            self.different.describe("different", "emp_id"),
+            self.missing.describe("missing in destination", self.key),
+            self.extra.describe("extra in destination", self.key),
+            self.different.describe("different", self.key),
         ]
 
 
@@ -236,7 +244,7 @@ def _databases(settings: Settings) -> Iterator[tuple[Database, Database]]:
         dest.close()
 
 
-def _stream(db: Database, query: str, label: str) -> Iterator[tuple[int, Any]]:
+def _stream(db: Database, query: str | sql.Composable, label: str) -> Iterator[tuple[Any, Any]]:
     """(key, value) rows of ``query`` through a read-only server-side cursor."""
     try:
         with db.connection() as conn:
@@ -276,28 +284,41 @@ def merge_sorted(
             rrow = next(rit, None)
 
 
+def source_table(db: Database) -> Table:
+    """The replicated table as the source's catalog describes it."""
+    try:
+        with db.connection() as conn, conn.cursor() as cur:
+            return Table.load(cur, SOURCE_TABLE)
+    except CDCError as exc:
+        raise type(exc)(f"source database {db.url}: {exc}") from exc
+
+
 def compare_rows(settings: Settings, *, limit: int = DEFAULT_LIMIT) -> RowsReport:
-    """Compare source and destination ``employees`` by emp_id and row hash."""
+    """Compare the source and destination tables by key and row hash."""
     started = time.monotonic()
     missing, extra, different = IdSample(limit), IdSample(limit), IdSample(limit)
     source_rows = dest_rows = 0
     with _databases(settings) as (source, dest):
-        left = _stream(source, ROW_HASHES_SQL, "source")
-        right = _stream(dest, ROW_HASHES_SQL, "destination")
+        table = source_table(source)
+        query = row_hashes_sql(table)
+        left = _stream(source, query, "source")
+        right = _stream(dest, query, "destination")
         with contextlib.closing(left), contextlib.closing(right):
-            for emp_id, src_hash, dst_hash in merge_sorted(left, right):
+            for key, src_hash, dst_hash in merge_sorted(left, right):
                 if src_hash is _ABSENT:
                     dest_rows += 1
-                    extra.add(emp_id)
+                    extra.add(key)
                     continue
                 source_rows += 1
                 if dst_hash is _ABSENT:
-                    missing.add(emp_id)
+                    missing.add(key)
                     continue
                 dest_rows += 1
                 if src_hash != dst_hash:
-                    different.add(emp_id)
-    return RowsReport(source_rows, dest_rows, missing, extra, different, time.monotonic() - started)
+                    different.add(key)
+    return RowsReport(
+        source_rows, dest_rows, missing, extra, different, time.monotonic() - started, table.key.name
+    )
 
 
 def check_events(settings: Settings, *, limit: int = DEFAULT_LIMIT) -> EventsReport:
@@ -312,7 +333,7 @@ def check_events(settings: Settings, *, limit: int = DEFAULT_LIMIT) -> EventsRep
     outbox_rows = processed_rows = extra_dlq = 0
     with _databases(settings) as (source, dest):
         left = _stream(source, OUTBOX_IDS_SQL, "source")
-        right = _stream(dest, PROCESSED_IDS_SQL, "destination")
+        right = _stream(dest, records.DECIDED_IDS, "destination")
         with contextlib.closing(left), contextlib.closing(right):
             for action_id, in_outbox, outcome in merge_sorted(left, right):
                 if outcome is not _ABSENT:
