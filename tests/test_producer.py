@@ -28,7 +28,7 @@ from cdc.errors import LeadershipLost
 from cdc.kafka.client import admin_client
 from cdc.runtime.db import Database
 from cdc.runtime.stats import process_cpu_seconds
-from cdc.source.outbox import LOCK_CLASS, LOCK_ID, Cursor, Leadership, Outbox
+from cdc.source.outbox import LOCK_CLASS, LOCK_ID, Cursor, Outbox, ProducerSession
 from employee import ChangeEvent
 
 pytestmark = [pytest.mark.integration, pytest.mark.daemon]
@@ -415,8 +415,8 @@ def test_cursor_update_is_fenced_by_the_lock(clean_source):
     """The cursor is written on the session that holds the lock: a producer whose session is gone
     (and so its lock, now another's) cannot move it, nor can anyone move it backwards."""
     insert_employees(clean_source, 3)
-    first = Leadership(clean_source, "emp_records_cdc")
-    second = Leadership(clean_source, "emp_records_cdc")
+    first = ProducerSession(clean_source, "emp_records_cdc")
+    second = ProducerSession(clean_source, "emp_records_cdc")
     try:
         assert first.try_acquire()
         last = first.fetch(Cursor(), 10).last

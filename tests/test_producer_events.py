@@ -18,7 +18,7 @@ from support import connect, execute, query, source_database
 from cdc.errors import BadMessageError, LeadershipLost
 from cdc.local.paths import SETUP_SOURCE_SQL
 from cdc.runtime.db import Database
-from cdc.source.outbox import Cursor, Leadership, Outbox
+from cdc.source.outbox import Cursor, Outbox, ProducerSession
 from employee import ChangeEvent, InvalidEventError
 
 pytestmark = pytest.mark.integration
@@ -110,12 +110,12 @@ def reference(url: str) -> list[tuple[bytes, bytes | None]]:
 
 
 def fetch_all(url: str) -> list[tuple[str, str, float | None, bool]]:
-    leader = Leadership(url, "emp_records_cdc")
+    session = ProducerSession(url, "emp_records_cdc")
     try:
-        assert leader.try_acquire()
-        return leader.fetch(Cursor(), 10_000).rows
+        assert session.try_acquire()
+        return session.fetch(Cursor(), 10_000).rows
     finally:
-        leader.close()
+        session.close()
 
 
 def assert_same_events(url: str) -> int:
@@ -215,16 +215,16 @@ def test_rows_the_contract_refuses_are_not_vouched_for(service_env):
 def test_a_failed_statement_keeps_the_session_and_a_lost_session_is_lost_leadership(service_env):
     with source_database(service_env["SOURCE_DB_URL"], "cdc_events_session") as url:
         execute(url, "INSERT INTO employees (first_name) VALUES ('x')")
-        leader = Leadership(url, "emp_records_cdc")
+        session = ProducerSession(url, "emp_records_cdc")
         try:
-            assert leader.try_acquire()
+            assert session.try_acquire()
             with pytest.raises(BadMessageError, match="LIMIT must not be negative"):  # classified
-                leader.fetch(Cursor(), -1)
-            assert leader.held
-            assert len(leader.fetch(Cursor(), 10).rows) == 1
-            execute(url, "SELECT pg_terminate_backend(%s)", (leader.pid,))
+                session.fetch(Cursor(), -1)
+            assert session.held
+            assert len(session.fetch(Cursor(), 10).rows) == 1
+            execute(url, "SELECT pg_terminate_backend(%s)", (session.pid,))
             with pytest.raises(LeadershipLost, match="the lock connection failed"):
-                leader.fetch(Cursor(), 10)
-            assert not leader.held
+                session.fetch(Cursor(), 10)
+            assert not session.held
         finally:
-            leader.close()
+            session.close()

@@ -20,7 +20,7 @@ import pytest
 from support import connect, execute, query, scalar, source_database, wait_until
 
 from cdc.runtime.db import Database
-from cdc.source.outbox import Cursor, Leadership, Outbox
+from cdc.source.outbox import Cursor, Outbox, ProducerSession
 
 pytestmark = pytest.mark.integration
 
@@ -245,12 +245,12 @@ def test_fetched_dob_is_iso_text_whatever_the_datestyle(service_env):
             "INSERT INTO employees (first_name, dob) SELECT 'x', d::date FROM unnest(%s::text[]) AS d",
             (DATES,),
         )
-        leader = Leadership(url, "emp_records_cdc")
+        session = ProducerSession(url, "emp_records_cdc")
         try:
-            assert leader.try_acquire()
-            assert [json.loads(value)["dob"] for _, value, _, _ in leader.fetch(Cursor(), 10).rows] == DATES
+            assert session.try_acquire()
+            assert [json.loads(value)["dob"] for _, value, _, _ in session.fetch(Cursor(), 10).rows] == DATES
             # After something set the session's DateStyle: still ISO.
-            leader._conn.cursor().execute("SET DateStyle = 'SQL, DMY'")
-            assert [json.loads(value)["dob"] for _, value, _, _ in leader.fetch(Cursor(), 10).rows] == DATES
+            session._conn.cursor().execute("SET DateStyle = 'SQL, DMY'")
+            assert [json.loads(value)["dob"] for _, value, _, _ in session.fetch(Cursor(), 10).rows] == DATES
         finally:
-            leader.close()
+            session.close()

@@ -1,6 +1,7 @@
 """The destination side in SQL: apply a batch of change events in the caller's transaction.
 
-One statement per batch, whatever its size (``apply_events``). The batch travels as one JSON
+One statement per batch, whatever its size (``apply_events``), built once from the destination
+table's catalog description (``Statements.build``). The batch travels as one JSON
 parameter (psycopg2 quotes a list element by element, which cost more than the statement); in
 the statement, set-based:
 
@@ -8,18 +9,18 @@ the statement, set-based:
    duplicate, skipped. A dead-lettered id comes back to life only when the operator replays it
    from the DLQ. A duplicate whose ``captured_at`` differs from the one recorded means the
    source handed the id out again: ``ActionIdReusedError`` (the transaction rolls back).
-2. ``emp_versions``: the version guard. The newest new event per emp_id wins only if its
-   action_id is above the last one applied to that emp_id, deletes included (the row stays as a
-   tombstone).
-3. ``employees``: the winners are written, deletes and upserts each in one sub-statement.
+2. The version table (``emp_versions``): the guard. The newest new event per key wins only if
+   its action_id is above the last one applied to that key, deletes included (the row stays as
+   a tombstone).
+3. The table: the winners are written, deletes and upserts each in one sub-statement.
 4. ``processed_events``: every new action_id is recorded with its outcome, ``applied`` for the
-   winners and ``stale`` for the rest (they lost the guard or a newer event of the same emp_id
+   winners and ``stale`` for the rest (they lost the guard or a newer event of the same key
    superseded them in the batch). Only what was written counts as applied.
 
 Steps 1 and 2 decide from the statement's snapshot; the writes then check that they did what
 the snapshot said: a row the snapshot lacks goes in with a plain INSERT (a unique violation if
 another transaction added it meanwhile), a row it has is updated only if still older
-(``ON CONFLICT ... WHERE``, counted). An id or emp_id that another transaction decided in
+(``ON CONFLICT ... WHERE``, counted). An id or key that another transaction decided in
 between (only a second consumer on the same destination can) makes the batch a
 ``TransientError``: it rolls back, and its retry sees that decision.
 

@@ -1,10 +1,10 @@
-"""producer.py: publish every change captured in ``emp_records_cdc`` to Kafka, missing none.
+"""The producer daemon (``producer.py``): publish every change captured in ``emp_records_cdc`` to Kafka, missing none.
 
 One batch at a time:
 
 1. read the next rows after the cursor, behind the xid horizon, each already a change event keyed
-   by emp_id: PostgreSQL builds the JSON (``cdc/capture.py``), employee.py checks only the rows
-   the schema cannot vouch for;
+   by its primary key: PostgreSQL builds the JSON from the table's catalog description
+   (``cdc.source.outbox``), and the event model checks only the rows the schema cannot vouch for;
 2. produce each, ``poll(0)`` after each;
 3. flush: every message must be acknowledged (no failed delivery report), otherwise the batch is
    read and sent again;
@@ -72,7 +72,7 @@ from cdc.runtime.stats import (
     RETRIES,
     Stats,
 )
-from cdc.source.outbox import Batch, Cursor, Leadership, Outbox
+from cdc.source.outbox import Batch, Cursor, Outbox, ProducerSession
 
 log = logging.getLogger("producer")
 kafka_log = logging.getLogger("producer.kafka")
@@ -142,7 +142,7 @@ class ChangeProducer:
             application_name="cdc-producer",
         )
         self.outbox = Outbox(self.db)
-        self.leader = Leadership(
+        self.session = ProducerSession(
             settings.source_db_url,
             settings.notify_channel,
             statement_timeout_ms=settings.statement_timeout_ms,
@@ -215,7 +215,7 @@ class ChangeProducer:
         while self.stop.running:
             self.probe.beat()
             try:
-                if self.leader.try_acquire():
+                if self.session.try_acquire():
                     self.cursor = self.outbox.load_cursor()
                     self.outbox.check_horizon(self.cursor)
                     self._set_cursor_stats()
@@ -261,7 +261,7 @@ class ChangeProducer:
         attempt = 0
         while self.stop.running:
             self.probe.beat()
-            if not self.leader.held and not self._lead():
+            if not self.session.held and not self._lead():
                 break
             try:
                 published = self._step()
@@ -274,7 +274,7 @@ class ChangeProducer:
                 if self.once and self._once_done():
                     log.info("caught up (--once): stopping")
                     break
-                self.leader.wait(self.settings.poll_interval, self._wakeup_fd)
+                self.session.wait(self.settings.poll_interval, self._wakeup_fd)
                 self._tick()
                 self._pace()
             except (TransientError, DeliveryError) as exc:
@@ -315,19 +315,19 @@ class ChangeProducer:
     def _step(self) -> int:
         """Publish one batch and store the cursor. Returns the number of rows published."""
         self._fetched_at = time.monotonic()
-        batch = self.leader.fetch(self.cursor, self.settings.producer_batch_size)
+        batch = self.session.fetch(self.cursor, self.settings.producer_batch_size)
         rows = batch.rows
         if not rows:
             return 0
         assert self.publisher is not None
-        invalid = check_rows(batch, self.leader.codec)
+        invalid = check_rows(batch, self.session.codec)
         topic = self.settings.cdc_topic
         # The mark tells the consumer an invalid message is ours, so its action_id is real.
         mark = [(MARK_HEADER, MARK_VALUE)]
         self.publisher.send((topic, key, value, mark) for key, value, _, _ in rows)
         acked_at = time.time()
         new = batch.last
-        pruned = self.leader.advance(new, len(rows), prune=self.settings.prune)
+        pruned = self.session.advance(new, len(rows), prune=self.settings.prune)
         self.cursor = new
         self.stats.incr(PUBLISHED, len(rows))
         self.stats.incr(BATCHES)
@@ -344,13 +344,13 @@ class ChangeProducer:
     def _check_leadership(self) -> None:
         """After a failed batch: if the lock connection died too, the lock must be taken again."""
         try:
-            self.leader.check()
+            self.session.check()
         except LeadershipLost as exc:
             self._lose_leadership(exc)
 
     def _lose_leadership(self, exc: LeadershipLost) -> None:
         log.warning("no longer the active producer: %s; trying to take the lock again", exc)
-        self.leader.close()
+        self.session.close()
         self.stats.set(ACTIVE, 0)
 
     def _set_cursor_stats(self) -> None:
@@ -417,7 +417,7 @@ class ChangeProducer:
         self.probe.set_ready("stopping")
         if self.publisher is not None:
             self.publisher.close()
-        self.leader.close()
+        self.session.close()
         if self.metrics is not None:
             self.metrics.stop()
         self.db.close()
@@ -496,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
 def reset_cursor(settings: Settings, mode: str) -> int:
     """``--reset-cursor``: under the producer lock, so no active producer can race it."""
     db = Database(settings.source_db_url, application_name="cdc-producer-reset")
-    leader = Leadership(
+    session = ProducerSession(
         settings.source_db_url,
         settings.notify_channel,
         application_name="cdc-producer-reset",
@@ -505,14 +505,14 @@ def reset_cursor(settings: Settings, mode: str) -> int:
     outbox = Outbox(db)
     try:
         outbox.check_schema()
-        if not leader.try_acquire():
+        if not session.try_acquire():
             raise CDCError(
                 "another producer is active (it holds the producer lock): stop every producer first"
             )
-        assert leader.pid is not None
-        done = outbox.reset_cursor(mode == "end", lock_pid=leader.pid)
+        assert session.pid is not None
+        done = outbox.reset_cursor(mode == "end", lock_pid=session.pid)
     finally:
-        leader.close()
+        session.close()
         db.close()
     log.info(
         "cursor reset to the %s: was txid=%d action_id=%d, now txid=%d action_id=%d;"

@@ -45,7 +45,7 @@ SNAPSHOT_LOCK_TIMEOUT = "10s"
 # The outbox is a queue: its statistics lag behind (a fresh backlog has none), and a planner
 # that guesses few rows picks a full scan and a sort per batch. The (txid, action_id) index is
 # always right for the outbox queries, so say so: per transaction on a pooled connection (here),
-# for the whole session on the producer's own (``Leadership``).
+# for the whole session on the producer's own (``ProducerSession``).
 _INDEX_ONLY = "SET LOCAL enable_seqscan = off; SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off"
 
 # The event JSON and its key, built by PostgreSQL from the table's description (``Table``):
@@ -113,7 +113,7 @@ def checked_sql(table: Table) -> sql.Composed:
 
 @dataclass(frozen=True)
 class Statement:
-    """A statement of the hot path, prepared once on the producer's own session (``Leadership``):
+    """A statement of the hot path, prepared once on the producer's own session (``ProducerSession``):
     no parse or plan per batch, and a short EXECUTE on the wire."""
 
     name: str
@@ -279,9 +279,9 @@ class Backlog:
 
 @dataclass(frozen=True)
 class Batch:
-    """The next outbox rows as Kafka messages, in cursor order (``Leadership.fetch``).
+    """The next outbox rows as Kafka messages, in cursor order (``ProducerSession.fetch``).
 
-    Each row: key (emp_id as text), value (the event JSON), captured_at (epoch seconds, for the
+    Each row: key (the primary key as text), value (the event JSON), captured_at (epoch seconds, for the
     latency stats) and ``checked`` (False: employee.py must look at it, see ``_CHECKED``).
     """
 
@@ -453,7 +453,7 @@ class Outbox:
         return count, first, last
 
 
-class Leadership:
+class ProducerSession:
     """The active producer's own session: it holds the advisory lock, LISTENs on the channel, and
     runs the hot path (``fetch``, ``advance``) as prepared statements.
 
@@ -611,7 +611,7 @@ class Leadership:
             self._conn = None
 
     def __repr__(self) -> str:
-        return f"Leadership({redact_url(self.dsn)}, pid={self.pid})"
+        return f"ProducerSession({redact_url(self.dsn)}, pid={self.pid})"
 
 
 def _first_line(exc: BaseException) -> str:
