@@ -1,11 +1,13 @@
-"""A realistic write load on the source ``employees`` table: ``python -m cdc workload``.
+"""A realistic write load on the source table: ``python -m cdc workload``.
 
-Each writer is a thread with its own connections. A transaction holds 1..N changes drawn from a
-weighted mix: single and bulk INSERTs, UPDATEs of one row or a range, DELETEs, INSERTs that
-re-use the emp_id of a deleted row, emp_id changes (``SET emp_id = nextval(...)``, captured as a
-DELETE plus an INSERT), and "transfers" that update two rows in random order, so writers
-deadlock now and then. Values include NULLs, empty strings, non-ASCII text, quotes and names of
-exactly 100 characters.
+The table is read from the catalog at start (``cdc.model.table``) and every statement and value
+is derived from it. Each writer is a thread with its own connections. A transaction holds 1..N
+changes drawn from a weighted mix: single and bulk INSERTs, UPDATEs of one row or a range,
+DELETEs, INSERTs that re-use the key of a deleted row, key changes (``SET key = nextval(...)``,
+captured as a DELETE plus an INSERT; only when the key has a sequence), and "transfers" that
+update two rows in random order, so writers deadlock now and then. Values follow each column's
+kind and include NULLs, empty strings, non-ASCII text, quotes, text at the column's length limit
+and the extremes of integer types.
 
 Every writer also opens a long transaction now and then, on a second connection, which writes a
 little, stays open while its writer commits ``long_span`` ordinary transactions, then commits:
@@ -28,9 +30,10 @@ import random
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date, timedelta
+from typing import Any
 
 import psycopg2
 import psycopg2.errorcodes
@@ -39,6 +42,7 @@ from psycopg2 import sql
 from psycopg2.extras import execute_values
 
 from cdc.errors import CDCError, ConfigError
+from cdc.model.table import SOURCE_TABLE, Column, Kind, Table
 from cdc.runtime.db import CONNECT_TIMEOUT, KEEPALIVES
 from cdc.runtime.settings import redact_url
 from cdc.runtime.signals import backoff_delay
@@ -56,26 +60,23 @@ DELETED_POOL_MAX = 1000
 NULL_CHANCE = 0.08
 EMPTY_CHANCE = 0.02
 MAX_LENGTH_CHANCE = 0.02
-EXTREME_SALARY_CHANCE = 0.01
-TEXT_MAX = 100
+EXTREME_INTEGER_CHANCE = 0.01
+LONG_TEXT = 100  # the "longest" text of a column without a length limit
+INTEGER_TYPICAL = (20_000, 250_000)  # most integers, within the column type's range
 
-FIRST_NAMES = (
+# One vocabulary for every text column: non-ASCII, several scripts, quotes, a backslash, an emoji.
+WORDS = (
     "Ada", "Grace", "Alan", "Edsger", "Barbara", "Zoë", "José", "Łukasz", "Søren", "Chloé",
     "Nguyễn", "Иван", "Ольга", "美咲", "太郎", "Αλέξανδρος", "محمد", "אברהם", "Siobhán", "D'Arcy",
     "Jean-Luc", "Ana María", "Björk", "Çağla", "Åsa", "Nnamdi", "Priyā", "Ewa 🌻",
-)  # fmt: skip
-LAST_NAMES = (
     "Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "O'Brien", "Müller", "García Márquez",
     "Kowalski", "Ødegaard", "Dvořák", "Zhang", "Иванова", "山田", "Nakamura", "Papadopoulos",
     "van der Berg", "Smith, Jr.", 'Quote "Q" Quinn', "Back\\slash", "Núñez", "Şahin", "Þórsdóttir",
-)  # fmt: skip
-CITIES = (
     "London", "Zürich", "São Paulo", "Kraków", "Reykjavík", "Москва", "東京", "Ciudad de México",
     "Århus", "New York", "Île-de-France", "Αθήνα", "القاهرة", "Tel Aviv-Yafo", "Łódź", "Nuuk",
 )  # fmt: skip
-COLUMNS = ("first_name", "last_name", "dob", "city", "salary")
-DOB_FIRST = date(1940, 1, 1)
-DOB_DAYS = (date(2006, 12, 31) - DOB_FIRST).days
+DATE_FIRST = date(1940, 1, 1)
+DATE_DAYS = (date(2006, 12, 31) - DATE_FIRST).days
 
 # Why a transaction was rolled back, by SQLSTATE; anything else is a bug.
 ROLLBACK_REASONS = {
@@ -88,38 +89,11 @@ ROLLBACK_REASONS = {
 # Connection classes: 08 connection exception, 57P0x server shutting down / not yet accepting.
 _CONNECTION_CODES = ("57P01", "57P02", "57P03")
 
-INSERT_SQL = "INSERT INTO employees (first_name, last_name, dob, city, salary) VALUES %s RETURNING emp_id"
-REUSE_SQL = (
-    "INSERT INTO employees (emp_id, first_name, last_name, dob, city, salary)"
-    " VALUES (%s, %s, %s, %s, %s, %s) RETURNING emp_id"
-)
-# SKIP LOCKED: take the next row nobody is writing, so ordinary operations do not queue up.
-PICK_ONE = "SELECT emp_id FROM employees WHERE emp_id >= %s ORDER BY emp_id LIMIT 1 FOR UPDATE SKIP LOCKED"
-UPDATE_RANGE_SQL = (
-    "UPDATE employees SET city = %s WHERE emp_id IN ("
-    " SELECT emp_id FROM employees WHERE emp_id >= %s ORDER BY emp_id LIMIT %s FOR UPDATE SKIP LOCKED"
-    ") RETURNING emp_id"
-)
-DELETE_SQL = f"DELETE FROM employees WHERE emp_id = ({PICK_ONE}) RETURNING emp_id"
-ID_CHANGE_SQL = f"""
-WITH old AS ({PICK_ONE})
-UPDATE employees e SET emp_id = nextval(pg_get_serial_sequence('employees', 'emp_id'))
-  FROM old WHERE e.emp_id = old.emp_id
-RETURNING old.emp_id, e.emp_id
-"""
-# No SKIP LOCKED: two of these in opposite order in two writers is a deadlock. Rows this
-# writer's own long transaction holds are excluded: waiting on them would wait on itself.
-TRANSFER_SQL = """
-UPDATE employees SET salary = %s
- WHERE emp_id = (SELECT emp_id FROM employees WHERE emp_id >= %s AND emp_id <> ALL(%s)
-                  ORDER BY emp_id LIMIT 1)
-RETURNING emp_id
-"""
-
-
 # Rows one operation changes (at most), where that is more than one.
 ROWS_PER_OPERATION = {"bulk_insert": (5, 30), "update_range": (2, 10), "transfer": (2, 2)}
 OPERATIONS = ("insert", "bulk_insert", "update", "update_range", "transfer", "delete", "reuse", "id_change")
+# The statement each operation runs, where its name differs.
+_STATEMENT = {"bulk_insert": "insert"}
 # Transfers wait on row locks; a long transaction must not hold its writer up, so it has none.
 LONG_OPERATIONS = ("insert", "update", "delete", "reuse", "id_change")
 
@@ -134,8 +108,8 @@ class Mix:
     update_range: int = 5  # one UPDATE of 2..10 neighbouring rows
     transfer: int = 5  # two rows updated in random order, waiting on locks
     delete: int = 12
-    reuse: int = 6  # INSERT with the emp_id of a deleted row
-    id_change: int = 4  # UPDATE employees SET emp_id = nextval(...)
+    reuse: int = 6  # INSERT with the key of a deleted row
+    id_change: int = 4  # SET key = nextval(...): only when the key has a sequence
     max_statements: int = 5  # an ordinary transaction holds 1..max_statements operations
     long_every: int = 20  # about one transaction in this many also opens a long one (0: never)
     long_span: int = 8  # a long transaction stays open while its writer commits this many
@@ -167,12 +141,12 @@ def check_local(url: str) -> None:
             pass
         raise ConfigError(
             f"SOURCE_DB_URL host {host} is not this machine; the workload writes random rows into "
-            "employees, so it only runs against local databases (--allow-remote to override)"
+            f"{SOURCE_TABLE}, so it only runs against local databases (--allow-remote to override)"
         )
 
 
 class _Shared:
-    """What the writers share: the change budget, the highest emp_id seen, deleted emp_ids."""
+    """What the writers share: the change budget, the highest key seen, deleted keys."""
 
     def __init__(self, max_changes: int | None, max_id: int, stop: threading.Event) -> None:
         self._lock = threading.Lock()
@@ -196,15 +170,22 @@ class _Shared:
         with self._lock:
             self.max_id = max(self.max_id, *ids)
 
+    def new_keys(self, n: int) -> list[int]:
+        """``n`` keys above every key seen (for a key without a sequence)."""
+        with self._lock:
+            first = self.max_id + 1
+            self.max_id += n
+        return list(range(first, first + n))
+
     def deleted(self, ids: list[int]) -> None:
         with self._lock:
             self._deleted.extend(ids)
 
     def reused(self, ids: list[int]) -> None:
         with self._lock:
-            for emp_id in ids:
+            for key in ids:
                 with contextlib.suppress(ValueError):
-                    self._deleted.remove(emp_id)
+                    self._deleted.remove(key)
 
     def pick_deleted(self, rng: random.Random, exclude: set[int]) -> int | None:
         # Not removed until the re-insert commits: two writers may race for one id, and the
@@ -214,6 +195,125 @@ class _Shared:
         return rng.choice(candidates) if candidates else None
 
 
+class _Statements:
+    """Every statement of the workload, built from the table and rendered once at start.
+
+    An operation the table cannot do has None: ``update_range`` without a text column,
+    ``transfer`` without an integer one, ``id_change`` without a sequence behind the key.
+    """
+
+    def __init__(self, table: Table, serial: bool, conn: psycopg2.extensions.connection) -> None:
+        key = table.key
+        if key.kind is not Kind.INTEGER:
+            raise ConfigError(
+                f"the workload needs an integer primary key; {table.name}.{key.name} is {key.type}"
+            )
+        if not table.values:
+            raise ConfigError(f"the workload needs a column besides the key in {table.name}")
+        self.table = table
+        self.key = key
+        self.values = table.values
+        self.serial = serial  # else the workload picks new keys itself
+        t, k = table.ident, key.ident
+        self.range_column = next((c for c in self.values if c.kind is Kind.TEXT), None)
+        self.transfer_column = next((c for c in self.values if c.kind is Kind.INTEGER), None)
+        # SKIP LOCKED: take the next row nobody is writing, so ordinary operations do not queue up.
+        self.pick_one = sql.SQL(
+            "SELECT {k} FROM {t} WHERE {k} >= %s ORDER BY {k} LIMIT 1 FOR UPDATE SKIP LOCKED"
+        ).format(k=k, t=t)
+        self._updates: dict[tuple[int, ...], str] = {}
+
+        self.max_key = sql.SQL("SELECT coalesce(max({k}), 0) FROM {t}").format(k=k, t=t).as_string(conn)
+        inserted = self.values if serial else (key, *self.values)
+        self.insert = (
+            sql.SQL("INSERT INTO {t} ({c}) VALUES %s RETURNING {k}")
+            .format(t=t, c=_names(inserted), k=k)
+            .as_string(conn)
+        )
+        self.reuse = (
+            sql.SQL("INSERT INTO {t} ({k}, {c}){o} VALUES ({p}) RETURNING {k}")
+            .format(
+                t=t,
+                k=k,
+                c=_names(self.values),
+                o=sql.SQL(" OVERRIDING SYSTEM VALUE" if key.identity else ""),
+                p=sql.SQL(", ").join([sql.Placeholder()] * (1 + len(self.values))),
+            )
+            .as_string(conn)
+        )
+        self.delete = (
+            sql.SQL("DELETE FROM {t} WHERE {k} = ({pick}) RETURNING {k}")
+            .format(t=t, k=k, pick=self.pick_one)
+            .as_string(conn)
+        )
+        self.update_range: str | None = None
+        if self.range_column is not None:
+            self.update_range = (
+                sql.SQL(
+                    "UPDATE {t} SET {c} = %s WHERE {k} IN ("
+                    " SELECT {k} FROM {t} WHERE {k} >= %s ORDER BY {k} LIMIT %s FOR UPDATE SKIP LOCKED"
+                    ") RETURNING {k}"
+                )
+                .format(t=t, c=self.range_column.ident, k=k)
+                .as_string(conn)
+            )
+        # No SKIP LOCKED: two of these in opposite order in two writers is a deadlock. Rows this
+        # writer's own long transaction holds are excluded: waiting on them would wait on itself.
+        self.transfer: str | None = None
+        if self.transfer_column is not None:
+            self.transfer = (
+                sql.SQL(
+                    "UPDATE {t} SET {c} = %s WHERE {k} = (SELECT {k} FROM {t} WHERE {k} >= %s"
+                    " AND {k} <> ALL(%s) ORDER BY {k} LIMIT 1) RETURNING {k}"
+                )
+                .format(t=t, c=self.transfer_column.ident, k=k)
+                .as_string(conn)
+            )
+        self.id_change: str | None = None
+        if serial:
+            # An identity column GENERATED ALWAYS takes only DEFAULT (its sequence's next value).
+            new = (
+                sql.SQL("DEFAULT")
+                if key.identity
+                else sql.SQL("nextval(pg_get_serial_sequence({t}, {n}))").format(
+                    t=sql.Literal(t.as_string(conn)), n=sql.Literal(key.name)
+                )
+            )
+            self.id_change = (
+                sql.SQL(
+                    "WITH old AS ({pick}) UPDATE {t} e SET {k} = {new} FROM old WHERE e.{k} = old.{k}"
+                    " RETURNING old.{k}, e.{k}"
+                )
+                .format(pick=self.pick_one, t=t, k=k, new=new)
+                .as_string(conn)
+            )
+
+    def update(self, columns: tuple[int, ...], cur: psycopg2.extensions.cursor) -> str:
+        """UPDATE of the value columns at these indexes (ascending), of one row picked at a key."""
+        statement = self._updates.get(columns)
+        if statement is None:
+            sets = sql.SQL(", ").join(sql.SQL("{} = %s").format(self.values[i].ident) for i in columns)
+            statement = (
+                sql.SQL("UPDATE {t} SET {s} WHERE {k} = ({pick}) RETURNING {k}")
+                .format(t=self.table.ident, s=sets, k=self.key.ident, pick=self.pick_one)
+                .as_string(cur)
+            )
+            self._updates[columns] = statement
+        return statement
+
+
+def _names(columns: tuple[Column, ...]) -> sql.Composable:
+    return sql.SQL(", ").join(c.ident for c in columns)
+
+
+def _has_sequence(cur: psycopg2.extensions.cursor, table: Table) -> bool:
+    """Whether a sequence (serial or identity) gives the key its values."""
+    cur.execute(
+        "SELECT pg_get_serial_sequence(%s, %s) IS NOT NULL", (table.ident.as_string(cur), table.key.name)
+    )
+    return bool(cur.fetchone()[0])  # type: ignore[index]
+
+
 class _Tx:
     """What one transaction did, counted in the stats only if it commits."""
 
@@ -221,7 +321,7 @@ class _Tx:
         self.counts: Counter[str] = Counter()
         self.deleted: list[int] = []
         self.reused: list[int] = []
-        self.locked: set[int] = set()  # emp_ids whose rows this transaction holds
+        self.locked: set[int] = set()  # keys of the rows this transaction holds
 
 
 class _Writer(threading.Thread):
@@ -393,7 +493,11 @@ class _Writer(threading.Thread):
         return self.rng.randint(1, max(1, self.wl.shared.max_id))
 
     def _op_insert(self, cur: psycopg2.extensions.cursor, tx: _Tx, n: int) -> None:
-        ids = [r[0] for r in execute_values(cur, INSERT_SQL, [self._row() for _ in range(n)], fetch=True)]
+        statements = self.wl.statements
+        rows = [self._row() for _ in range(n)]
+        if not statements.serial:
+            rows = [(key, *row) for key, row in zip(self.wl.shared.new_keys(n), rows, strict=True)]
+        ids = [r[0] for r in execute_values(cur, statements.insert, rows, fetch=True)]
         self.wl.shared.saw_ids(ids)
         tx.locked.update(ids)
         tx.counts["insert"] += len(ids)
@@ -403,47 +507,49 @@ class _Writer(threading.Thread):
     _op_bulk_insert = _op_insert
 
     def _op_update(self, cur: psycopg2.extensions.cursor, tx: _Tx, n: int) -> None:
-        columns = self.rng.sample(COLUMNS, self.rng.randint(1, len(COLUMNS)))
-        row = dict(zip(COLUMNS, self._row(), strict=True))
-        query = sql.SQL("UPDATE employees SET {} WHERE emp_id = ({}) RETURNING emp_id").format(
-            sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(c)) for c in columns),
-            sql.SQL(PICK_ONE),
-        )
-        cur.execute(query, [row[c] for c in columns] + [self._pivot()])
+        values = self.wl.statements.values
+        chosen = tuple(sorted(self.rng.sample(range(len(values)), self.rng.randint(1, len(values)))))
+        params = [self._value(values[i]) for i in chosen]
+        cur.execute(self.wl.statements.update(chosen, cur), [*params, self._pivot()])
         self._count(cur, tx, "update")
 
     def _op_update_range(self, cur: psycopg2.extensions.cursor, tx: _Tx, n: int) -> None:
-        cur.execute(UPDATE_RANGE_SQL, (self._text(CITIES), self._pivot(), n))
+        statements = self.wl.statements
+        assert statements.update_range is not None and statements.range_column is not None
+        cur.execute(statements.update_range, (self._value(statements.range_column), self._pivot(), n))
         self._count(cur, tx, "update")
 
     def _op_transfer(self, cur: psycopg2.extensions.cursor, tx: _Tx, n: int) -> None:
+        statements = self.wl.statements
+        assert statements.transfer is not None and statements.transfer_column is not None
         own = sorted(self.long.locked) if self.long is not None else []
         for _ in range(n):
-            cur.execute(TRANSFER_SQL, (self.rng.randint(20_000, 250_000), self._pivot(), own))
+            cur.execute(statements.transfer, (self._typical(statements.transfer_column), self._pivot(), own))
             self._count(cur, tx, "update")
 
     def _op_delete(self, cur: psycopg2.extensions.cursor, tx: _Tx, n: int) -> None:
-        cur.execute(DELETE_SQL, (self._pivot(),))
+        cur.execute(self.wl.statements.delete, (self._pivot(),))
         tx.deleted += self._count(cur, tx, "delete")
 
     def _op_reuse(self, cur: psycopg2.extensions.cursor, tx: _Tx, n: int) -> None:
         own = self.long.locked if self.long is not None else set()
-        emp_id = self.wl.shared.pick_deleted(self.rng, own | tx.locked)
-        if emp_id is None:
+        key = self.wl.shared.pick_deleted(self.rng, own | tx.locked)
+        if key is None:
             self._op_insert(cur, tx, 1)
             return
-        cur.execute(REUSE_SQL, (emp_id, *self._row()))
+        cur.execute(self.wl.statements.reuse, (key, *self._row()))
         tx.reused += self._count(cur, tx, "reuse")
 
     def _op_id_change(self, cur: psycopg2.extensions.cursor, tx: _Tx, n: int) -> None:
-        cur.execute(ID_CHANGE_SQL, (self._pivot(),))
+        assert self.wl.statements.id_change is not None
+        cur.execute(self.wl.statements.id_change, (self._pivot(),))
         for old_id, new_id in cur.fetchall():
             self.wl.shared.saw_ids([new_id])
             tx.deleted.append(old_id)
             tx.locked.update((old_id, new_id))
             tx.counts["id_change"] += 1
             tx.counts["changes"] += 1
-            tx.counts["events"] += 2  # captured as DELETE of the old id plus INSERT of the new one
+            tx.counts["events"] += 2  # captured as DELETE of the old key plus INSERT of the new one
 
     def _count(self, cur: psycopg2.extensions.cursor, tx: _Tx, kind: str) -> list[int]:
         ids = [r[0] for r in cur.fetchall()]
@@ -455,29 +561,50 @@ class _Writer(threading.Thread):
 
     # --- values ------------------------------------------------------------------------------
 
-    def _text(self, choices: tuple[str, ...]) -> str | None:
-        roll = self.rng.random()
-        if roll < NULL_CHANCE:
-            return None
-        if roll < NULL_CHANCE + EMPTY_CHANCE:
-            return ""
-        value = self.rng.choice(choices)
-        if roll < NULL_CHANCE + EMPTY_CHANCE + MAX_LENGTH_CHANCE:
-            value = (value + " ") * (TEXT_MAX // (len(value) + 1) + 1)
-            return value[:TEXT_MAX]
-        return value
+    def _row(self) -> tuple[Any, ...]:
+        """A value for every written column but the key."""
+        return tuple(self._value(c) for c in self.wl.statements.values)
 
-    def _row(self) -> tuple[str | None, str | None, date | None, str | None, int | None]:
-        rng = self.rng
-        dob = None if rng.random() < NULL_CHANCE else DOB_FIRST + timedelta(days=rng.randint(0, DOB_DAYS))
-        roll = rng.random()
-        if roll < NULL_CHANCE:
-            salary = None
-        elif roll < NULL_CHANCE + EXTREME_SALARY_CHANCE:
-            salary = rng.choice((-(2**31), 0, 2**31 - 1))
-        else:
-            salary = rng.randint(20_000, 250_000)
-        return (self._text(FIRST_NAMES), self._text(LAST_NAMES), dob, self._text(CITIES), salary)
+    def _value(self, column: Column) -> Any:
+        return _VALUES[column.kind](self, column)
+
+    def _integer(self, column: Column) -> int | None:
+        roll = self.rng.random()
+        if roll < NULL_CHANCE and not column.not_null:
+            return None
+        if NULL_CHANCE <= roll < NULL_CHANCE + EXTREME_INTEGER_CHANCE:
+            assert column.range is not None
+            return self.rng.choice((column.range[0], 0, column.range[1]))
+        return self._typical(column)
+
+    def _typical(self, column: Column) -> int:
+        assert column.range is not None
+        lo, hi = column.range
+        return self.rng.randint(max(lo, INTEGER_TYPICAL[0]), min(hi, INTEGER_TYPICAL[1]))
+
+    def _text(self, column: Column) -> str | None:
+        roll = self.rng.random()
+        if roll < NULL_CHANCE and not column.not_null:
+            return None
+        if NULL_CHANCE <= roll < NULL_CHANCE + EMPTY_CHANCE:
+            return ""
+        value = self.rng.choice(WORDS)
+        longest = column.length or LONG_TEXT
+        if NULL_CHANCE + EMPTY_CHANCE <= roll < NULL_CHANCE + EMPTY_CHANCE + MAX_LENGTH_CHANCE:
+            value = (value + " ") * (longest // (len(value) + 1) + 1)
+        return value[:longest]
+
+    def _date(self, column: Column) -> date | None:
+        if self.rng.random() < NULL_CHANCE and not column.not_null:
+            return None
+        return DATE_FIRST + timedelta(days=self.rng.randint(0, DATE_DAYS))
+
+
+_VALUES: dict[Kind, Callable[[_Writer, Column], Any]] = {
+    Kind.INTEGER: _Writer._integer,
+    Kind.TEXT: _Writer._text,
+    Kind.DATE: _Writer._date,
+}
 
 
 def _rollback_reason(exc: psycopg2.Error) -> str | None:
@@ -492,11 +619,11 @@ def _rollback_reason(exc: psycopg2.Error) -> str | None:
 
 
 class Workload:
-    """Writers changing the source ``employees`` until stopped, out of time or out of budget.
+    """Writers changing the source table until stopped, out of time or out of budget.
 
     ``run(duration)`` blocks; ``start()`` / ``stop()`` run it in the background (the fault suite
     does that while it kills things). ``stats.get_stats()`` counts, for committed transactions
-    only: ``changes`` (rows changed), ``events`` (outbox rows they made: an emp_id change makes
+    only: ``changes`` (rows changed), ``events`` (outbox rows they made: a key change makes
     two), ``insert`` / ``update`` / ``delete`` / ``reuse`` / ``id_change``, ``transactions``,
     ``long_transactions``; and ``rolled_back`` (``rolled_back_<reason>``), ``reconnects``,
     ``commit_unknown`` (a commit cut off by a lost connection, which makes ``events`` a guess).
@@ -537,6 +664,7 @@ class Workload:
         self.started = 0.0
         self.elapsed = 0.0
         self.shared: _Shared
+        self.statements: _Statements
         self._threads: list[_Writer] = []
         self._error: BaseException | None = None
         self._error_lock = threading.Lock()
@@ -563,8 +691,11 @@ class Workload:
         """Connect every writer (raising CDCError if the source is unreachable), then start them."""
         try:
             with contextlib.closing(self.connect()) as conn, conn.cursor() as cur:
-                cur.execute("SELECT coalesce(max(emp_id), 0) FROM employees")
+                table = Table.load(cur, SOURCE_TABLE)
+                self.statements = _Statements(table, _has_sequence(cur, table), conn)
+                cur.execute(self.statements.max_key)
                 max_id = cur.fetchone()[0]
+            self._drop_impossible()
             self._threads = [_Writer(self, i) for i in range(self.writers)]
             for writer in self._threads:
                 writer.connect()
@@ -584,6 +715,15 @@ class Workload:
             self.seed,
             self.max_changes,
         )
+
+    def _drop_impossible(self) -> None:
+        """Leave out the operations the table cannot do (see ``_Statements``)."""
+        possible = [op for op in OPERATIONS if getattr(self.statements, _STATEMENT.get(op, op)) is not None]
+        self.operations = tuple(op for op in self.operations if op in possible)
+        self.long_operations = tuple(op for op in self.long_operations if op in possible)
+        self.long_every = self.mix.long_every if self.long_operations else 0
+        if not self.operations:
+            raise ConfigError(f"workload: {SOURCE_TABLE} cannot do any operation of the mix {self.mix}")
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the workload stops by itself (budget spent, or a bug) or ``timeout``."""
