@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from cdc.errors import BadMessageError
+from cdc.errors import BadMessageError, ConfigError
 from cdc.model.table import DATE_TEXT, Column, Kind, Table
 
 ACTIONS = ("INSERT", "UPDATE", "DELETE", "SNAPSHOT")
@@ -167,6 +167,12 @@ class Codec:
     def __init__(
         self, table: Table, *, event_type: type[tuple] = Event, row_type: type[tuple] = tuple
     ) -> None:
+        clash = [c.name for c in table.written if c.name in _META]
+        if clash:
+            raise ConfigError(
+                f"{table.schema}.{table.name}.{clash[0]}: a column of this name cannot travel in an event "
+                f"(the event's own fields are {', '.join(_META)})"
+            )
         self.table = table
         self.event_type = event_type
         self.row_type = row_type
