@@ -15,7 +15,7 @@ from cdc.kafka.client import Received
 from cdc.model.event import Codec
 from cdc.runtime.settings import load_settings
 from cdc.sink.batch import Decoded
-from cdc.sink.daemon import _InFlight
+from cdc.sink.inflight import Flight as _InFlight
 from consumer_final import ProductionCDCConsumer, parse_args
 from employee import EMPLOYEES
 
@@ -87,17 +87,17 @@ def test_offsets_refused_during_a_rebalance_stay_pending_until_the_partitions_le
         settings=load_settings(env={"DEST_DB_URL": "postgresql://x@h/db"}, dotenv_path=None)
     )
     consumer._consumer = _RefusingConsumer(code)
-    consumer._owned = {("t", 0), ("t", 1)}
-    consumer._uncommitted = {("t", 0): 10, ("t", 1): 20}
+    consumer.offsets.owned = {("t", 0), ("t", 1)}
+    consumer.offsets.uncommitted = {("t", 0): 10, ("t", 1): 20}
     consumer._commit_pending()
-    assert consumer._uncommitted == {("t", 0): 10, ("t", 1): 20}  # still ours: kept
+    assert consumer.offsets.uncommitted == {("t", 0): 10, ("t", 1): 20}  # still ours: kept
     consumer._commit_pending()
-    assert consumer._uncommitted == {}
+    assert consumer.offsets.uncommitted == {}
 
     consumer._consumer = _RefusingConsumer(code)
-    consumer._uncommitted = {("t", 0): 11, ("t", 1): 21}
+    consumer.offsets.uncommitted = {("t", 0): 11, ("t", 1): 21}
     consumer._on_revoke(consumer._consumer, [TopicPartition("t", 1)])  # the refused commit of t[1]
-    assert consumer._uncommitted == {("t", 0): 11}  # t[1] left: its new owner re-reads
+    assert consumer.offsets.uncommitted == {("t", 0): 11}  # t[1] left: its new owner re-reads
 
 
 class _CommittingConsumer:
@@ -116,7 +116,7 @@ def _consumer_owning(*partitions: int) -> ProductionCDCConsumer:
         settings=load_settings(env={"DEST_DB_URL": "postgresql://x@h/db"}, dotenv_path=None)
     )
     consumer._consumer = _CommittingConsumer()
-    consumer._owned = {("t", p) for p in partitions}
+    consumer.offsets.owned = {("t", p) for p in partitions}
     return consumer
 
 
@@ -130,7 +130,7 @@ def _in_flight(consumer: ProductionCDCConsumer, batch: Decoded, *, error: BaseEx
         done.set_result(None)
     else:
         done.set_exception(error)
-    consumer._in_flight = _InFlight(batch, dict(consumer._epochs), done, time.monotonic())
+    consumer.in_flight.flight = _InFlight(batch, dict(consumer.offsets.epochs), done, time.monotonic())
 
 
 def test_a_revoke_waits_for_the_batch_in_flight_and_commits_it_first():
@@ -138,15 +138,15 @@ def test_a_revoke_waits_for_the_batch_in_flight_and_commits_it_first():
     _in_flight(consumer, Decoded([*_batch(0, range(5, 10)).records, *_batch(1, range(3)).records], [], []))
     consumer._on_revoke(consumer._consumer, [TopicPartition("t", 0)])
     assert consumer._consumer.committed == [("t", 0, 10)]
-    assert consumer._in_flight is None and consumer._uncommitted == {("t", 1): 3}
+    assert consumer.in_flight.flight is None and consumer.offsets.uncommitted == {("t", 1): 3}
 
 
 def test_a_revoke_leaves_a_failed_batch_in_flight_for_the_loop_to_retry():
     consumer = _consumer_owning(0)
     _in_flight(consumer, _batch(0, range(5, 10)), error=TransientError("database restarting"))
     consumer._on_revoke(consumer._consumer, [TopicPartition("t", 0)])
-    assert consumer._consumer.committed == [] and consumer._uncommitted == {}
-    assert consumer._in_flight is not None
+    assert consumer._consumer.committed == [] and consumer.offsets.uncommitted == {}
+    assert consumer.in_flight.flight is not None
 
 
 def test_a_batch_read_before_its_partition_was_lost_moves_no_offset_after_it_came_back():
@@ -156,11 +156,11 @@ def test_a_batch_read_before_its_partition_was_lost_moves_no_offset_after_it_cam
     consumer._on_lost(consumer._consumer, [TopicPartition("t", 0)])
     consumer._on_assign(consumer._consumer, [TopicPartition("t", 0)])
     consumer._await_in_flight()
-    assert consumer._in_flight is None and consumer._uncommitted == {}
+    assert consumer.in_flight.flight is None and consumer.offsets.uncommitted == {}
     # A batch read after it came back counts.
     _in_flight(consumer, _batch(0, range(2, 4)))
     consumer._await_in_flight()
-    assert consumer._uncommitted == {("t", 0): 4}
+    assert consumer.offsets.uncommitted == {("t", 0): 4}
 
 
 def test_breaker_window_zero_never_trips():

@@ -4,25 +4,23 @@
     python consumer_final.py --replay-dlq     # republish the dead-letter topic, then exit
     python consumer_final.py --show-dlq       # print the dead-letter topic with its headers
 
-Each turn of the loop (``ProductionCDCConsumer.run``):
+Each turn of the group loop (``ProductionCDCConsumer.run``):
 
 1. Take up to CONSUMER_BATCH_SIZE messages (see ``_next_messages``) and decode them
-   (``cdc/batch.py``), while the batch before is applied in the worker thread.
-2. Wait for that batch before, count it and note its offsets; hand this one to the worker,
-   which decides it in one destination transaction (``cdc/batch.py``): apply set-based
-   (``cdc/sink.py``), isolate a bad message (halves in savepoints), dead-letter what cannot be
-   applied (produced to the DLQ and acknowledged before the commit: a crash in between re-sends
-   a dead letter at worst, never loses one).
+   (``cdc.sink.batch``), while the batch before is applied in the worker thread
+   (``cdc.sink.inflight``).
+2. Wait for that batch before, count it and note its offsets (``cdc.sink.offsets``); hand this
+   one to the worker, which decides it in one destination transaction (``cdc.sink.batch``): apply
+   set-based (``cdc.sink.statements``), isolate a bad message (halves in savepoints), dead-letter
+   what cannot be applied (produced to the DLQ and acknowledged before the commit: a crash in
+   between re-sends a dead letter at worst, never loses one).
 3. Commit the noted offsets (last + 1 per partition) synchronously: only batches whose
    transaction committed have offsets to commit. A partition revoked meanwhile first waits for
    the batch in flight, then commits what is applied; a lost partition drops its offsets.
 
-At most one batch is in flight, so batches still commit in the order they were read. The
-database call releases the GIL: decoding the next batch costs no time the database is busy.
-
 A transient error (database down, deadlock, DLQ unreachable) rolls the batch back; the
 partitions are paused and the consumer keeps polling, so it stays in its group while it waits
-with capped exponential backoff, then retries the same batch.
+with capped exponential backoff, then retries the same batch (``cdc.sink.retry``).
 """
 
 from __future__ import annotations
@@ -35,13 +33,10 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Sequence
 
 import psycopg2
-from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 
 from cdc.dlq import queue as dlq_module
 from cdc.dlq.queue import CircuitBreaker, DeadLetterQueue
@@ -62,46 +57,55 @@ from cdc.runtime.logs import configure_logging, quiet_repeats
 from cdc.runtime.metrics import CONSUMER, MetricsServer, Probe, histograms
 from cdc.runtime.settings import Settings, load_settings, validate
 from cdc.runtime.signals import StopSignal, backoff_delay
-from cdc.runtime.stats import Stats
+from cdc.runtime.stats import (
+    APPLIED,
+    ASSIGNED,
+    BATCH_LATENCY,
+    BATCHES,
+    CONSUMED,
+    DB_IN_USE,
+    DB_MAX,
+    DLQ,
+    DUPLICATES,
+    E2E_LATENCY,
+    PAUSED,
+    REBALANCE_ASSIGNED,
+    REBALANCE_LOST,
+    REBALANCE_REVOKED,
+    RETRIES,
+    STALE,
+    Stats,
+    p50,
+    p99,
+)
 from cdc.sink import statements as sink
-from cdc.sink.batch import BatchApplier, BatchResult, Decoded, decode
+from cdc.sink.batch import BatchApplier, Decoded
+from cdc.sink.inflight import InFlight
+from cdc.sink.offsets import TP, Offsets
+from cdc.sink.retry import PausedRetry
 
 log = logging.getLogger("consumer")
 KAFKA_LOG = logging.getLogger("consumer.kafka")
 quiet_repeats(KAFKA_LOG)
 
 STATS_KEYS = [
-    "consumed",
-    *(f"applied_{a.lower()}" for a in ACTIONS),
-    "duplicates",
-    "stale",
-    "dlq",
-    "retries",
-    "batches",
-    "batch_latency_p50_ms",
-    "batch_latency_p99_ms",
-    "e2e_latency_p50_ms",
-    "e2e_latency_p99_ms",
+    CONSUMED,
+    *(APPLIED + a.lower() for a in ACTIONS),
+    DUPLICATES,
+    STALE,
+    DLQ,
+    RETRIES,
+    BATCHES,
+    p50(BATCH_LATENCY),
+    p99(BATCH_LATENCY),
+    p50(E2E_LATENCY),
+    p99(E2E_LATENCY),
 ]
-# While waiting on a sick database, poll at least this often to stay in the group.
-WAIT_POLL = 0.5
 # The cyclic garbage collector's thresholds for the daemon (see tune_gc).
 GC_THRESHOLDS = (20_000, 20, 20)
 # With a batch in flight, wait this long at most for the next message, so a finished batch's
 # offsets are committed soon after it (consume() cannot also wait for the worker).
 IN_FLIGHT_POLL = 0.005
-
-TP = tuple[str, int]
-
-
-@dataclass
-class _InFlight:
-    """The batch the worker thread is applying, and the assignment its messages were read in."""
-
-    batch: Decoded
-    epochs: dict[TP, int]
-    done: Future[BatchResult]
-    started: float
 
 
 class ProductionCDCConsumer:
@@ -144,18 +148,10 @@ class ProductionCDCConsumer:
         self._dlq: DeadLetterQueue | None = None
         self._metrics: MetricsServer | None = None
         self._lag: LagWatch | None = None
-        self._owned: set[TP] = set()
-        self._paused = False
-        self._uncommitted: dict[TP, int] = {}  # applied in the database, offset not yet committed
-        # Per partition, how often it left this consumer: a message read before it left must not
-        # move the offset after it came back (what it missed in between is not applied).
-        self._epochs: dict[TP, int] = {}
-        self._in_flight: _InFlight | None = None
-        self._worker: ThreadPoolExecutor | None = None
-        for gauge in ("assigned", "paused"):
+        for gauge in (ASSIGNED, PAUSED):
             self.stats.set(gauge, 0)
-        self.stats.set("db_in_use", self.db.in_use)
-        self.stats.set("db_max", s.db_pool_max)
+        self.stats.set(DB_IN_USE, self.db.in_use)
+        self.stats.set(DB_MAX, s.db_pool_max)
         self.applier = BatchApplier(
             self.db,
             dlq=None,
@@ -163,6 +159,15 @@ class ProductionCDCConsumer:
             stats=self.stats,
             max_attempts=s.max_attempts,
             idempotency=enable_idempotency,
+        )
+        self.offsets = Offsets(self.stats)
+        self.in_flight = InFlight(self.applier, self.stats)
+        self.retry = PausedRetry(
+            backoff_max=s.retry_backoff_max,
+            stats=self.stats,
+            probe=self.probe,
+            signal=self.signal,
+            on_resume=self._set_readiness,
         )
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -186,21 +191,23 @@ class ProductionCDCConsumer:
             self.enable_idempotency,
             s.describe(),
         )
+        offsets, in_flight = self.offsets, self.in_flight
         try:
             self._open()
+            decode = self.applier.decode
             while self.running:
                 self.probe.beat()
                 self._commit_pending()
-                epochs = dict(self._epochs)  # the assignment the next messages are read in
+                epochs = dict(offsets.epochs)  # the assignment the next messages are read in
                 batch = self._usable(self._next_messages())
                 if batch:
                     decoded = decode(batch)  # while the batch before applies
                     self._settle()
                     if self.running:  # else the batch before may not be applied: nothing after it is
                         self._start(decoded, epochs)
-                elif self._in_flight is not None and self._in_flight.done.done():
+                elif in_flight.finished():
                     self._settle()
-                self.stats.log_if_due(log, s.stats_interval, STATS_KEYS, "consumed")
+                self.stats.log_if_due(log, s.stats_interval, STATS_KEYS, CONSUMED)
                 if self._dlq is not None:
                     self._dlq.serve()  # an idle publisher's queue grows with every broker outage
             self._settle()  # stopping: finish the batch in flight; _close commits its offsets
@@ -219,7 +226,8 @@ class ProductionCDCConsumer:
         delays every change by the whole timeout; the fetched queue fills full batches under load.
         """
         s = self.settings
-        timeout = s.consume_timeout if self._in_flight is None else min(s.consume_timeout, IN_FLIGHT_POLL)
+        idle = self.in_flight.flight is None
+        timeout = s.consume_timeout if idle else min(s.consume_timeout, IN_FLIGHT_POLL)
         messages = self._consumer.consume(1, timeout)
         if messages and s.consumer_batch_size > 1:
             messages += self._consumer.consume(s.consumer_batch_size - 1, 0)
@@ -239,9 +247,9 @@ class ProductionCDCConsumer:
         ensure_topics(s, admin_client(s))
         if self.enable_dlq:
             self._dlq = self.applier.dlq = DeadLetterQueue(s)
-        self._lag = LagWatch(s, self.stats, lambda: set(self._owned))
+        self._lag = LagWatch(s, self.stats, lambda: set(self.offsets.owned))
         self._lag.start()
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cdc-apply")
+        self.in_flight.open()
         self._consumer = Consumer(
             consumer_config(s, **{"client.id": f"cdc-consumer-{s.consumer_group_id}"}),
             logger=KAFKA_LOG,
@@ -258,6 +266,8 @@ class ProductionCDCConsumer:
             try:
                 with self.db.connection() as conn, conn.cursor() as cur:
                     missing = sink.missing_tables(cur)
+                if not missing:
+                    self.applier.load_table()  # the statements and event checks, from the catalog
                 break
             except TransientError as exc:
                 self.probe.set_ready(f"destination unreachable: {exc}")
@@ -280,9 +290,7 @@ class ProductionCDCConsumer:
         if self._lag is not None:
             self._lag.stop()
             self._lag = None
-        if self._worker is not None:
-            self._worker.shutdown()
-            self._worker = None
+        self.in_flight.close()
         if self._consumer is not None:
             self._commit_pending()
             self._consumer.close()  # leaves the group; revoke callbacks commit nothing new
@@ -294,7 +302,7 @@ class ProductionCDCConsumer:
         if self._metrics is not None:
             self._metrics.stop()
         uptime = time.monotonic() - self.stats.started
-        rate = self.stats.get("consumed") / uptime if uptime > 0 else 0.0
+        rate = self.stats.get(CONSUMED) / uptime if uptime > 0 else 0.0
         log.info(
             "final statistics: %s",
             self.stats.line(STATS_KEYS, {"uptime_s": round(uptime, 1), "rate": f"{rate:.1f}/s"}),
@@ -303,8 +311,8 @@ class ProductionCDCConsumer:
     # -- rebalance callbacks (run inside consume()) ----------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._owned.update((tp.topic, tp.partition) for tp in partitions)
-        self._rebalanced("assigned")
+        self.offsets.assign((tp.topic, tp.partition) for tp in partitions)
+        self._rebalanced(REBALANCE_ASSIGNED)
         log.info("partitions assigned: %s", _names(partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -313,33 +321,27 @@ class ProductionCDCConsumer:
         # in flight included once it has committed.
         self._await_in_flight()
         self._commit_pending(only=gone)
-        self._forget(gone)
-        self._rebalanced("revoked")
+        self.offsets.forget(gone)
+        self._rebalanced(REBALANCE_REVOKED)
         log.info("partitions revoked: %s", _names(partitions))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # The partitions already belong to someone else: committing now could move their offsets.
-        self._forget({(tp.topic, tp.partition) for tp in partitions})
-        self._rebalanced("lost")
+        self.offsets.forget({(tp.topic, tp.partition) for tp in partitions})
+        self._rebalanced(REBALANCE_LOST)
         log.warning("partitions lost (not committed; the new owner re-reads them): %s", _names(partitions))
 
     def _rebalanced(self, event: str) -> None:
-        self.stats.incr(f"rebalance_{event}")
-        self.stats.set("assigned", len(self._owned))
+        self.stats.incr(event)
+        self.stats.set(ASSIGNED, len(self.offsets.owned))
         if self._lag is not None:
             self._lag.poke()
         self._set_readiness()
 
     def _set_readiness(self) -> None:
-        if self._paused:
+        if self.retry.paused:
             return  # the outage's reason stays until the partitions resume
-        self.probe.set_ready(None if self._owned else "no partitions assigned")
-
-    def _forget(self, gone: set[TP]) -> None:
-        self._owned -= gone
-        for tp in gone:
-            self._uncommitted.pop(tp, None)
-            self._epochs[tp] = self._epochs.get(tp, 0) + 1
+        self.probe.set_ready(None if self.offsets.owned else "no partitions assigned")
 
     # -- the batch -------------------------------------------------------------------------
 
@@ -357,166 +359,51 @@ class ProductionCDCConsumer:
 
     def _start(self, batch: Decoded, epochs: dict[TP, int]) -> None:
         """Hand ``batch``, read in ``epochs``, to the worker thread (nothing is in flight)."""
-        assert self._worker is not None and self._in_flight is None
-        if epochs != self._epochs:
-            batch = batch.only(self._kept(epochs))  # a partition left while the batch before applied
+        if epochs != self.offsets.epochs:
+            batch = batch.only(self.offsets.kept(epochs))  # a partition left while the batch before applied
             if not batch.records:
                 return
-        started = time.monotonic()
-        self._in_flight = _InFlight(batch, epochs, self._worker.submit(self._apply, batch, started), started)
-
-    def _stayed(self, key: TP, epochs: dict[TP, int]) -> bool:
-        """Whether partition ``key``, read in ``epochs``, has stayed with this consumer since."""
-        return key in self._owned and self._epochs.get(key, 0) == epochs.get(key, 0)
-
-    def _kept(self, epochs: dict[TP, int]) -> Callable[[Received], bool]:
-        return lambda msg: self._stayed((msg.topic, msg.partition), epochs)
+        self.in_flight.start(batch, epochs)
 
     def _await_in_flight(self) -> None:
         """Wait for the batch in flight; if it committed, count it and note its offsets.
 
-        A failed one stays in flight for ``_settle`` (a rebalance callback cannot wait out a
-        transient error: that polls the consumer).
+        A failed one stays in flight for ``_settle``.
         """
-        flight = self._in_flight
-        if flight is None or flight.done.exception() is not None:
-            return
-        self._in_flight = None
-        self._applied(flight.batch, flight.epochs)
+        flight = self.in_flight.take_committed()
+        if flight is not None:
+            self._applied(flight.batch, flight.epochs)
 
     def _settle(self) -> None:
         """Wait for the batch in flight and note its offsets; after a transient error wait
         (in the group) and retry it until it commits. Raises what cannot be retried."""
         self._await_in_flight()
-        flight, self._in_flight = self._in_flight, None
+        flight = self.in_flight.take()
         if flight is None:
             return
         try:
             flight.done.result()
         except (TransientError, DeliveryError) as exc:
-            self._retry(flight.batch, flight.epochs, flight.started, exc)
-
-    def _retry(self, batch: Decoded, epochs: dict[TP, int], started: float, exc: BaseException) -> None:
-        """Apply the batch again until it commits, waiting out transient errors."""
-        attempt = 0
-        while True:
-            attempt += 1
-            self.stats.incr("retries")
-            self.stats.incr(f"transient_{exc.kind if isinstance(exc, TransientError) else 'dlq'}")
-            self.probe.set_ready(f"paused, waiting out: {exc}")
-            delay = backoff_delay(attempt, self.settings.retry_backoff_max)
-            log.warning(
-                "transient error, batch of %d rolled back, retry %d in %.1fs: %s",
-                len(batch.records),
-                attempt,
-                delay,
+            started = flight.started
+            done = self.retry.until_applied(
+                self._consumer,
+                flight.batch,
+                self.offsets.kept(flight.epochs),
+                lambda batch: self.in_flight.apply(batch, started),
                 exc,
             )
-            self._wait_in_group(delay)
-            batch = batch.only(self._kept(epochs))
-            if not self.running:
-                return  # nothing committed: these messages are read again
-            if not batch.records:
-                self._resume()  # every partition of the batch moved to another consumer
-                return
-            try:
-                self._apply(batch, started)
-                break
-            except (TransientError, DeliveryError) as again:
-                exc = again
-        self._resume()
-        log.info("destination back after %d retries, partitions resumed", attempt)
-        self._applied(batch, epochs)
+            if done is not None:
+                self._applied(done, flight.epochs)
 
     def _applied(self, batch: Decoded, epochs: dict[TP, int]) -> None:
         """The batch committed: count it and note its offsets for the next commit."""
-        self.stats.incr("batches")
-        last: dict[TP, int] = {}
-        for msg in batch.records:
-            key = (msg.topic, msg.partition)
-            if msg.offset >= last.get(key, -1):
-                last[key] = msg.offset
-        for key, offset in last.items():
-            # A partition that left during the batch is its new owner's to commit.
-            if self._stayed(key, epochs):
-                self._uncommitted[key] = max(self._uncommitted.get(key, 0), offset + 1)
-        log.debug("batch applied messages=%d, offsets to commit %s", len(batch.records), self._uncommitted)
-
-    def _apply(self, batch: Decoded, started: float) -> BatchResult:
-        """Decide and commit ``batch`` (in the worker thread, or in the loop for a retry).
-
-        ``started``: when its first attempt started, for the batch latency.
-        """
-        result = self.applier.apply_decoded(batch)
-        self.stats.observe("batch_latency", time.monotonic() - started)
-        self.stats.observe("batch_messages", len(batch.records))
-        now = datetime.now(UTC)
-        self.stats.observe_many(
-            "e2e_latency",
-            [
-                (now - ev.captured_at).total_seconds()
-                for ev in result.decided_events()
-                if ev.captured_at is not None
-            ],
-        )
-        return result
-
-    def _wait_in_group(self, seconds: float) -> None:
-        """Sleep with the partitions paused, polling so the group keeps this member."""
-        deadline = time.monotonic() + seconds
-        while self.running:
-            self.probe.beat()
-            self._pause_all()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            # Messages can only come from a partition assigned during the wait, before it was
-            # paused: rewind it so they are read again after the wait.
-            rewind: dict[TP, int] = {}
-            for msg in self._consumer.consume(100, min(WAIT_POLL, remaining)):
-                if msg.error() is None:
-                    rewind.setdefault((msg.topic(), msg.partition()), msg.offset())
-            for (topic, partition), offset in rewind.items():
-                self._consumer.seek(TopicPartition(topic, partition, offset))
-
-    def _resume(self) -> None:
-        self._consumer.resume(self._consumer.assignment())
-        self._paused = False
-        self.stats.set("paused", 0)
-        self._set_readiness()
-
-    def _pause_all(self) -> None:
-        assignment = self._consumer.assignment()
-        if assignment:
-            self._consumer.pause(assignment)
-        self._paused = True
-        self.stats.set("paused", 1)
+        self.stats.incr(BATCHES)
+        self.offsets.note(batch, epochs)
 
     def _commit_pending(self, only: set[TP] | None = None) -> None:
-        """Commit applied offsets synchronously; what is refused stays pending and is retried.
-
-        A refusal during a rebalance (REBALANCE_IN_PROGRESS, ILLEGAL_GENERATION, ...) does not
-        mean the partitions moved: cooperative rebalancing keeps most of them here. Only the
-        revoke and lost callbacks drop pending offsets, for the partitions that really left.
-        """
-        todo = {tp: o for tp, o in self._uncommitted.items() if only is None or tp in only}
-        if not todo or self._consumer is None:
-            return
-        offsets = [TopicPartition(t, p, o) for (t, p), o in todo.items()]
-        try:
-            committed = self._consumer.commit(offsets=offsets, asynchronous=False)
-        except KafkaException as exc:
-            self.stats.incr("transient_offset_commit")
-            log.warning("offset commit refused (%s); kept pending, will retry", exc.args[0].str())
-            return
-        for tp in committed or []:
-            key = (tp.topic, tp.partition)
-            if tp.error is None and self._uncommitted.get(key) == tp.offset:
-                del self._uncommitted[key]
-            elif tp.error is not None:
-                log.warning(
-                    "offset commit of %s[%d] failed (%s), will retry", tp.topic, tp.partition, tp.error.str()
-                )
+        """Commit applied offsets (see ``Offsets.commit``)."""
+        if self._consumer is not None:
+            self.offsets.commit(self._consumer, only)
 
 
 def _names(partitions: list[TopicPartition]) -> str:
