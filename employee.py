@@ -96,17 +96,17 @@ class ChangeEvent(NamedTuple):
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> ChangeEvent:
         """Validate a dict (a decoded JSON object or a database row) into an event."""
-        return _CODEC.from_mapping(data)  # type: ignore[no-any-return]
+        return _CODEC.from_mapping(data)
 
     @classmethod
     def from_json(cls, raw: bytes | str | None) -> ChangeEvent:
         """Decode a Kafka message value. Raises InvalidEventError for anything that is not an event."""
-        return _CODEC.from_json(raw)  # type: ignore[no-any-return]
+        return _CODEC.from_json(raw)
 
     @classmethod
     def _from_json_checked(cls, raw: bytes | str | None) -> ChangeEvent:
         """Decode without the fast path: the checks that word every error."""
-        return _CODEC._from_json_checked(raw)  # type: ignore[no-any-return]
+        return _CODEC._from_json_checked(raw)
 
     def to_dict(self) -> dict[str, Any]:
         return _CODEC.to_dict(self)
@@ -124,4 +124,4 @@ _CODEC = Codec(EMPLOYEES, event_type=ChangeEvent, row_type=Employee)
 
 def _from_json_fast(raw: bytes) -> ChangeEvent | None:
     """The model's fast path for an employees event (``Codec.fast``)."""
-    return _CODEC.fast(raw)  # type: ignore[no-any-return]
+    return _CODEC.fast(raw)

@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic
@@ -26,7 +26,7 @@ WAITING_NOTE_EVERY = 10.0
 # SystemError caused by the KafkaException.
 CLIENT_ERRORS = (KafkaException, SystemError)
 
-Headers = list[tuple[str, bytes]]
+Headers = list[tuple[str, str | bytes | None]]
 # The header the producer puts on every message: only such messages may record a dead-lettered
 # action_id, so a stranger's message cannot take a real one.
 MARK_HEADER = "cdc.producer"
@@ -119,8 +119,9 @@ class _Refusals:
 def admin_client(settings: Settings, **extra: object) -> AdminClient:
     """An admin client whose refused connections ``wait_for_broker`` reports at once."""
     refusals = _Refusals()
-    admin = AdminClient({**base_config(settings), "error_cb": refusals, **extra})
-    admin.cdc_refusals = refusals
+    config: dict[str, Any] = {**base_config(settings), "error_cb": refusals, **extra}
+    admin = AdminClient(config)
+    admin.cdc_refusals = refusals  # type: ignore[attr-defined]
     return admin
 
 

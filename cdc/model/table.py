@@ -21,6 +21,7 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from cdc.errors import ConfigError, SchemaMissingError
+from cdc.runtime.db import one_row
 
 # The seed's tables: the replicated table, its outbox on the source and its version guard on the
 # destination (the outbox and the guard are keyed by the table's primary key column).
@@ -87,7 +88,7 @@ class Table:
         column of a type events cannot carry yet.
         """
         cur.execute("SELECT to_regclass(%s)::oid", (name,))
-        (oid,) = cur.fetchone()
+        (oid,) = one_row(cur)
         if oid is None:
             raise SchemaMissingError(f"table {name} does not exist in {_dbname(cur)}")
         cur.execute(_COLUMNS, (oid,))

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,7 @@ from psycopg2 import sql
 from cdc.errors import CDCError, TransientError
 from cdc.kafka.client import consumer_config
 from cdc.model.table import SOURCE_TABLE, Table
-from cdc.runtime.db import Database
+from cdc.runtime.db import Database, one_row
 from cdc.runtime.settings import Settings
 from cdc.sink import records
 
@@ -244,7 +244,7 @@ def _databases(settings: Settings) -> Iterator[tuple[Database, Database]]:
         dest.close()
 
 
-def _stream(db: Database, query: str | sql.Composable, label: str) -> Iterator[tuple[Any, Any]]:
+def _stream(db: Database, query: str | sql.Composable, label: str) -> Generator[tuple[Any, Any], None, None]:
     """(key, value) rows of ``query`` through a read-only server-side cursor."""
     try:
         with db.connection() as conn:
@@ -381,7 +381,7 @@ class LagProbe:
         try:
             with self._source.connection() as conn, conn.cursor() as cur:
                 cur.execute(PENDING_SQL, {"name": PRODUCER_STATE_NAME})
-                return cur.fetchone()[0]
+                return one_row(cur)[0]
         except CDCError as exc:
             raise type(exc)(f"source database {self._source.url}: {exc}") from exc
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import psycopg2
 import psycopg2.errorcodes
@@ -24,7 +25,12 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10
 # Detect a dead server or network within about a minute instead of the kernel's two hours.
-KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
 
 # SQLSTATE classes and codes worth retrying unchanged.
 _TRANSIENT_CLASSES = ("08", "53", "57", "58")  # connection, resources, operator intervention, system
@@ -102,6 +108,14 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
+def one_row(cur: psycopg2.extensions.cursor) -> tuple[Any, ...]:
+    """The row of a statement that always returns exactly one (an aggregate, a RETURNING)."""
+    row = cur.fetchone()
+    if row is None:
+        raise RuntimeError(f"no row from: {cur.query!r}")
+    return row
+
+
 class Database:
     """A pool of connections to one PostgreSQL database."""
 
@@ -167,7 +181,7 @@ class Database:
     def in_use(self) -> int:
         """Connections checked out of the pool now (psycopg2's pool keeps them in ``_used``)."""
         pool = self._pool
-        return len(pool._used) if pool is not None else 0
+        return len(pool._used) if pool is not None else 0  # type: ignore[attr-defined]
 
     @contextmanager
     def connection(self) -> Iterator[psycopg2.extensions.connection]:

@@ -15,6 +15,7 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from cdc.model.table import VERSIONS, Table
+from cdc.runtime.db import one_row
 
 APPLIED, STALE, DLQ = "applied", "stale", "dlq"
 
@@ -25,7 +26,7 @@ DECIDED_IDS = "SELECT action_id, outcome FROM processed_events ORDER BY action_i
 def counts(cur: psycopg2.extensions.cursor) -> tuple[int, int]:
     """How many action_ids are decided, and how many of them were dead-lettered."""
     cur.execute("SELECT count(*), count(*) FILTER (WHERE outcome = 'dlq') FROM processed_events")
-    decided, dead = cur.fetchone()
+    decided, dead = one_row(cur)
     return decided, dead
 
 

@@ -41,6 +41,7 @@ from cdc.errors import (
 from cdc.kafka.client import (
     MARK_HEADER,
     MARK_VALUE,
+    Headers,
     Publisher,
     admin_client,
     ensure_topics,
@@ -323,7 +324,7 @@ class ChangeProducer:
         invalid = check_rows(batch, self.session.codec)
         topic = self.settings.cdc_topic
         # The mark tells the consumer an invalid message is ours, so its action_id is real.
-        mark = [(MARK_HEADER, MARK_VALUE)]
+        mark: Headers = [(MARK_HEADER, MARK_VALUE)]
         self.publisher.send((topic, key, value, mark) for key, value, _, _ in rows)
         acked_at = time.time()
         new = batch.last

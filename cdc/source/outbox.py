@@ -30,7 +30,7 @@ from psycopg2 import sql
 from cdc.errors import CDCError, ConfigError, LeadershipLost, SchemaMissingError, TransientError
 from cdc.model.event import ACTIONS, Codec
 from cdc.model.table import OUTBOX, SOURCE_TABLE, Column, Kind, Table
-from cdc.runtime.db import CONNECT_TIMEOUT, KEEPALIVES, Database, classify
+from cdc.runtime.db import CONNECT_TIMEOUT, KEEPALIVES, Database, classify, one_row
 from cdc.runtime.settings import redact_url
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ coalesce(
 
 def event_sql(table: Table) -> sql.Composed:
     """The expression of an outbox row's event JSON (the outbox has the table's columns)."""
-    parts = [
+    parts: list[sql.Composable] = [
         sql.SQL("""'{"action_id":' || action_id || ',"action":' || coalesce(to_json(action)::text, 'null')""")
     ]
     for column in table.written:
@@ -339,7 +339,7 @@ class Outbox:
         with self.db.connection() as conn, conn.cursor() as cur:
             cur.execute(_INDEX_ONLY)  # a fresh backlog has no statistics: no full scan per check
             cur.execute(_FUTURE)
-            next_xid, future_rows = cur.fetchone()
+            next_xid, future_rows = one_row(cur)
         fix = (
             "stop every producer, then run `producer.py --reset-cursor beginning` (re-publish the outbox) "
             "or `producer.py --reset-cursor end` (skip it; then verify and --snapshot), see USAGE.md"
@@ -366,7 +366,7 @@ class Outbox:
         """
         with self.db.connection() as conn, conn.cursor() as cur:
             cur.execute(_HORIZON)
-            xmin, xmax = cur.fetchone()
+            xmin, xmax = one_row(cur)
             stamp = xmin - 1
             cur.execute(_INDEX_ONLY)
             cur.execute(
@@ -375,14 +375,14 @@ class Outbox:
             restamped = cur.rowcount
             if to_end:
                 cur.execute("SELECT coalesce(max(action_id), 0) FROM emp_records_cdc")
-                new = Cursor(stamp, cur.fetchone()[0])
+                new = Cursor(stamp, one_row(cur)[0])
             else:
                 new = Cursor()
             cur.execute(
                 "SELECT last_txid::text::bigint, last_action_id FROM cdc_producer_state WHERE name = %s",
                 (STATE_NAME,),
             )
-            old = Cursor(*cur.fetchone())
+            old = Cursor(*one_row(cur))
             params = {"txid": new.txid, "action_id": new.action_id, "name": STATE_NAME}
             params.update(lock_class=LOCK_CLASS, lock_id=LOCK_ID, pid=lock_pid)
             cur.execute(_RESET, params)
@@ -394,13 +394,13 @@ class Outbox:
                 " FROM emp_records_cdc",
                 params,
             )
-            behind, ahead = cur.fetchone()
+            behind, ahead = one_row(cur)
         return CursorReset(old, new, restamped, stamp, behind, ahead)
 
     def backlog(self, after: Cursor) -> Backlog:
         with self.db.connection() as conn, conn.cursor() as cur:
             cur.execute(_BACKLOG, {"txid": after.txid, "action_id": after.action_id})
-            rows, held, held_for, oldest = cur.fetchone()
+            rows, held, held_for, oldest = one_row(cur)
         return Backlog(
             rows=rows, held_back=held, held_for=float(held_for or 0.0), oldest_xact_age=float(oldest or 0.0)
         )
@@ -441,7 +441,7 @@ class Outbox:
                 table = Table.load(cur, SOURCE_TABLE)
                 cur.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(table.ident))
                 cur.execute(snapshot_sql(table))
-                count, first, last = cur.fetchone()
+                count, first, last = one_row(cur)
                 cur.execute("SELECT pg_notify(%s, '')", (channel,))
         except TransientError as exc:
             if isinstance(exc.__cause__, psycopg2.errors.LockNotAvailable):
@@ -477,7 +477,7 @@ class ProducerSession:
         self._prepared: set[str] = set()
         self.pid: int | None = None  # backend pid of the lock connection while the lock is held
         self.table: Table | None = None  # the source table, read from the catalog when the lock is taken
-        self.codec: Codec | None = None  # the table's events, for rows the fetch cannot vouch for
+        self._codec: Codec | None = None
         self._fetch: Statement | None = None
 
     @property
@@ -501,18 +501,25 @@ class ProducerSession:
                 self._conn.autocommit = True
             with self._conn.cursor() as cur:
                 cur.execute("SELECT pg_try_advisory_lock(%s, %s), pg_backend_pid()", (LOCK_CLASS, LOCK_ID))
-                got, pid = cur.fetchone()
+                got, pid = one_row(cur)
                 if not got:
                     return False
                 cur.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
                 self.table = Table.load(cur, SOURCE_TABLE)
                 self._fetch = fetch_statement(cur, self.table)
-                self.codec = Codec(self.table)
+                self._codec = Codec(self.table)
         except psycopg2.Error as exc:
             self.close()
             raise (classify(exc) or TransientError(str(exc).strip())) from exc
         self.pid = pid
         return True
+
+    @property
+    def codec(self) -> Codec:
+        """The table's events, for rows the fetch cannot vouch for (known once the lock is held)."""
+        if self._codec is None:
+            raise LeadershipLost("the lock is not held")
+        return self._codec
 
     def _session_settings(self) -> list[tuple[str, object]]:
         return [
@@ -580,7 +587,7 @@ class ProducerSession:
             # Arrived with the results of a statement on this session: already read off the socket.
             self._conn.notifies.clear()
             return True
-        fds = [self._conn] if wakeup_fd is None else [self._conn, wakeup_fd]
+        fds: list[Any] = [self._conn] if wakeup_fd is None else [self._conn, wakeup_fd]
         ready, _, _ = select.select(fds, [], [], timeout)
         if wakeup_fd is not None and wakeup_fd in ready:
             _drain(wakeup_fd)
