@@ -5,11 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
-KAFKA_POM = PROJECT_DIR / "services" / "kafka" / "pom.xml"
-KAFKA_LOG4J = PROJECT_DIR / "services" / "kafka" / "log4j2.properties"
-SETUP_SOURCE_SQL = PROJECT_DIR / "setup_db.sql"
-SETUP_DEST_SQL = PROJECT_DIR / "setup_db_with_idempotency.sql"
-SETUP_ROLES_SOURCE_SQL = PROJECT_DIR / "setup_roles_source.sql"
-SETUP_ROLES_DEST_SQL = PROJECT_DIR / "setup_roles_dest.sql"
+# The files cdc.local reads, from the package (pyproject.toml's package-data): links to the project's
+# own files in a checkout, resolved to them, so both ways they are the same paths; copies in a wheel.
+_FILES = Path(__file__).resolve().parent / "files"
+KAFKA_POM = (_FILES / "services" / "kafka" / "pom.xml").resolve()
+KAFKA_LOG4J = (_FILES / "services" / "kafka" / "log4j2.properties").resolve()
+SETUP_SOURCE_SQL = (_FILES / "setup_db.sql").resolve()
+SETUP_DEST_SQL = (_FILES / "setup_db_with_idempotency.sql").resolve()
+SETUP_ROLES_SOURCE_SQL = (_FILES / "setup_roles_source.sql").resolve()
+SETUP_ROLES_DEST_SQL = (_FILES / "setup_roles_dest.sql").resolve()
+PROMETHEUS_CONFIG = (_FILES / "monitoring" / "prometheus" / "prometheus.yml").resolve()
+# The whole monitoring folder (Grafana too) exists only in a checkout.
 MONITORING_DIR = PROJECT_DIR / "monitoring"
-PROMETHEUS_CONFIG = MONITORING_DIR / "prometheus" / "prometheus.yml"
