@@ -40,7 +40,8 @@ QUIET_LOGGERS = (Workload.__module__, verify.__module__, "cdc.kafka")
 def _scalar(url: str, query: str) -> int:
     with contextlib.closing(psycopg2.connect(url, connect_timeout=5)) as conn, conn.cursor() as cur:
         cur.execute(query)
-        return int(cur.fetchone()[0] or 0)
+        row = cur.fetchone()  # an aggregate: always one row
+        return int(row[0] or 0) if row else 0
 
 
 class Progress:

@@ -177,7 +177,8 @@ class KafkaBroker:
 
     def launch(self, cluster_id: str | None = None) -> subprocess.Popen[bytes]:
         """Configure, format if new, and start the JVM; ``_wait_ready`` waits for it."""
-        for port in (self.port, self.controller_port, *([self.sasl_port] if self.secure else [])):
+        secure_ports = [self.sasl_port] if self.secure and self.sasl_port is not None else []
+        for port in (self.port, self.controller_port, *secure_ports):
             if port_open(port):
                 raise ServiceError(
                     f"kafka: port {port} is already in use by another program; "

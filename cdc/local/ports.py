@@ -65,7 +65,8 @@ class Ports:
                 s.bind(("127.0.0.1", 0))
                 socks.append(s)
             ports = [s.getsockname()[1] for s in socks]
-            return cls(*ports[:4], extra=tuple(ports[4:]))
+            kafka, controller, source_pg, dest_pg = ports[:4]
+            return cls(kafka, controller, source_pg, dest_pg, extra=tuple(ports[4:]))
         finally:
             for s in socks:
                 s.close()
