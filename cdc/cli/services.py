@@ -70,7 +70,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     services = _services(args)
     for line in [*services.status_lines(), _prometheus(args).status()]:
         print(line)
-    return exits.OK if services.all_running() else 1
+    return exits.OK if services.all_running() else exits.FAILED
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:

@@ -1,0 +1,1 @@
+"""Local services without Docker (PostgreSQL, Kafka, Prometheus), the demo and the daemon runner."""
