@@ -28,6 +28,7 @@ from cdc.local.runner import Daemon
 from cdc.ops.verify import LagProbe, verify
 from cdc.ops.workload import Mix, Workload
 from cdc.runtime.settings import Settings
+from cdc.sink import records
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,11 @@ class Progress:
         published = _scalar(
             s.source_db_url, "SELECT coalesce(sum(published_total), 0) FROM cdc_producer_state"
         )
-        decided = _scalar(s.dest_db_url, "SELECT count(*) FROM processed_events")
-        dlq = _scalar(s.dest_db_url, "SELECT count(*) FROM processed_events WHERE outcome = 'dlq'")
+        with (
+            contextlib.closing(psycopg2.connect(s.dest_db_url, connect_timeout=5)) as conn,
+            conn.cursor() as cur,
+        ):
+            decided, dlq = records.counts(cur)
         try:
             lag = self.probe.measure()
             lag_text = f"{lag.outbox_pending + lag.total_consumer_lag}"
