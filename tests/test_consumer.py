@@ -30,6 +30,7 @@ from consumer_helpers import (
 from support import end_offsets, query
 
 from cdc.dlq import queue as dlq
+from cdc.dlq.replay import replay_pending
 from cdc.errors import HaltError
 from cdc.kafka.client import admin_client, consumer_config
 from consumer_final import ProductionCDCConsumer
@@ -223,8 +224,8 @@ def test_a_row_the_database_rejects_is_isolated_retried_dead_lettered_and_replay
         assert consumer.stats.get("retries") >= 2
 
     # The constraint is gone (the operator fixed the cause): replay the DLQ and the row applies.
-    assert dlq.replay(s) == 1
-    assert dlq.replay(s) == 0  # the replay group remembers where it stopped
+    assert replay_pending(s) == 1
+    assert replay_pending(s) == 0  # the replay group remembers where it stopped
     with Running(ProductionCDCConsumer(settings=s)) as r:
         r.wait(lambda: outcomes(clean_dest)[25] == "applied", what="the replayed event")
     assert dest_rows(clean_dest)[25][5] == -5

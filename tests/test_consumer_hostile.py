@@ -24,6 +24,7 @@ from consumer_helpers import (
 from support import Daemons, dlq_count, wait_until
 
 from cdc.dlq import queue as dlq
+from cdc.dlq.replay import replay_pending
 from cdc.errors import UnencodableValueError
 from cdc.kafka.client import (
     LETTER_HEADROOM,
@@ -125,7 +126,7 @@ def test_a_dead_letter_keeps_our_mark_and_its_replay_is_recorded(settings, clean
         r.wait(lambda: outcomes(clean_dest).get(41) == "dlq", what="our invalid event recorded")
     [letter] = dlq_messages(settings)
     assert letter["headers"][MARK_HEADER] == "1"
-    assert dlq.replay(s) == 1
+    assert replay_pending(s) == 1
     # The replayed letter fails again; it is still ours, so it goes back to the DLQ as a
     # reconsidered decision, not as an unknown message.
     with Running(ProductionCDCConsumer(settings=s)) as r:

@@ -1,4 +1,5 @@
-"""The dead-letter topic: writing failed messages with their story, reading them, replaying them.
+"""The dead-letter topic: writing failed messages with their story, and reading them (replaying
+them is ``cdc.dlq.replay``).
 
 A dead letter keeps the original key, value and headers untouched; the why travels in more headers:
 
@@ -32,7 +33,7 @@ from datetime import UTC, datetime
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 
 from cdc.errors import DeliveryError, HaltError, ServiceError
-from cdc.kafka.client import Headers, Outgoing, Publisher, Received, consumer_config, producer_config
+from cdc.kafka.client import Headers, Publisher, Received, consumer_config, producer_config
 from cdc.runtime.logs import quiet_repeats
 from cdc.runtime.settings import Settings
 
@@ -199,7 +200,7 @@ def _headers_dict(message: Message) -> dict[str, str]:
     return {k: (v or b"").decode("utf-8", "replace") for k, v in message.headers() or ()}
 
 
-def _assign(consumer: Consumer, topic: str, *, from_committed: bool) -> dict[int, int]:
+def assign_topic(consumer: Consumer, topic: str, *, from_committed: bool) -> dict[int, int]:
     """Assign every partition of ``topic`` (from the group's committed offsets, or from the
     beginning). Returns the end offset of each partition that has something left to read."""
     meta = consumer.list_topics(topic, timeout=10).topics[topic]
@@ -220,7 +221,7 @@ def _assign(consumer: Consumer, topic: str, *, from_committed: bool) -> dict[int
     return todo
 
 
-def _read_until(consumer: Consumer, ends: dict[int, int], limit: int | None) -> Iterator[Message]:
+def read_until(consumer: Consumer, ends: dict[int, int], limit: int | None) -> Iterator[Message]:
     """Messages up to the end offsets taken at start (later arrivals wait for the next run)."""
     todo = dict(ends)
     count = 0
@@ -259,47 +260,6 @@ def target_topic(headers: Headers, default: str) -> str:
     return default
 
 
-def replay(settings: Settings, *, limit: int | None = None) -> int:
-    """Republish DLQ messages to the topic they came from; returns how many.
-
-    Reads with its own group (``<CONSUMER_GROUP_ID>.dlq-replay``) from where the last replay
-    stopped, up to the end of the DLQ as it is now, and commits only after Kafka acknowledged
-    every republished message: a crash replays a few twice, which the sink absorbs.
-    """
-    group = f"{settings.consumer_group_id}.dlq-replay"
-    consumer = Consumer(consumer_config(settings, **{"group.id": group}))
-    publisher = Publisher(
-        producer_config(settings, **{"client.id": group}),
-        logger=KAFKA_LOG,
-        flush_timeout=FLUSH_TIMEOUT,
-    )
-    what = f"replay of {settings.cdc_dlq_topic}"
-    last: dict[int, int] = {}
-
-    def republished() -> Iterator[Outgoing]:
-        for msg in _read_until(consumer, ends, limit):
-            headers = list(msg.headers() or ())
-            source = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
-            last[msg.partition()] = msg.offset()
-            target = target_topic(headers, settings.cdc_topic)
-            yield target, msg.key(), msg.value(), replay_headers(headers, source)
-
-    try:
-        ends = _assign(consumer, settings.cdc_dlq_topic, from_committed=True)
-        count = publisher.send(republished(), what=what)
-        if last:
-            consumer.commit(
-                offsets=[TopicPartition(settings.cdc_dlq_topic, p, o + 1) for p, o in last.items()],
-                asynchronous=False,
-            )
-    except KafkaException as exc:
-        raise DeliveryError(f"{what}: {exc.args[0].str()}") from exc
-    finally:
-        consumer.close()
-    log.info("replayed %d message(s) from %s", count, settings.cdc_dlq_topic)
-    return count
-
-
 def read(settings: Settings, *, limit: int | None = None, **config: object) -> Iterator[Message]:
     """Every DLQ message from the beginning up to its end now, without moving any group's offsets.
 
@@ -310,10 +270,10 @@ def read(settings: Settings, *, limit: int | None = None, **config: object) -> I
     consumer = Consumer(consumer_config(settings, **{"group.id": group, **config}))
     try:
         try:
-            ends = _assign(consumer, settings.cdc_dlq_topic, from_committed=False)
+            ends = assign_topic(consumer, settings.cdc_dlq_topic, from_committed=False)
         except KafkaException as exc:
             raise ServiceError(f"Kafka {settings.kafka_bootstrap_servers}: {exc.args[0].str()}") from exc
-        yield from _read_until(consumer, ends, limit)
+        yield from read_until(consumer, ends, limit)
     finally:
         consumer.close()
 

@@ -1,5 +1,6 @@
 """The DLQ workbench behind ``python -m cdc dlq list|show|replay``: correct dead letters, replay
-them, and learn what the consumer made of the replay. Finding and reading them is ``dlq_letters``.
+them, and learn what the consumer made of the replay. Finding and reading them is
+``cdc.dlq.letters``; planning, sending and auditing a replay is ``cdc.dlq.replay``.
 
 1. ``list`` and ``show`` print a selection; ``show --edit-file`` writes it as an edit file: a JSON
    list of ``{"dlq": "<topic>/<partition>/<offset>", "value": {...}}`` entries (plus, for the
@@ -7,8 +8,7 @@ them, and learn what the consumer made of the replay. Finding and reading them i
 2. ``replay`` plans every selected letter: its original bytes, or the operator's corrected value,
    checked as a change event. ``--dry-run`` prints the plan (a field-by-field diff for edited
    ones, and what the destination would make of it as it stands now) and produces nothing.
-   Otherwise the plan goes through the project's ``Publisher`` with the original headers plus
-   ``cdc.replayed.from``, and every acknowledged message gets an audit line (log and file).
+   Otherwise the plan is sent and audited (``cdc.dlq.replay``).
 3. Replay only republishes; the consumer decides. ``--wait`` reads the decision back:
    ``processed_events`` row of the action_id at the replayed copy's topic/partition/offset says
    applied, stale or dlq; a consumer group whose committed offset passed the copy without such
@@ -17,25 +17,22 @@ them, and learn what the consumer made of the replay. Finding and reading them i
 
 from __future__ import annotations
 
-import getpass
 import json
 import logging
-import os
-import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from cdc.dlq import queue as dlq
 from cdc.dlq.letters import QUIET, Letter, Selection, list_lines, parse_position, read_letters, show_lines
+from cdc.dlq.replay import AuditLog, Planned, Sent, dash, plan, send
 from cdc.errors import CDCError, ConfigError
-from cdc.kafka.client import Headers, Publisher, consumer_config, producer_config
-from cdc.model.event import Codec, InvalidEventError
+from cdc.kafka.client import consumer_config
+from cdc.model.event import Codec
 from cdc.model.table import SOURCE_TABLE, Table
 from cdc.runtime.db import Database
 from cdc.runtime.settings import Settings
@@ -100,125 +97,7 @@ def read_edit_file(path: Path, dlq_topic: str) -> dict[tuple[int, int], Any]:
     return edits
 
 
-# -- 2. the replay plan -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Change:
-    """One difference between a dead letter and its correction: a JSON field, ``(key)`` or ``(value)``."""
-
-    name: str
-    old: Any
-    new: Any
-
-    def line(self) -> str:
-        def show(v: Any) -> str:
-            return "(absent)" if v is _ABSENT else json.dumps(v, ensure_ascii=False)
-
-        return f"{self.name}: {show(self.old)} -> {show(self.new)}"
-
-
-_ABSENT = object()
-
-
-@dataclass(frozen=True)
-class Planned:
-    """What replaying one letter sends, and what can be said about it before it is sent."""
-
-    letter: Letter
-    topic: str
-    key: bytes | None
-    value: bytes | None
-    headers: Headers
-    changes: tuple[Change, ...] = ()  # empty: the original bytes, as they were
-    action_id: int | None = None
-    emp_id: int | None = None
-    invalid: str | None = None  # why the consumer will dead-letter it again
-
-    @property
-    def edited(self) -> bool:
-        return bool(self.changes)
-
-
-def plan(
-    settings: Settings, letters: Sequence[Letter], edits: dict[tuple[int, int], Any], codec: Codec
-) -> list[Planned]:
-    """The messages to send. An edited value must be a valid change event of the table ``codec``
-    describes (ConfigError if not)."""
-    out = []
-    for m in letters:
-        key, value, changes = m.key, m.value, ()
-        where = (m.partition, m.offset)
-        if where in edits and not _unchanged(m, edits[where]):
-            new = edits[where]
-            _check_edit(m, new, codec)
-            value = json.dumps(new, ensure_ascii=False, separators=(",", ":")).encode()
-            key = str(new[codec.key_name]).encode()
-            changes = _diff(m, new) + (
-                (Change("(key)", dlq.text_of(m.key), key.decode()),) if key != m.key else ()
-            )
-        try:
-            event = codec.from_json(value)
-            action_id, emp_id, invalid = event.action_id, codec.key_of(event), None
-        except InvalidEventError as exc:
-            action_id, emp_id, invalid = m.action_id, m.emp_id, str(exc)
-        out.append(
-            Planned(
-                m,
-                dlq.target_topic(m.headers, settings.cdc_topic),
-                key,
-                value,
-                dlq.replay_headers(m.headers, m.position),
-                changes,
-                action_id,
-                emp_id,
-                invalid,
-            )
-        )
-    return out
-
-
-def _unchanged(m: Letter, new: Any) -> bool:
-    """The entry as ``show --edit-file`` wrote it (a value that was not JSON is written as null)."""
-    return new == m.data if m.value_format == "json" else new is None
-
-
-def _check_edit(m: Letter, new: Any, codec: Codec) -> None:
-    where = f"edit of {m.position}"
-    if not isinstance(new, dict):
-        raise ConfigError(f"{where}: the value must be a change event (a JSON object)")
-    try:
-        codec.from_mapping(new)
-    except InvalidEventError as exc:
-        raise ConfigError(f"{where}: {exc}: the consumer would dead-letter it again") from None
-    if m.action_id is not None and new.get("action_id") != m.action_id:
-        raise ConfigError(
-            f"{where}: action_id {m.action_id} must stay (processed_events tracks the change by it)"
-        )
-    old_stamp = m.data.get("captured_at") if isinstance(m.data, dict) else None
-    if _valid_timestamp(old_stamp) and new.get("captured_at") != old_stamp:
-        raise ConfigError(
-            f"{where}: captured_at must stay {old_stamp}: the consumer takes an action_id that comes "
-            "back with another captured_at for a source that went back in time, and stops"
-        )
-
-
-def _valid_timestamp(value: Any) -> bool:
-    try:
-        return isinstance(value, str) and datetime.fromisoformat(value).tzinfo is not None
-    except ValueError:
-        return False
-
-
-def _diff(m: Letter, new: dict[str, Any]) -> tuple[Change, ...]:
-    if not isinstance(m.data, dict) or m.value_format != "json":
-        return (Change("(value)", m.value_text(), new),)
-    names = [*m.data, *(k for k in new if k not in m.data)]
-    return tuple(
-        Change(k, m.data.get(k, _ABSENT), new.get(k, _ABSENT))
-        for k in names
-        if m.data.get(k, _ABSENT) != new.get(k, _ABSENT)
-    )
+# -- 2. the forecast ----------------------------------------------------------------------------
 
 
 def expectations(settings: Settings, plans: Sequence[Planned]) -> dict[str, str]:
@@ -280,7 +159,7 @@ def _dest(settings: Settings) -> Database:
 
 def plan_lines(p: Planned, expected: str | None) -> list[str]:
     lines = [
-        f"{p.letter.position} -> {p.topic}  action_id={_dash(p.action_id)} emp_id={_dash(p.emp_id)}"
+        f"{p.letter.position} -> {p.topic}  action_id={dash(p.action_id)} emp_id={dash(p.emp_id)}"
         + ("  edited" if p.edited else "  as it was")
     ]
     lines += [f"    {c.line()}" for c in p.changes]
@@ -289,112 +168,7 @@ def plan_lines(p: Planned, expected: str | None) -> list[str]:
     return lines
 
 
-def _dash(value: object) -> str:
-    return "-" if value is None else str(value)
-
-
-# -- 3. sending and the audit ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Sent:
-    """A replayed message and where Kafka put it."""
-
-    planned: Planned
-    topic: str
-    partition: int
-    offset: int
-
-    @property
-    def position(self) -> str:
-        return f"{self.topic}/{self.partition}/{self.offset}"
-
-
-def operator() -> str:
-    """Who runs the replay, for the audit: the login name, else the uid."""
-    try:
-        return getpass.getuser()
-    except (OSError, KeyError):
-        return f"uid {os.getuid()}"
-
-
-class AuditLog:
-    """JSON lines, one per replayed message, appended to ``path``; opened before anything is sent."""
-
-    def __init__(self, path: Path, *, note: str | None = None) -> None:
-        self.path = path
-        self.note = note
-        self.user = operator()
-        self.host = socket.gethostname()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = path.open("a", encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot open the audit file {path}: {exc.strerror}") from None
-
-    def record(self, s: Sent) -> None:
-        p = s.planned
-        changed = [c.name for c in p.changes]
-        log.info(
-            "replayed dlq=%s to=%s action_id=%s emp_id=%s edited=%s by=%s",
-            p.letter.position,
-            s.position,
-            _dash(p.action_id),
-            _dash(p.emp_id),
-            ",".join(changed) or "no",
-            self.user,
-        )
-        entry = {
-            "at": datetime.now(UTC).isoformat(),
-            "user": self.user,
-            "host": self.host,
-            "dlq": p.letter.position,
-            "to": s.position,
-            "action_id": p.action_id,
-            "emp_id": p.emp_id,
-            "error_class": p.letter.error_class,
-            "edited": p.edited,
-            "changed": {c.name: [_jsonable(c.old), _jsonable(c.new)] for c in p.changes},
-            "note": self.note,
-        }
-        self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def _jsonable(value: Any) -> Any:
-    return None if value is _ABSENT else value
-
-
-def send(settings: Settings, plans: Sequence[Planned], audit: AuditLog) -> list[Sent]:
-    """Produce every planned message; audit each one Kafka acknowledged, also when others failed."""
-    publisher = Publisher(
-        producer_config(settings, **{"client.id": f"{settings.consumer_group_id}.dlq-workbench", **QUIET}),
-        logger=dlq.KAFKA_LOG,
-        flush_timeout=dlq.FLUSH_TIMEOUT,
-        report_successes=True,
-    )
-    acked: dict[int, Sent] = {}
-
-    def delivered(i: int, msg: Message) -> None:
-        acked[i] = Sent(plans[i], msg.topic(), msg.partition(), msg.offset())
-
-    try:
-        publisher.send(
-            ((p.topic, p.key, p.value, p.headers) for p in plans),
-            what=f"replay from {settings.cdc_dlq_topic}",
-            on_delivered=delivered,
-        )
-    finally:
-        for i in sorted(acked):
-            audit.record(acked[i])
-        publisher.close()
-    return [acked[i] for i in sorted(acked)]
-
-
-# -- 4. what the consumer made of it ----------------------------------------------------------
+# -- 3. what the consumer made of it ----------------------------------------------------------
 
 APPLIED = "applied"
 
@@ -504,7 +278,7 @@ def decide(
     return Decision("unrecorded", "the consumer passed it without recording a decision (--no-idempotency?)")
 
 
-# -- 5. the three commands -------------------------------------------------------------------------
+# -- 4. the three commands -------------------------------------------------------------------------
 
 
 def list_command(
@@ -606,8 +380,8 @@ def replay_command(
     for s in sent:
         p = s.planned
         out(
-            f"replayed {p.letter.position} -> {s.position}  action_id={_dash(p.action_id)} "
-            f"emp_id={_dash(p.emp_id)}"
+            f"replayed {p.letter.position} -> {s.position}  action_id={dash(p.action_id)} "
+            f"emp_id={dash(p.emp_id)}"
             + (f"  edited: {', '.join(c.name for c in p.changes)}" if p.edited else "")
         )
         out(f"    expected: {expected[p.letter.position]}")
@@ -618,7 +392,7 @@ def replay_command(
     decisions = wait_for_decisions(settings, sent, wait)
     for s in sent:
         d = decisions[s.planned.letter.position]
-        out(f"{s.planned.letter.position} action_id={_dash(s.planned.action_id)}: {d.outcome}: {d.detail}")
+        out(f"{s.planned.letter.position} action_id={dash(s.planned.action_id)}: {d.outcome}: {d.detail}")
     applied = sum(d.outcome == APPLIED for d in decisions.values())
     out(f"decided: {applied} of {len(sent)} applied")
     return applied == len(sent)

@@ -34,12 +34,14 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import psycopg2
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from cdc.dlq import queue as dlq_module
 from cdc.dlq.queue import CircuitBreaker, DeadLetterQueue
+from cdc.dlq.replay import replay_pending
 from cdc.errors import (
     CDCError,
     ConfigError,
@@ -436,12 +438,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--env-file", default=".env", help="dotenv file to read (default: .env)")
     tools = p.add_mutually_exclusive_group()
     tools.add_argument(
-        "--replay-dlq", action="store_true", help="republish the DLQ to its original topic, then exit"
+        "--replay-dlq",
+        action="store_true",
+        help="republish the dead letters not replayed yet to their original topic, then exit",
     )
     tools.add_argument(
         "--show-dlq", action="store_true", help="print DLQ messages with headers as JSON lines, then exit"
     )
     p.add_argument("--limit", type=int, help="with --replay-dlq / --show-dlq: at most this many messages")
+    p.add_argument(
+        "--audit-file", help="with --replay-dlq: also append a JSON line per replayed message to this file"
+    )
     return p.parse_args(argv)
 
 
@@ -484,7 +491,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_gc()
     try:
         if args.replay_dlq:
-            dlq_module.replay(settings, limit=args.limit)
+            audit = Path(args.audit_file) if args.audit_file else None
+            replay_pending(settings, limit=args.limit, audit_file=audit)
             return exits.OK
         if args.show_dlq:
             for record in dlq_module.show(settings, limit=args.limit):

@@ -1,0 +1,343 @@
+"""Replaying dead letters: the one path behind ``python -m cdc dlq replay`` and
+``consumer_final.py --replay-dlq``.
+
+1. Plan: each letter is sent as it was (its original bytes), or with the operator's corrected
+   value (``python -m cdc dlq replay --edit-file``), checked as a change event of the table.
+2. Send: to the topic it was consumed from (``cdc.original.topic``) with its original headers plus
+   ``cdc.replayed.from``, through the project's ``Publisher``; Kafka acknowledges each one.
+3. Audit: every acknowledged message gets a log line, and a JSON line in the audit file when
+   there is one, also when others failed.
+
+Which letters: ``dlq replay`` takes a selection (filters, an edit file, ``--all``) read from the
+beginning of the DLQ and keeps no progress; replaying a letter twice is harmless (the second copy
+is a duplicate). ``--replay-dlq`` takes what is new since the last time (``Cursor``): the cursor
+moves past the letters only once Kafka acknowledged every replay, so a crash replays a few twice,
+which the sink absorbs.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+
+from cdc.dlq import queue as dlq
+from cdc.dlq.letters import QUIET, Letter
+from cdc.errors import ConfigError, DeliveryError
+from cdc.kafka.client import Headers, Publisher, consumer_config, producer_config
+from cdc.model.event import Codec, InvalidEventError
+from cdc.runtime.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# The cursor's consumer group: <CONSUMER_GROUP_ID> + this.
+CURSOR_GROUP_SUFFIX = ".dlq-replay"
+
+
+# -- 1. the plan --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Change:
+    """One difference between a dead letter and its correction: a JSON field, ``(key)`` or ``(value)``."""
+
+    name: str
+    old: Any
+    new: Any
+
+    def line(self) -> str:
+        def show(v: Any) -> str:
+            return "(absent)" if v is _ABSENT else json.dumps(v, ensure_ascii=False)
+
+        return f"{self.name}: {show(self.old)} -> {show(self.new)}"
+
+
+_ABSENT = object()
+
+
+@dataclass(frozen=True)
+class Planned:
+    """What replaying one letter sends, and what can be said about it before it is sent."""
+
+    letter: Letter
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+    changes: tuple[Change, ...] = ()  # empty: the original bytes, as they were
+    action_id: int | None = None
+    emp_id: int | None = None
+    invalid: str | None = None  # why the consumer will dead-letter it again
+
+    @property
+    def edited(self) -> bool:
+        return bool(self.changes)
+
+
+def plan(
+    settings: Settings, letters: Sequence[Letter], edits: dict[tuple[int, int], Any], codec: Codec | None
+) -> list[Planned]:
+    """The messages to send. An edited value must be a valid change event of the table ``codec``
+    describes (ConfigError if not). Without a codec (no edits then) nothing is checked: the ids
+    are what the letter's JSON says."""
+    out = []
+    for m in letters:
+        key, value, changes = m.key, m.value, ()
+        where = (m.partition, m.offset)
+        if where in edits and not _unchanged(m, edits[where]):
+            if codec is None:
+                raise ConfigError(f"edit of {m.position}: no table to check the corrected value against")
+            new = edits[where]
+            _check_edit(m, new, codec)
+            value = json.dumps(new, ensure_ascii=False, separators=(",", ":")).encode()
+            key = str(new[codec.key_name]).encode()
+            changes = _diff(m, new) + (
+                (Change("(key)", dlq.text_of(m.key), key.decode()),) if key != m.key else ()
+            )
+        action_id, emp_id, invalid = m.action_id, m.emp_id, None
+        if codec is not None:
+            try:
+                event = codec.from_json(value)
+                action_id, emp_id = event.action_id, codec.key_of(event)
+            except InvalidEventError as exc:
+                invalid = str(exc)
+        out.append(
+            Planned(
+                m,
+                dlq.target_topic(m.headers, settings.cdc_topic),
+                key,
+                value,
+                dlq.replay_headers(m.headers, m.position),
+                changes,
+                action_id,
+                emp_id,
+                invalid,
+            )
+        )
+    return out
+
+
+def _unchanged(m: Letter, new: Any) -> bool:
+    """The entry as ``show --edit-file`` wrote it (a value that was not JSON is written as null)."""
+    return new == m.data if m.value_format == "json" else new is None
+
+
+def _check_edit(m: Letter, new: Any, codec: Codec) -> None:
+    where = f"edit of {m.position}"
+    if not isinstance(new, dict):
+        raise ConfigError(f"{where}: the value must be a change event (a JSON object)")
+    try:
+        codec.from_mapping(new)
+    except InvalidEventError as exc:
+        raise ConfigError(f"{where}: {exc}: the consumer would dead-letter it again") from None
+    if m.action_id is not None and new.get("action_id") != m.action_id:
+        raise ConfigError(
+            f"{where}: action_id {m.action_id} must stay (processed_events tracks the change by it)"
+        )
+    old_stamp = m.data.get("captured_at") if isinstance(m.data, dict) else None
+    if _valid_timestamp(old_stamp) and new.get("captured_at") != old_stamp:
+        raise ConfigError(
+            f"{where}: captured_at must stay {old_stamp}: the consumer takes an action_id that comes "
+            "back with another captured_at for a source that went back in time, and stops"
+        )
+
+
+def _valid_timestamp(value: Any) -> bool:
+    try:
+        return isinstance(value, str) and datetime.fromisoformat(value).tzinfo is not None
+    except ValueError:
+        return False
+
+
+def _diff(m: Letter, new: dict[str, Any]) -> tuple[Change, ...]:
+    if not isinstance(m.data, dict) or m.value_format != "json":
+        return (Change("(value)", m.value_text(), new),)
+    names = [*m.data, *(k for k in new if k not in m.data)]
+    return tuple(
+        Change(k, m.data.get(k, _ABSENT), new.get(k, _ABSENT))
+        for k in names
+        if m.data.get(k, _ABSENT) != new.get(k, _ABSENT)
+    )
+
+
+def dash(value: object) -> str:
+    """A value for a line of text: ``-`` when there is none."""
+    return "-" if value is None else str(value)
+
+
+# -- 2. sending ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sent:
+    """A replayed message and where Kafka put it."""
+
+    planned: Planned
+    topic: str
+    partition: int
+    offset: int
+
+    @property
+    def position(self) -> str:
+        return f"{self.topic}/{self.partition}/{self.offset}"
+
+
+def send(settings: Settings, plans: Sequence[Planned], audit: AuditLog) -> list[Sent]:
+    """Produce every planned message; audit each one Kafka acknowledged, also when others failed.
+    Raises DeliveryError unless Kafka acknowledged all."""
+    publisher = Publisher(
+        producer_config(
+            settings, **{"client.id": f"{settings.consumer_group_id}{CURSOR_GROUP_SUFFIX}", **QUIET}
+        ),
+        logger=dlq.KAFKA_LOG,
+        flush_timeout=dlq.FLUSH_TIMEOUT,
+        report_successes=True,
+    )
+    acked: dict[int, Sent] = {}
+
+    def delivered(i: int, msg: Message) -> None:
+        acked[i] = Sent(plans[i], msg.topic(), msg.partition(), msg.offset())
+
+    try:
+        publisher.send(
+            ((p.topic, p.key, p.value, p.headers) for p in plans),
+            what=f"replay from {settings.cdc_dlq_topic}",
+            on_delivered=delivered,
+        )
+    finally:
+        for i in sorted(acked):
+            audit.record(acked[i])
+        publisher.close()
+    return [acked[i] for i in sorted(acked)]
+
+
+# -- 3. the audit -------------------------------------------------------------------------------
+
+
+def operator() -> str:
+    """Who runs the replay, for the audit: the login name, else the uid."""
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return f"uid {os.getuid()}"
+
+
+class AuditLog:
+    """One log line per replayed message, and a JSON line appended to ``path`` (None: no file).
+    The file is opened here, before anything is sent."""
+
+    def __init__(self, path: Path | None, *, note: str | None = None) -> None:
+        self.path = path
+        self.note = note
+        self.user = operator()
+        self.host = socket.gethostname()
+        self._file: IO[str] | None = None
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = path.open("a", encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(f"cannot open the audit file {path}: {exc.strerror}") from None
+
+    def record(self, s: Sent) -> None:
+        p = s.planned
+        changed = [c.name for c in p.changes]
+        log.info(
+            "replayed dlq=%s to=%s action_id=%s emp_id=%s edited=%s by=%s",
+            p.letter.position,
+            s.position,
+            dash(p.action_id),
+            dash(p.emp_id),
+            ",".join(changed) or "no",
+            self.user,
+        )
+        if self._file is None:
+            return
+        entry = {
+            "at": datetime.now(UTC).isoformat(),
+            "user": self.user,
+            "host": self.host,
+            "dlq": p.letter.position,
+            "to": s.position,
+            "action_id": p.action_id,
+            "emp_id": p.emp_id,
+            "error_class": p.letter.error_class,
+            "edited": p.edited,
+            "changed": {c.name: [_jsonable(c.old), _jsonable(c.new)] for c in p.changes},
+            "note": self.note,
+        }
+        self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _jsonable(value: Any) -> Any:
+    return None if value is _ABSENT else value
+
+
+# -- 4. the cursor of --replay-dlq ------------------------------------------------------------
+
+
+class Cursor:
+    """Where the last ``--replay-dlq`` stopped: the committed offsets of the consumer group
+    ``<CONSUMER_GROUP_ID>.dlq-replay`` on the DLQ topic."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.topic = settings.cdc_dlq_topic
+        self.group = f"{settings.consumer_group_id}{CURSOR_GROUP_SUFFIX}"
+        self._consumer = Consumer(consumer_config(settings, **{"group.id": self.group, **QUIET}))
+        self._next: dict[int, int] = {}  # per DLQ partition, the offset after the last letter read
+
+    def letters(self, limit: int | None = None) -> list[Letter]:
+        """The letters after the cursor up to the end of the DLQ now (at most ``limit``), in
+        the order they were read."""
+        found = []
+        try:
+            ends = dlq.assign_topic(self._consumer, self.topic, from_committed=True)
+            for msg in dlq.read_until(self._consumer, ends, limit):
+                self._next[msg.partition()] = msg.offset() + 1
+                found.append(Letter.of(msg))
+        except KafkaException as exc:
+            raise DeliveryError(f"replay of {self.topic}: {exc.args[0].str()}") from exc
+        return found
+
+    def advance(self) -> None:
+        """Move the cursor past the letters read: call it once their replays are acknowledged."""
+        if not self._next:
+            return
+        offsets = [TopicPartition(self.topic, p, o) for p, o in self._next.items()]
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            raise DeliveryError(f"replay of {self.topic}: {exc.args[0].str()}") from exc
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def replay_pending(settings: Settings, *, limit: int | None = None, audit_file: Path | None = None) -> int:
+    """``consumer_final.py --replay-dlq``: replay, as they are, the letters after the cursor (at
+    most ``limit``), then move the cursor past them. Returns how many were replayed."""
+    audit = AuditLog(audit_file)
+    cursor = Cursor(settings)
+    try:
+        plans = plan(settings, cursor.letters(limit), {}, None)
+        sent = send(settings, plans, audit) if plans else []
+        cursor.advance()
+    finally:
+        cursor.close()
+        audit.close()
+    log.info("replayed %d message(s) from %s", len(sent), settings.cdc_dlq_topic)
+    return len(sent)
