@@ -12,7 +12,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_docker_compose_matches_local_defaults():
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"kafka", "db_source", "db_dst"}
+    # The three services `docker compose up` starts; the daemons come only with their profile.
+    assert {n for n, s in services.items() if "profiles" not in s} == {"kafka", "db_source", "db_dst"}
+    assert {n for n, s in services.items() if "pipeline" in s.get("profiles", ())} == {"producer", "consumer"}
     assert "9092:9092" in services["kafka"]["ports"]
     assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
     assert "5432:5432" in services["db_source"]["ports"]
