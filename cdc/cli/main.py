@@ -14,16 +14,16 @@ import sys
 
 from cdc.cli import demo, dlq, services, top, verify, workload
 from cdc.errors import CDCError
-from cdc.local.paths import PROJECT_DIR
+from cdc.local.paths import WORK_DIR
 from cdc.runtime import exits
 from cdc.runtime.logs import configure_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cdc", description=__doc__.splitlines()[0])
-    parser.add_argument("--home", default=str(PROJECT_DIR / ".cdc"), help="folder for service data and logs")
+    parser.add_argument("--home", default=str(WORK_DIR / ".cdc"), help="folder for service data and logs")
     parser.add_argument(
-        "--env-file", default=str(PROJECT_DIR / ".env"), help=".env file to read (and, for up, to write)"
+        "--env-file", default=str(WORK_DIR / ".env"), help=".env file to read (and, for up, to write)"
     )
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -9,14 +9,14 @@ import subprocess
 from pathlib import Path
 
 from cdc.errors import ServiceError
-from cdc.local.paths import KAFKA_POM, PROJECT_DIR
+from cdc.local.paths import KAFKA_POM, WORK_DIR
 
 log = logging.getLogger(__name__)
 
 
 def kafka_lib_dir() -> Path:
     """Where the resolved broker jars are cached; shared by `make up` and the test fixtures."""
-    return Path(os.environ.get("CDC_KAFKA_LIB") or PROJECT_DIR / ".cdc" / "kafka-lib")
+    return Path(os.environ.get("CDC_KAFKA_LIB") or WORK_DIR / ".cdc" / "kafka-lib")
 
 
 def resolve_kafka_jars(libdir: Path) -> Path:

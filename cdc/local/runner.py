@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from cdc.local.paths import PROJECT_DIR
+from cdc.local.paths import DAEMON_MODULES, IN_CHECKOUT, PROJECT_DIR
 from cdc.runtime.settings import Settings
 
 
@@ -88,7 +88,9 @@ class Daemon:
         self.log_start = 0  # where the latest start's output begins in the log file (bytes)
 
     def command(self) -> list[str]:
-        return [sys.executable, str(PROJECT_DIR / self.script), *self.args]
+        if IN_CHECKOUT or self.script not in DAEMON_MODULES:
+            return [sys.executable, str(PROJECT_DIR / self.script), *self.args]
+        return [sys.executable, "-m", DAEMON_MODULES[self.script], *self.args]
 
     def spawn(self, out: IO[bytes] | int, **env: str) -> subprocess.Popen[bytes]:
         """Start the process with its output (stdout and stderr) going to ``out``."""

@@ -216,6 +216,32 @@ def test_local_services_find_their_files_when_installed(installed):
     assert all(Path(path).is_relative_to(installed.venv) for _, _, path in found), found
 
 
+def test_an_installed_package_works_in_the_current_directory_and_runs_its_daemons_as_modules(installed):
+    """Outside a checkout, the services' folder, .env and the broker jars go under the current
+    directory (not site-packages), and the demo starts the daemons from the package."""
+    code = (
+        "import json, pathlib\n"
+        "from cdc.cli.main import build_parser\n"
+        "from cdc.local import jars, paths\n"
+        "from cdc.local.runner import Daemon\n"
+        "args = build_parser().parse_args(['status'])\n"
+        "daemon = Daemon('consumer_final.py', {}, pathlib.Path('logs'))\n"
+        "print(json.dumps([paths.IN_CHECKOUT, args.home, args.env_file, str(jars.kafka_lib_dir()),"
+        " daemon.command()[1:]]))\n"
+    )
+    proc = _run([installed.bin("python"), "-c", code], cwd=installed.workdir, env=_clean_env())
+    assert proc.returncode == 0, proc.stderr
+    in_checkout, home, env_file, kafka_lib, command = json.loads(proc.stdout)
+    work = installed.workdir.resolve()
+    assert not in_checkout
+    assert (Path(home), Path(env_file), Path(kafka_lib)) == (
+        work / ".cdc",
+        work / ".env",
+        work / ".cdc" / "kafka-lib",
+    )
+    assert command == ["-m", "cdc.sink.daemon"]
+
+
 def _service_env(settings) -> dict[str, str]:
     return _clean_env(
         SOURCE_DB_URL=settings.source_db_url,
