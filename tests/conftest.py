@@ -1,15 +1,21 @@
-"""Session fixtures: real Kafka and PostgreSQL, started once per test session.
+"""Markers by folder, and the session's services with per-test settings and tables.
 
-If SOURCE_DB_URL, DEST_DB_URL and KAFKA_BOOTSTRAP_SERVERS are all set in the environment, those
-services are used as they are. Otherwise the fixtures start a private broker and two private
-PostgreSQL servers on free loopback ports under a temporary folder, and stop them at the end.
-Tests that kill or restart services (marked ``fault``) ask for ``local_services``, which is
-always private.
+Markers: every test under ``integration/`` is marked ``integration``, every test under ``faults/``
+``integration`` and ``fault``; a test under ``unit/`` may carry neither. ``daemon`` (runs
+producer.py / consumer_final.py as subprocesses) and ``prometheus`` (needs promtool and prometheus)
+are set by the tests themselves.
+
+Services: if SOURCE_DB_URL, DEST_DB_URL and KAFKA_BOOTSTRAP_SERVERS are all set in the environment,
+those services are used as they are. Otherwise the fixtures start a private broker and two private
+PostgreSQL servers on free loopback ports under a temporary folder, and stop them at the end. Tests
+that stop, kill or restart services ask for ``local_services`` (through ``private_settings`` or
+``private``), which is always private.
 
 Each test gets its own topic names and consumer group (``settings``, or ``private_settings`` on the
-private services) and empty tables (``clean_source`` / ``clean_dest``), so tests do not leak into
-each other. ``producers`` starts producer.py subprocesses and kills what is left after the test.
-The helpers behind these fixtures are in ``support.py``.
+private services) and empty tables (``clean_source`` / ``clean_dest``, or both with ``private``), so
+tests do not leak into each other. ``producers`` and ``consumers`` start the daemons as
+subprocesses and kill what is left after the test. The helpers behind these fixtures are in
+``tests/support``.
 """
 
 from __future__ import annotations
@@ -19,13 +25,32 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import support
 
 from cdc.local.ports import Ports
 from cdc.local.services import LocalServices
 from cdc.runtime.settings import Settings
+from tests import support
 
 ENV_KEYS = ("SOURCE_DB_URL", "DEST_DB_URL", "KAFKA_BOOTSTRAP_SERVERS")
+TESTS = Path(__file__).resolve().parent
+FOLDER_MARKERS = {"unit": (), "integration": ("integration",), "faults": ("integration", "fault")}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects on them
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        try:
+            folder = item.path.resolve().relative_to(TESTS).parts[0]
+        except ValueError:
+            continue  # not one of this suite's files
+        if folder not in FOLDER_MARKERS:
+            raise pytest.UsageError(f"{item.nodeid}: tests live in {', '.join(FOLDER_MARKERS)}")
+        marks = FOLDER_MARKERS[folder]
+        for name in ("integration", "fault"):
+            if name not in marks and item.get_closest_marker(name):
+                raise pytest.UsageError(f"{item.nodeid}: marked {name} but not in a folder that means it")
+        for name in marks:
+            item.add_marker(name)
 
 
 def _start_private(home: Path) -> LocalServices:
@@ -70,6 +95,16 @@ def private_settings(local_services: LocalServices) -> Settings:
 
 
 @pytest.fixture
+def private(private_settings: Settings, local_services: LocalServices) -> Iterator[Settings]:
+    """``private_settings`` with both databases emptied; whatever the test stopped is started again
+    after it."""
+    support.clean_source(private_settings.source_db_url)
+    support.clean_dest(private_settings.dest_db_url)
+    yield private_settings
+    local_services.up()
+
+
+@pytest.fixture
 def clean_source(service_env: dict[str, str]) -> str:
     """An empty source database (employees, outbox, cursor reset). Returns its URL."""
     return support.clean_source(service_env["SOURCE_DB_URL"])
@@ -86,5 +121,14 @@ def producers(tmp_path: Path) -> Iterator[support.Daemons]:
     """Starts producer.py subprocesses (``producers.start(producer_env(...), *args)``); every one
     is killed at the end of the test."""
     started = support.Daemons("producer.py", tmp_path, wait_timeout=30.0)
+    yield started
+    started.kill_all()
+
+
+@pytest.fixture
+def consumers(tmp_path: Path) -> Iterator[support.Daemons]:
+    """Starts consumer_final.py subprocesses (``consumers.start(consumer_env(...), *args)``); every
+    one is killed at the end of the test."""
+    started = support.Daemons("consumer_final.py", tmp_path)
     yield started
     started.kill_all()

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import pytest
 from psycopg2 import sql
-from support import connect, execute
 
 from cdc.errors import ConfigError, SchemaMissingError
 from cdc.model.event import Codec, InvalidEventError
 from cdc.model.table import Kind, Table
 from cdc.sink.statements import Statements
 from employee import EMPLOYEES
-
-pytestmark = pytest.mark.integration
+from tests.support import connect, execute
 
 
 def _load(url: str, name: str) -> Table:
