@@ -38,8 +38,8 @@ LOAD = {"rate": 150, "writers": 4}  # changes per second, all writers together
 PRODUCER_ACTIVE = "active: holding the producer lock"
 CONSUMER_STARTED = "starting consumer"
 ASSIGNED = "partitions assigned"
-# What each daemon logs when the broker goes away, and the producer when the source does.
-BROKER_DOWN = r"all brokers are down|Connection refused|Disconnected"
+# What each daemon logs (librdkafka's lines) when the broker is gone, and the producer when the source is.
+BROKER_DOWN = r"Connect to \S+ failed: Connection refused"
 SOURCE_DOWN = r"no longer the active producer|batch not published|waiting for source PostgreSQL"
 
 
