@@ -65,8 +65,7 @@ class Letter:
     def of(cls, msg: Message) -> Letter:
         kind, ms = msg.timestamp()
         stamp = datetime.fromtimestamp(ms / 1000, UTC) if kind and ms >= 0 else None
-        where = (msg.topic(), msg.partition(), msg.offset())
-        return cls.parse(where, msg.key(), msg.value(), list(msg.headers() or ()), stamp)
+        return cls.parse(dlq.position(msg), msg.key(), msg.value(), dlq.message_headers(msg), stamp)
 
     @property
     def position(self) -> str:
@@ -75,7 +74,7 @@ class Letter:
     def header(self, name: str) -> str | None:
         for k, v in self.headers:
             if k == name:
-                return None if v is None else v.decode("utf-8", "replace")
+                return None if v is None else dlq.header_text(v)
         return None
 
     @property

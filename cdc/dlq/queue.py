@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -196,8 +196,28 @@ class CircuitBreaker:
             self._kept -= self._batches.popleft()[1]
 
 
+def position(msg: Message) -> tuple[str, int, int]:
+    """A consumed message's topic, partition and offset (one without an error has all three)."""
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    assert topic is not None and partition is not None and offset is not None
+    return topic, partition, offset
+
+
+def message_headers(msg: Message) -> Headers:
+    """A consumed message's headers (a list; None when it has none)."""
+    headers = msg.headers()
+    return list(headers) if isinstance(headers, list) else []
+
+
+def header_text(value: str | bytes | None) -> str:
+    """A header value as text (bytes decoded as UTF-8, replacing what is not)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value or ""
+
+
 def _headers_dict(message: Message) -> dict[str, str]:
-    return {k: (v or b"").decode("utf-8", "replace") for k, v in message.headers() or ()}
+    return {k: header_text(v) for k, v in message_headers(message)}
 
 
 def assign_topic(consumer: Consumer, topic: str, *, from_committed: bool) -> dict[int, int]:
@@ -233,15 +253,17 @@ def read_until(consumer: Consumer, ends: dict[int, int], limit: int | None) -> I
                 log.warning("dlq: nothing more arrived for %.0fs, stopping early", READ_IDLE_TIMEOUT)
                 return
             continue
-        if msg.error():
-            log.warning("dlq read error: %s", msg.error().str())
+        err = msg.error()
+        if err is not None:
+            log.warning("dlq read error: %s", err.str())
             continue
         idle_deadline = time.monotonic() + READ_IDLE_TIMEOUT
-        end = todo.get(msg.partition())
-        if end is None or msg.offset() >= end:
+        _, partition, offset = position(msg)
+        end = todo.get(partition)
+        if end is None or offset >= end:
             continue
-        if msg.offset() + 1 >= end:
-            del todo[msg.partition()]
+        if offset + 1 >= end:
+            del todo[partition]
         count += 1
         yield msg
 
@@ -256,11 +278,11 @@ def target_topic(headers: Headers, default: str) -> str:
     """Where a dead letter is replayed to: the topic it was consumed from (``default`` if unknown)."""
     for k, v in headers:
         if k == H_TOPIC and v:
-            return v.decode("utf-8", "replace")
+            return header_text(v)
     return default
 
 
-def read(settings: Settings, *, limit: int | None = None, **config: object) -> Iterator[Message]:
+def read(settings: Settings, *, limit: int | None = None, **config: object) -> Generator[Message, None, None]:
     """Every DLQ message from the beginning up to its end now, without moving any group's offsets.
 
     ``config`` adds consumer properties. Raises ServiceError if Kafka does not answer, and
@@ -290,10 +312,10 @@ def show(settings: Settings, *, limit: int | None = None) -> Iterator[dict[str, 
         }
 
 
-def text_of(raw: bytes | None) -> str | None:
+def text_of(raw: str | bytes | None) -> str | None:
     """Bytes as text: UTF-8, else ``base64:...``."""
-    if raw is None:
-        return None
+    if raw is None or isinstance(raw, str):
+        return raw
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:

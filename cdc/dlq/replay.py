@@ -91,7 +91,8 @@ def plan(
     are what the letter's JSON says."""
     out = []
     for m in letters:
-        key, value, changes = m.key, m.value, ()
+        key, value = m.key, m.value
+        changes: tuple[Change, ...] = ()
         where = (m.partition, m.offset)
         if where in edits and not _unchanged(m, edits[where]):
             if codec is None:
@@ -205,7 +206,7 @@ def send(settings: Settings, plans: Sequence[Planned], audit: AuditLog) -> list[
     acked: dict[int, Sent] = {}
 
     def delivered(i: int, msg: Message) -> None:
-        acked[i] = Sent(plans[i], msg.topic(), msg.partition(), msg.offset())
+        acked[i] = Sent(plans[i], *dlq.position(msg))
 
     try:
         publisher.send(
@@ -307,7 +308,8 @@ class Cursor:
         try:
             ends = dlq.assign_topic(self._consumer, self.topic, from_committed=True)
             for msg in dlq.read_until(self._consumer, ends, limit):
-                self._next[msg.partition()] = msg.offset() + 1
+                _, partition, offset = dlq.position(msg)
+                self._next[partition] = offset + 1
                 found.append(Letter.of(msg))
         except KafkaException as exc:
             raise DeliveryError(f"replay of {self.topic}: {exc.args[0].str()}") from exc

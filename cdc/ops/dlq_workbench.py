@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg2.extensions
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from cdc.dlq import queue as dlq
@@ -36,6 +37,7 @@ from cdc.model.event import Codec
 from cdc.model.table import SOURCE_TABLE, Table
 from cdc.runtime.db import Database
 from cdc.runtime.settings import Settings
+from cdc.sink import records
 
 log = logging.getLogger(__name__)
 
@@ -107,30 +109,38 @@ def expectations(settings: Settings, plans: Sequence[Planned]) -> dict[str, str]
     """
     if not settings.dest_db_url:
         return {p.letter.position: "unknown (DEST_DB_URL is not set)" for p in plans}
-    ids = [p.action_id for p in plans if p.action_id is not None]
-    emps = [p.emp_id for p in plans if p.emp_id is not None]
     try:
         with _dest(settings) as db, db.connection() as conn, conn.cursor() as cur:
-            cur.execute("SELECT action_id, outcome FROM processed_events WHERE action_id = ANY(%s)", (ids,))
-            decided = dict(cur.fetchall())
-            cur.execute("SELECT emp_id, last_action_id FROM emp_versions WHERE emp_id = ANY(%s)", (emps,))
-            versions = dict(cur.fetchall())
+            decided, versions = _read_decisions(cur, Table.load(cur, SOURCE_TABLE), plans)
     except CDCError as exc:
         return {p.letter.position: f"unknown (destination: {exc})" for p in plans}
     out = {}
     for p in plans:
-        before = decided.get(p.action_id)
+        before = decided[p.action_id][0] if p.action_id in decided else None
         version = versions.get(p.emp_id)
+        expected = (
+            records.expect(p.action_id, before, version) if p.action_id is not None else records.APPLIED
+        )
         if p.invalid:
             what = f"dead-lettered again ({p.invalid})"
-        elif before in ("applied", "stale"):
+        elif expected == "duplicate":
             what = f"duplicate: action_id {p.action_id} was already decided ({before}); nothing changes"
-        elif version is not None and version >= p.action_id:
+        elif expected == records.STALE:
             what = f"stale: emp_id {p.emp_id} is already at action_id {version}; nothing changes"
         else:
             what = "applied, unless the destination rejects the row"
         out[p.letter.position] = what
     return out
+
+
+def _read_decisions(
+    cur: psycopg2.extensions.cursor, table: Table, plans: Iterable[Planned]
+) -> tuple[dict[int, tuple[str, str, int, int]], dict[Any, int]]:
+    """The sink's decisions on the plans' action_ids, and its versions of their keys."""
+    plans = list(plans)
+    ids = [p.action_id for p in plans if p.action_id is not None]
+    keys = [p.emp_id for p in plans if p.emp_id is not None]
+    return records.decisions(cur, ids), records.versions(cur, table, keys)
 
 
 def table_codec(settings: Settings) -> Codec:
@@ -191,9 +201,12 @@ def wait_for_decisions(settings: Settings, sent: Sequence[Sent], timeout: float)
     consumer = Consumer(consumer_config(settings, **{"client.id": "cdc-dlq-workbench", **QUIET}))
     try:
         with _dest(settings) as db:
+            with db.connection() as conn, conn.cursor() as cur:
+                table = Table.load(cur, SOURCE_TABLE)
             while True:
                 committed = _committed(consumer, pending.values())
-                rows, versions = _decisions(db, pending.values())
+                with db.connection() as conn, conn.cursor() as cur:
+                    rows, versions = _read_decisions(cur, table, (s.planned for s in pending.values()))
                 for where, s in list(pending.items()):
                     decision = decide(s, rows, versions, committed)
                     if decision is not None:
@@ -226,46 +239,30 @@ def _committed(consumer: Consumer, sent: Iterable[Sent]) -> dict[tuple[str, int]
     return {(tp.topic, tp.partition): tp.offset for tp in parts if tp.error is None}
 
 
-def _decisions(
-    db: Database, sent: Iterable[Sent]
-) -> tuple[dict[int, tuple[str, str, int, int]], dict[int, int]]:
-    sent = list(sent)
-    ids = [s.planned.action_id for s in sent if s.planned.action_id is not None]
-    emps = [s.planned.emp_id for s in sent if s.planned.emp_id is not None]
-    with db.connection() as conn, conn.cursor() as cur:
-        cur.execute(
-            'SELECT action_id, outcome, topic, "partition", "offset" FROM processed_events'
-            " WHERE action_id = ANY(%s)",
-            (ids,),
-        )
-        rows = {r[0]: r[1:] for r in cur.fetchall()}
-        cur.execute("SELECT emp_id, last_action_id FROM emp_versions WHERE emp_id = ANY(%s)", (emps,))
-        versions = dict(cur.fetchall())
-    return rows, versions
-
-
 def decide(
     s: Sent,
     rows: dict[int, tuple[str, str, int, int]],
-    versions: dict[int, int],
+    versions: dict[Any, int],
     committed: dict[tuple[str, int], int],
 ) -> Decision | None:
     """The decision on ``s``, or None while the consumer has not reached it.
 
     ``rows``: processed_events by action_id (outcome, topic, partition, offset); ``versions``:
-    emp_versions; ``committed``: the consumer group's next offset per (topic, partition).
+    the version table; ``committed``: the consumer group's next offset per (topic, partition).
     """
     p = s.planned
     row = rows.get(p.action_id) if p.action_id is not None else None
     if row is not None and tuple(row[1:]) == (s.topic, s.partition, s.offset):
         outcome = row[0]
-        if outcome == "stale":
+        if outcome == records.STALE:
             return Decision(
-                "stale",
+                records.STALE,
                 f"emp_id {p.emp_id} is at action_id {versions.get(p.emp_id)}, newer: nothing changed",
             )
-        if outcome == "dlq":
-            return Decision("dlq", f"dead-lettered again: `python -m cdc dlq list --action-id {p.action_id}`")
+        if outcome == records.DLQ:
+            return Decision(
+                records.DLQ, f"dead-lettered again: `python -m cdc dlq list --action-id {p.action_id}`"
+            )
         return Decision(outcome, "applied to employees")
     if committed.get((s.topic, s.partition), -1) <= s.offset:
         return None
@@ -352,9 +349,9 @@ def replay_command(
         letters = read_letters(settings, lambda m: (m.partition, m.offset) in edits)
         missing = sorted(edits.keys() - {(m.partition, m.offset) for m in letters})
         if missing:
-            p, o = missing[0]
+            partition, offset = missing[0]
             raise ConfigError(
-                f"edit file {edit_file}: {settings.cdc_dlq_topic}/{p}/{o} is not on the DLQ"
+                f"edit file {edit_file}: {settings.cdc_dlq_topic}/{partition}/{offset} is not on the DLQ"
                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             )
         letters = [m for m in letters if chosen.matches(m)][:limit]

@@ -321,18 +321,15 @@ class MetricsServer:
     def app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
         if path == "/metrics":
-            encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT"))
-            if "name[]" in parse_qs(environ.get("QUERY_STRING", "")):
-                names = parse_qs(environ["QUERY_STRING"])["name[]"]
-                registry = self.registry.restricted_registry(names)
-            else:
-                registry = self.registry
+            encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT") or "")
+            names = parse_qs(environ.get("QUERY_STRING", "")).get("name[]")
+            registry = self.registry.restricted_registry(names) if names else self.registry
             return _reply(start_response, 200, encoder(registry), content_type)
         if path in ("/live", "/ready"):
             ok, reason = self.probe.live() if path == "/live" else self.probe.ready()
             key = path[1:]
-            body = {key: ok} if ok else {key: False, "reason": reason}
-            return _reply(start_response, 200 if ok else 503, json.dumps(body).encode(), "application/json")
+            answer = {key: ok} if ok else {key: False, "reason": reason}
+            return _reply(start_response, 200 if ok else 503, json.dumps(answer).encode(), "application/json")
         if path == "/health":  # the stats as JSON, with both probes (200 while live)
             live, ready = self.probe.live(), self.probe.ready()
             state = {"ok": live[0], "ready": ready[0], "reason": live[1] if not live[0] else ready[1]}

@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 from confluent_kafka import Consumer, Message, TopicPartition
@@ -129,7 +130,7 @@ class ProductionCDCConsumer:
         stop_signal: StopSignal | None = None,
     ) -> None:
         base = settings if settings is not None else load_settings()
-        overrides = {"consumer_group_id": group_id, "consumer_batch_size": batch_size}
+        overrides: dict[str, Any] = {"consumer_group_id": group_id, "consumer_batch_size": batch_size}
         self.settings = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
         validate(self.settings)
         self.enable_dlq = enable_dlq
@@ -193,26 +194,10 @@ class ProductionCDCConsumer:
             self.enable_idempotency,
             s.describe(),
         )
-        offsets, in_flight = self.offsets, self.in_flight
         try:
-            self._open()
-            decode = self.applier.decode
-            while self.running:
-                self.probe.beat()
-                self._commit_pending()
-                epochs = dict(offsets.epochs)  # the assignment the next messages are read in
-                batch = self._usable(self._next_messages())
-                if batch:
-                    decoded = decode(batch)  # while the batch before applies
-                    self._settle()
-                    if self.running:  # else the batch before may not be applied: nothing after it is
-                        self._start(decoded, epochs)
-                elif in_flight.finished():
-                    self._settle()
-                self.stats.log_if_due(log, s.stats_interval, STATS_KEYS, CONSUMED)
-                if self._dlq is not None:
-                    self._dlq.serve()  # an idle publisher's queue grows with every broker outage
-            self._settle()  # stopping: finish the batch in flight; _close commits its offsets
+            consumer = self._open()
+            if consumer is not None:  # else stopped while waiting for the database
+                self._loop(consumer)
         except BaseException as exc:
             self.probe.set_ready(f"stopped: {type(exc).__name__}")
             raise
@@ -220,7 +205,29 @@ class ProductionCDCConsumer:
             self.probe.set_ready("stopping")
             self._close()
 
-    def _next_messages(self) -> list[Message]:
+    def _loop(self, consumer: Consumer) -> None:
+        """The group loop (see the module docstring), until stopped; then the batch in flight
+        is finished (``_close`` commits its offsets)."""
+        s = self.settings
+        offsets, in_flight, decode = self.offsets, self.in_flight, self.applier.decode
+        while self.running:
+            self.probe.beat()
+            offsets.commit(consumer)
+            epochs = dict(offsets.epochs)  # the assignment the next messages are read in
+            batch = self._usable(self._next_messages(consumer))
+            if batch:
+                decoded = decode(batch)  # while the batch before applies
+                self._settle(consumer)
+                if self.running:  # else the batch before may not be applied: nothing after it is
+                    self._start(decoded, epochs)
+            elif in_flight.finished():
+                self._settle(consumer)
+            self.stats.log_if_due(log, s.stats_interval, STATS_KEYS, CONSUMED)
+            if self._dlq is not None:
+                self._dlq.serve()  # an idle publisher's queue grows with every broker outage
+        self._settle(consumer)
+
+    def _next_messages(self, consumer: Consumer) -> list[Message]:
         """Wait up to CONSUME_TIMEOUT (IN_FLIGHT_POLL while a batch is in flight) for one
         message, then take what is already fetched.
 
@@ -230,12 +237,14 @@ class ProductionCDCConsumer:
         s = self.settings
         idle = self.in_flight.flight is None
         timeout = s.consume_timeout if idle else min(s.consume_timeout, IN_FLIGHT_POLL)
-        messages = self._consumer.consume(1, timeout)
+        messages = consumer.consume(1, timeout)
         if messages and s.consumer_batch_size > 1:
-            messages += self._consumer.consume(s.consumer_batch_size - 1, 0)
+            messages += consumer.consume(s.consumer_batch_size - 1, 0)
         return messages
 
-    def _open(self) -> None:
+    def _open(self) -> Consumer | None:
+        """Start everything the loop needs; the consumer subscribed, or None if stopped while
+        waiting for the database."""
         s = self.settings
         port = s.metrics_port_of("consumer")
         if port:
@@ -244,7 +253,7 @@ class ProductionCDCConsumer:
             )
             self._metrics.start()
         if not self._check_schema():
-            return  # stopped while waiting for the database
+            return None
         self.probe.set_ready("joining the consumer group")
         ensure_topics(s, admin_client(s))
         if self.enable_dlq:
@@ -252,13 +261,14 @@ class ProductionCDCConsumer:
         self._lag = LagWatch(s, self.stats, lambda: set(self.offsets.owned))
         self._lag.start()
         self.in_flight.open()
-        self._consumer = Consumer(
+        self._consumer = consumer = Consumer(
             consumer_config(s, **{"client.id": f"cdc-consumer-{s.consumer_group_id}"}),
             logger=KAFKA_LOG,
         )
-        self._consumer.subscribe(
+        consumer.subscribe(
             [s.cdc_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
+        return consumer
 
     def _check_schema(self) -> bool:
         """Wait for the database if it is down (False if stopped meanwhile); raise if the schema is missing."""
@@ -376,7 +386,7 @@ class ProductionCDCConsumer:
         if flight is not None:
             self._applied(flight.batch, flight.epochs)
 
-    def _settle(self) -> None:
+    def _settle(self, consumer: Consumer) -> None:
         """Wait for the batch in flight and note its offsets; after a transient error wait
         (in the group) and retry it until it commits. Raises what cannot be retried."""
         self._await_in_flight()
@@ -388,7 +398,7 @@ class ProductionCDCConsumer:
         except (TransientError, DeliveryError) as exc:
             started = flight.started
             done = self.retry.until_applied(
-                self._consumer,
+                consumer,
                 flight.batch,
                 self.offsets.kept(flight.epochs),
                 lambda batch: self.in_flight.apply(batch, started),

@@ -101,8 +101,9 @@ class PausedRetry:
             # paused: rewind it so they are read again after the wait.
             rewind: dict[TP, int] = {}
             for msg in consumer.consume(100, min(WAIT_POLL, remaining)):
-                if msg.error() is None:
-                    rewind.setdefault((msg.topic(), msg.partition()), msg.offset())
+                topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+                if msg.error() is None and topic is not None and partition is not None and offset is not None:
+                    rewind.setdefault((topic, partition), offset)
             for (topic, partition), offset in rewind.items():
                 consumer.seek(TopicPartition(topic, partition, offset))
 
