@@ -42,22 +42,22 @@ from employee import ChangeEvent, Employee
 
 
 def events(n: int, emps: int, seed: int = 1) -> list[ChangeEvent]:
-    """INSERT the first time an emp_id shows up, then mostly UPDATEs and some DELETEs."""
+    """INSERT the first time a key shows up, then mostly UPDATEs and some DELETEs."""
     rnd = random.Random(seed)
     alive: set[int] = set()
     now = datetime.now(UTC)
     out = []
     for action_id in range(1, n + 1):
-        emp_id = rnd.randint(1, emps)
-        if emp_id not in alive:
+        key = rnd.randint(1, emps)
+        if key not in alive:
             action = "INSERT"
-            alive.add(emp_id)
+            alive.add(key)
         elif rnd.random() < 0.05:
             action = "DELETE"
-            alive.discard(emp_id)
+            alive.discard(key)
         else:
             action = "UPDATE"
-        employee = Employee(emp_id, f"First{emp_id}", f"Last{action_id}", "1980-01-01", "Oslo", action_id)
+        employee = Employee(key, f"First{key}", f"Last{action_id}", "1980-01-01", "Oslo", action_id)
         out.append(ChangeEvent(action_id, action, employee, txid=action_id, captured_at=now))
     return out
 

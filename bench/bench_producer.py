@@ -46,17 +46,20 @@ sys.path.insert(0, str(ROOT))
 
 import psycopg2  # noqa: E402
 from confluent_kafka import Consumer, TopicPartition  # noqa: E402
+from psycopg2 import sql  # noqa: E402
 
+from bench import tables  # noqa: E402
 from cdc.errors import ServiceError  # noqa: E402
 from cdc.kafka.client import base_config, ensure_topics  # noqa: E402
 from cdc.local.ports import Ports  # noqa: E402
 from cdc.local.services import LocalServices  # noqa: E402
+from cdc.model.table import SOURCE_TABLE, Kind, Table  # noqa: E402
 from cdc.runtime.settings import Settings, load_settings  # noqa: E402
 from cdc.runtime.stats import process_cpu_seconds  # noqa: E402
 
 ACTIVE_LINE = re.compile(r"^(\S+ \S+) INFO +producer: active:", re.M)
 FINAL_LINE = re.compile(r"^(\S+ \S+) INFO +producer: final published=(\d+)", re.M)
-# Employees the steady writers update (inserted and published before the measurement).
+# Rows the steady writers update (inserted and published before the measurement).
 STEADY_EMPLOYEES = 10_000
 STEADY_WRITERS = 4
 STEADY_WARMUP = 3.0
@@ -86,17 +89,13 @@ def server_cpu_seconds(postmaster: int) -> float:
 
 
 def fill_backlog(url: str, rows: int) -> None:
+    """``rows`` INSERTs, keys 1..rows, in the outbox (no NULLs)."""
     with psycopg2.connect(url) as conn, conn.cursor() as cur:
         cur.execute(
             "TRUNCATE employees, emp_records_cdc RESTART IDENTITY;"
             " UPDATE cdc_producer_state SET last_txid = '0', last_action_id = 0, published_total = 0"
         )
-        cur.execute(
-            "INSERT INTO employees (first_name, last_name, dob, city, salary)"
-            " SELECT 'first' || g, 'last' || g, date '1970-01-01' + g %% 15000, 'Berlin', g"
-            " FROM generate_series(1, %s) AS g",
-            (rows,),
-        )
+        cur.execute(tables.fill(Table.load(cur, SOURCE_TABLE), key=False, nulls=False), {"lo": 1, "hi": rows})
     conn.autocommit = True
     with conn.cursor() as cur:
         # Autovacuum would otherwise do this during the measurement.
@@ -148,6 +147,12 @@ class Bench:
         }
         if args.batch_size:
             self.env["PRODUCER_BATCH_SIZE"] = str(args.batch_size)
+        # The steady writers' change: one row's first integer column + 1.
+        table = tables.TABLE
+        integer = next(c for c in table.values if c.kind is Kind.INTEGER)
+        self.bump = sql.SQL("UPDATE {t} SET {c} = {c} + 1 WHERE {k} = %s").format(
+            t=table.ident, c=integer.ident, k=table.key.ident
+        )
 
     def command(self, tree: Path) -> list[str]:
         return [sys.executable, str(tree / "producer.py"), "--env-file", os.devnull]
@@ -280,7 +285,7 @@ class Bench:
         try:
             # One change through the pipeline first: the consumer has joined its group.
             with psycopg2.connect(self.url) as conn, conn.cursor() as cur:
-                cur.execute("UPDATE employees SET salary = salary + 1 WHERE emp_id = 1")
+                cur.execute(self.bump, (1,))
             conn.close()
             deadline = time.monotonic() + 120
             while metrics(port).get("published", 0) < 1 or (
@@ -334,10 +339,7 @@ class Bench:
             with conn.cursor() as cur:
                 next_at = time.monotonic()
                 while not stop.is_set():
-                    cur.execute(
-                        "UPDATE employees SET salary = salary + 1 WHERE emp_id = %s",
-                        (rnd.randint(1, STEADY_EMPLOYEES),),
-                    )
+                    cur.execute(self.bump, (rnd.randint(1, STEADY_EMPLOYEES),))
                     next_at += 1 / rate
                     delay = next_at - time.monotonic()
                     if delay > 0:

@@ -1,10 +1,10 @@
 """Benchmark ``python -m cdc verify --events``: wall time and peak memory (``make bench-verify``).
 
 Starts two private PostgreSQL servers in a temporary folder (it never touches your databases),
-fills both ``employees`` tables set-based with generate_series (the source trigger writes the
-outbox; the destination gets one ``processed_events`` row per action_id), plants a few
-differences, and runs ``verify`` as a subprocess at two sizes, so you can see that memory does not
-grow with the table. Results go to ``bench-results/verify.json``.
+fills both tables set-based with generate_series (the source trigger writes the outbox; the
+destination gets one ``processed_events`` row per action_id), plants a few differences, and runs
+``verify`` as a subprocess at two sizes, so you can see that memory does not grow with the table.
+Results go to ``bench-results/verify.json``.
 """
 
 from __future__ import annotations
@@ -17,45 +17,51 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg2
+from psycopg2 import sql
 
+from bench import tables
 from cdc.local.paths import PROJECT_DIR, SETUP_DEST_SQL, SETUP_SOURCE_SQL
 from cdc.local.ports import Ports
 from cdc.local.postgres import PostgresServer
-
-# One deterministic row per i, the same in both databases: NULLs, non-ASCII, dates, negatives.
-ROW_EXPRESSIONS = """
-    'First ' || i,
-    CASE WHEN mod(i, 7) = 0 THEN NULL ELSE 'Łast-' || md5(i::text) END,
-    date '1950-01-01' + mod(i, 20000)::int,
-    (ARRAY['London', 'Zürich', '東京', NULL, ''])[1 + mod(i, 5)],
-    20000 + mod(i * 37, 200000) - 1000
-"""
-SOURCE_FILL = f"""
-INSERT INTO employees (first_name, last_name, dob, city, salary)
-SELECT {ROW_EXPRESSIONS} FROM generate_series(%(lo)s, %(hi)s) AS i
-"""
-DEST_FILL = f"""
-INSERT INTO employees (emp_id, first_name, last_name, dob, city, salary)
-SELECT i, {ROW_EXPRESSIONS} FROM generate_series(%(lo)s, %(hi)s) AS i;
-INSERT INTO processed_events (action_id, emp_id, action, outcome)
-SELECT i, i, 'INSERT', 'applied' FROM generate_series(%(lo)s, %(hi)s) AS i;
-"""
-# After the first round: 3 changed, 2 missing, 2 extra rows; 4 action_ids never processed.
-PLANT = """
-UPDATE employees SET salary = salary + 1 WHERE emp_id IN (11, %(first)s / 2, %(first)s - 3);
-DELETE FROM employees WHERE emp_id IN (42, %(first)s - 1);
-INSERT INTO employees (emp_id, first_name) VALUES (%(rows)s + 1, 'extra'), (%(rows)s + 2, 'extra');
-DELETE FROM processed_events WHERE action_id IN (1, 2, 3, 4);
-"""
+from cdc.model.table import SOURCE_TABLE, Kind, Table
 
 
-def _execute(url: str, statement: str, params: dict[str, int]) -> float:
+def source_fill(table: Table) -> sql.Composable:
+    """One deterministic row per g, the same in both databases (NULLs, non-ASCII text, dates);
+    the source's sequence gives the key, 1.. as on the destination."""
+    return tables.fill(table, key=False, nulls=True)
+
+
+def dest_fill(table: Table) -> sql.Composable:
+    return sql.SQL("{fill}; {decided}").format(
+        fill=tables.fill(table, key=True, nulls=True),
+        decided=sql.SQL(
+            "INSERT INTO processed_events (action_id, {k}, action, outcome)"
+            " SELECT g, g, 'INSERT', 'applied' FROM generate_series(%(lo)s, %(hi)s) AS g"
+        ).format(k=table.key.ident),
+    )
+
+
+def plant(table: Table) -> sql.Composable:
+    """After the first round: 3 changed, 2 missing, 2 extra rows; 4 action_ids never processed."""
+    integer = next(c for c in table.values if c.kind is Kind.INTEGER)
+    return sql.SQL(
+        "UPDATE {t} SET {c} = coalesce({c}, 0) + 1 WHERE {k} IN (11, %(first)s / 2, %(first)s - 3);"
+        " DELETE FROM {t} WHERE {k} IN (42, %(first)s - 1);"
+        " INSERT INTO {t} ({k}) VALUES (%(rows)s + 1), (%(rows)s + 2);"
+        " DELETE FROM processed_events WHERE action_id IN (1, 2, 3, 4);"
+    ).format(t=table.ident, c=integer.ident, k=table.key.ident)
+
+
+def _execute(url: str, statement: Callable[[Table], sql.Composable], params: dict[str, int]) -> float:
+    """Run ``statement`` made for the table as the database's catalog has it."""
     started = time.monotonic()
     with contextlib.closing(psycopg2.connect(url)) as conn, conn.cursor() as cur:
-        cur.execute(statement, params)
+        cur.execute(statement(Table.load(cur, SOURCE_TABLE)), params)
         conn.commit()
         conn.autocommit = True
         cur.execute("VACUUM ANALYZE")
@@ -108,9 +114,9 @@ def main() -> int:
             done = 0
             for size in (args.first, args.rows):
                 span = {"lo": done + 1, "hi": size}
-                fill = _execute(source.url, SOURCE_FILL, span) + _execute(dest.url, DEST_FILL, span)
+                fill = _execute(source.url, source_fill, span) + _execute(dest.url, dest_fill, span)
                 if done == 0:
-                    _execute(dest.url, PLANT, {"first": args.first, "rows": args.rows})
+                    _execute(dest.url, plant, {"first": args.first, "rows": args.rows})
                 done = size
                 run = {"rows": size, "fill_seconds": round(fill, 1), **_run_verify(env)}
                 results.append(run)

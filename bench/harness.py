@@ -18,17 +18,21 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import psycopg2.extensions
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
+from psycopg2 import sql
 
+from bench import tables
 from bench.contenders.base import BenchEnv
 from cdc.local.paths import PROJECT_DIR, SETUP_DEST_SQL, SETUP_SOURCE_SQL
 from cdc.local.ports import Ports
 from cdc.local.postgres import find_pg_bindir
 from cdc.local.services import LocalServices
+from cdc.model.table import SOURCE_TABLE, Table
 
 # Both servers: logical decoding for the replication contenders (the project's pipeline does not
 # need it, but every contender runs on the same servers).
@@ -39,17 +43,6 @@ PG_SETTINGS = {
     "track_commit_timestamp": "on",
 }
 
-EMPLOYEES_DDL = """
-CREATE TABLE IF NOT EXISTS employees (
-    emp_id      INTEGER PRIMARY KEY,
-    first_name  VARCHAR(100),
-    last_name   VARCHAR(100),
-    dob         DATE,
-    city        VARCHAR(100),
-    salary      INTEGER
-)
-"""
-
 # One number pair per table state: equal on both sides means the same rows (row text compared).
 FINGERPRINT = "SELECT count(*), coalesce(sum(hashtextextended(e::text, 0)::numeric), 0) FROM employees e"
 # What wait_equal polls: the fingerprint hashes the text of every row (about 0.5 us a row: 35 ms
@@ -58,58 +51,63 @@ FINGERPRINT = "SELECT count(*), coalesce(sum(hashtextextended(e::text, 0)::numer
 # when the count is the source's.
 ROW_COUNT = "SELECT count(*) FROM employees"
 
-FIRST_NAMES = ["Ada", "Alan", "Grace", "Edsger", "Barbara", "Ken", "Zoë", "José", "Åsa", "李"]
-LAST_NAMES = ["Lovelace", "Turing", "Hopper", "Dijkstra", "Liskov", "Thompson", "O'Brien", "Müller"]
-CITIES = ["London", "Oslo", "Zürich", "São Paulo", "Kraków", "東京", None]
-
 
 # -- the change set ----------------------------------------------------------------------------
 
 
 @dataclass
 class ChangeSet:
-    """Transactions as ready SQL text, generated once from a seed: identical for every contender."""
+    """Transactions generated once from a seed: identical for every contender.
 
-    transactions: list[str]
+    A change is ``(action, row)``: an INSERT's or UPDATE's row (key first, then the table's
+    value columns), a DELETE's key alone.
+    """
+
+    transactions: list[list[tuple[str, tuple[Any, ...]]]]
     changes: int
     actions: dict[str, int] = field(default_factory=dict)
+    table: Table = tables.TABLE
+    _text: list[bytes] | None = field(default=None, repr=False)
 
     def prefix(self, changes: int) -> ChangeSet:
         """The first transactions holding ``changes`` changes (whole transactions)."""
         per = self.changes / max(1, len(self.transactions))
         count = max(1, round(changes / per))
-        return ChangeSet(self.transactions[:count], round(count * per), {})
+        return ChangeSet(self.transactions[:count], round(count * per), {}, self.table)
+
+    def text(self, cur: psycopg2.extensions.cursor) -> list[bytes]:
+        """Each transaction as one SQL text (values quoted by psycopg2), made once."""
+        if self._text is None:
+            t, k, values = self.table.ident, self.table.key.ident, self.table.values
+            statements = {
+                "INSERT": sql.SQL("INSERT INTO {t} ({c}) VALUES ({p})").format(
+                    t=t,
+                    c=tables.names((self.table.key, *values)),
+                    p=sql.SQL(", ").join([sql.Placeholder()] * (1 + len(values))),
+                ),
+                "UPDATE": sql.SQL("UPDATE {t} SET {s} WHERE {k} = %s").format(
+                    t=t, s=sql.SQL(", ").join(sql.SQL("{} = %s").format(c.ident) for c in values), k=k
+                ),
+                "DELETE": sql.SQL("DELETE FROM {t} WHERE {k} = %s").format(t=t, k=k),
+            }
+            rendered = {action: s.as_string(cur) for action, s in statements.items()}
+            self._text = [
+                b"BEGIN;"
+                + b";".join(cur.mogrify(rendered[action], _params(action, row)) for action, row in txn)
+                + b";COMMIT"
+                for txn in self.transactions
+            ]
+        return self._text
 
 
-def _row(rnd: random.Random, emp_id: int) -> tuple:
-    dob = (
-        None
-        if rnd.random() < 0.05
-        else f"{rnd.randint(1940, 2004)}-{rnd.randint(1, 12):02d}-{rnd.randint(1, 28):02d}"
-    )
-    return (
-        emp_id,
-        rnd.choice(FIRST_NAMES),
-        None if rnd.random() < 0.05 else rnd.choice(LAST_NAMES),
-        dob,
-        rnd.choice(CITIES),
-        None if rnd.random() < 0.05 else rnd.randint(30_000, 250_000),
-    )
+def _params(action: str, row: tuple[Any, ...]) -> tuple[Any, ...]:
+    # An UPDATE's statement sets the values first, then names the key.
+    return (*row[1:], row[0]) if action == "UPDATE" else row
 
 
-def literal(value) -> str:
-    """A value as an SQL literal, quoted by psycopg2 (UTF-8), for the pre-built change set."""
-    adapted = psycopg2.extensions.adapt(value)
-    if hasattr(adapted, "encoding"):
-        adapted.encoding = "UTF8"
-    return adapted.getquoted().decode()
-
-
-def _values(row: tuple) -> str:
-    return ", ".join(literal(v) for v in row)
-
-
-def generate(changes: int, *, per_txn: int = 10, seed: int = 20261128) -> ChangeSet:
+def generate(
+    changes: int, *, per_txn: int = 10, seed: int = 20261128, table: Table = tables.TABLE
+) -> ChangeSet:
     """``changes`` changes, 50 % INSERT / 35 % UPDATE / 15 % DELETE, ``per_txn`` per transaction.
 
     Updates and deletes pick a live row, so every statement changes exactly one row.
@@ -118,68 +116,54 @@ def generate(changes: int, *, per_txn: int = 10, seed: int = 20261128) -> Change
     alive: list[int] = []
     next_id = 1
     counts = {"INSERT": 0, "UPDATE": 0, "DELETE": 0}
-    txns: list[str] = []
-    statements: list[str] = []
+    txns: list[list[tuple[str, tuple[Any, ...]]]] = []
+    statements: list[tuple[str, tuple[Any, ...]]] = []
     for _ in range(changes):
         roll = rnd.random()
         if not alive or roll < 0.50:
-            row = _row(rnd, next_id)
+            change = ("INSERT", tables.random_row(table, rnd, next_id))
             alive.append(next_id)
             next_id += 1
-            sql = f"INSERT INTO employees VALUES ({_values(row)})"
-            counts["INSERT"] += 1
         elif roll < 0.85:
-            emp_id = alive[rnd.randrange(len(alive))]
-            _, first, last, dob, city, salary = _row(rnd, emp_id)
-            sql = (
-                f"UPDATE employees SET first_name = {literal(first)}, last_name = {literal(last)},"
-                f" dob = {literal(dob)}, city = {literal(city)}, salary = {literal(salary)}"
-                f" WHERE emp_id = {emp_id}"
-            )
-            counts["UPDATE"] += 1
+            change = ("UPDATE", tables.random_row(table, rnd, alive[rnd.randrange(len(alive))]))
         else:
             i = rnd.randrange(len(alive))
-            emp_id = alive[i]
+            change = ("DELETE", (alive[i],))
             alive[i] = alive[-1]
             alive.pop()
-            sql = f"DELETE FROM employees WHERE emp_id = {emp_id}"
-            counts["DELETE"] += 1
-        statements.append(sql)
+        counts[change[0]] += 1
+        statements.append(change)
         if len(statements) == per_txn:
-            txns.append("BEGIN;" + ";".join(statements) + ";COMMIT")
+            txns.append(statements)
             statements = []
     if statements:
-        txns.append("BEGIN;" + ";".join(statements) + ";COMMIT")
-    return ChangeSet(txns, changes, counts)
+        txns.append(statements)
+    return ChangeSet(txns, changes, counts, table)
 
 
 def write_changes(url: str, changes: ChangeSet) -> float:
-    """Commit every transaction of ``changes`` on the source, in order. Returns seconds taken."""
-    started = time.monotonic()
+    """Commit every transaction of ``changes`` on the source, in order. Returns seconds taken
+    (the SQL text is made before the clock starts)."""
     with contextlib.closing(psycopg2.connect(url)) as conn:
         conn.autocommit = True
         with conn.cursor() as cur:
-            for txn in changes.transactions:
+            text = changes.text(cur)
+            started = time.monotonic()
+            for txn in text:
                 cur.execute(txn)
     return time.monotonic() - started
 
 
 def load_rows(url: str, rows: int) -> None:
-    """Fill ``employees`` with ``rows`` rows set-based (the initial-load scenario's table)."""
+    """Fill the table with ``rows`` rows set-based (the initial-load scenario's table)."""
     with contextlib.closing(psycopg2.connect(url)) as conn, conn.cursor() as cur:
-        cur.execute(
-            "INSERT INTO employees"
-            " SELECT g, 'First' || g, CASE WHEN g %% 20 = 0 THEN NULL ELSE 'Last' || (g %% 997) END,"
-            "        date '1950-01-01' + (g %% 20000), (ARRAY['London','Oslo','Zürich','東京'])[1 + g %% 4],"
-            "        30000 + g %% 200000"
-            "   FROM generate_series(1, %s) AS g",
-            (rows,),
-        )
+        table = Table.load(cur, SOURCE_TABLE)
+        cur.execute(tables.fill(table, key=True, nulls=True), {"lo": 1, "hi": rows})
         conn.commit()
     with contextlib.closing(psycopg2.connect(url)) as conn:
         conn.autocommit = True
         with conn.cursor() as cur:
-            cur.execute("VACUUM ANALYZE employees")
+            cur.execute(sql.SQL("VACUUM ANALYZE {}").format(table.ident))
 
 
 # -- services ----------------------------------------------------------------------------------
@@ -195,12 +179,10 @@ def scenario(
     services = LocalServices(home=home, ports=Ports.free(brokers), pg_settings=PG_SETTINGS, brokers=brokers)
     try:
         services.up(apply_schema=False)
-        with contextlib.closing(psycopg2.connect(services.source.url)) as conn, conn.cursor() as cur:
-            cur.execute(EMPLOYEES_DDL)
-            conn.commit()
-        with contextlib.closing(psycopg2.connect(services.dest.url)) as conn, conn.cursor() as cur:
-            cur.execute(EMPLOYEES_DDL)
-            conn.commit()
+        for url in (services.source.url, services.dest.url):
+            with contextlib.closing(psycopg2.connect(url)) as conn, conn.cursor() as cur:
+                cur.execute(tables.create_table())
+                conn.commit()
         if outbox:
             services.source.apply_sql(SETUP_SOURCE_SQL)
             services.dest.apply_sql(SETUP_DEST_SQL)
@@ -314,7 +296,9 @@ def wait_equal(
 
 def rows_identical(source_url: str, dest_url: str) -> bool:
     """Row-by-row check after the fingerprints matched: every column of every row, in order."""
-    query = "SELECT md5(coalesce(string_agg(e::text, E'\\n' ORDER BY emp_id), '')) FROM employees e"
+    query = sql.SQL("SELECT md5(coalesce(string_agg(e::text, E'\\n' ORDER BY e.{k}), '')) FROM {t} e").format(
+        k=tables.TABLE.key.ident, t=tables.TABLE.ident
+    )
     digests = []
     for url in (source_url, dest_url):
         with contextlib.closing(psycopg2.connect(url)) as conn, conn.cursor() as cur:

@@ -8,20 +8,37 @@ Reads the same env file as ``consumer_final.py``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
+from pathlib import Path
 
 import psycopg2
 from confluent_kafka import Consumer
 from dotenv import dotenv_values
+from psycopg2 import sql
 
-UPSERT = """
-INSERT INTO employees (emp_id, first_name, last_name, dob, city, salary)
-VALUES (%(emp_id)s, %(first_name)s, %(last_name)s, %(dob)s, %(city)s, %(salary)s)
-ON CONFLICT (emp_id) DO UPDATE SET first_name = EXCLUDED.first_name, last_name = EXCLUDED.last_name,
-    dob = EXCLUDED.dob, city = EXCLUDED.city, salary = EXCLUDED.salary
-"""
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cdc.model.table import SOURCE_TABLE, Table
+
+
+def statements(url: str) -> tuple[str, str, str]:
+    """The upsert and the delete for the destination table, read from its catalog at start, and
+    the event field holding the key."""
+    with contextlib.closing(psycopg2.connect(url)) as conn, conn.cursor() as cur:
+        table = Table.load(cur, SOURCE_TABLE)
+        t, k = table.ident, table.key.ident
+        upsert = sql.SQL("INSERT INTO {t} ({c}) VALUES ({p}) ON CONFLICT ({k}) DO UPDATE SET {s}").format(
+            t=t,
+            c=sql.SQL(", ").join(c.ident for c in table.written),
+            p=sql.SQL(", ").join(sql.Placeholder(c.name) for c in table.written),
+            k=k,
+            s=sql.SQL(", ").join(sql.SQL("{c} = EXCLUDED.{c}").format(c=c.ident) for c in table.values),
+        )
+        delete = sql.SQL("DELETE FROM {t} WHERE {k} = %s").format(t=t, k=k)
+        return upsert.as_string(cur), delete.as_string(cur), table.key.name
 
 
 def main() -> int:
@@ -29,6 +46,7 @@ def main() -> int:
     p.add_argument("--env-file", required=True)
     args = p.parse_args()
     env = dotenv_values(args.env_file)
+    upsert, delete, key = statements(env["DEST_DB_URL"])
     consumer = Consumer(
         {
             "bootstrap.servers": env["KAFKA_BOOTSTRAP_SERVERS"],
@@ -50,9 +68,9 @@ def main() -> int:
             try:
                 with conn.cursor() as cur:
                     if event["action"] == "DELETE":
-                        cur.execute("DELETE FROM employees WHERE emp_id = %s", (event["emp_id"],))
+                        cur.execute(delete, (event[key],))
                     else:
-                        cur.execute(UPSERT, event)
+                        cur.execute(upsert, event)
                 conn.commit()
             finally:
                 conn.close()

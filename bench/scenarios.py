@@ -15,14 +15,16 @@ from typing import Any
 
 import psycopg2
 from confluent_kafka import Consumer, KafkaException, TopicPartition
+from psycopg2 import sql
 
-from bench import harness
+from bench import harness, tables
 from bench.contenders.base import BenchEnv
 from bench.contenders.pipeline import Pipeline
 from cdc.ops.verify import check_events
 from cdc.runtime.settings import load_settings
 
 DRAIN_TIMEOUT = 1800.0
+TABLE = tables.TABLE
 
 
 def _rate(changes: int, seconds: float) -> float:
@@ -243,23 +245,27 @@ def _wait_topic(bootstrap: str, topic: str, count: int, alive: Callable[[], None
 
 # -- steady latency ----------------------------------------------------------------------------
 
-SEEN_SQL = """
-CREATE UNLOGGED TABLE bench_seen (emp_id integer NOT NULL, seen_at timestamptz NOT NULL);
+# When each key's row arrived on the destination.
+SEEN_SQL = sql.SQL("""
+CREATE UNLOGGED TABLE bench_seen ({k} {type} NOT NULL, seen_at timestamptz NOT NULL);
 CREATE FUNCTION bench_seen() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO public.bench_seen VALUES (NEW.emp_id, clock_timestamp());
+    INSERT INTO public.bench_seen VALUES (NEW.{k}, clock_timestamp());
     RETURN NULL;
 END $$;
 -- Deferred: fires as the writing transaction commits, whoever writes (replication included).
-CREATE CONSTRAINT TRIGGER bench_seen AFTER INSERT OR UPDATE ON employees
+CREATE CONSTRAINT TRIGGER bench_seen AFTER INSERT OR UPDATE ON {t}
     DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION bench_seen();
-ALTER TABLE employees ENABLE ALWAYS TRIGGER bench_seen;
-"""
+ALTER TABLE {t} ENABLE ALWAYS TRIGGER bench_seen;
+""").format(k=TABLE.key.ident, type=sql.SQL(TABLE.key.type), t=TABLE.ident)
+SEEN = sql.SQL("SELECT {k}, min(extract(epoch FROM seen_at))::float8 FROM bench_seen GROUP BY {k}").format(
+    k=TABLE.key.ident
+)
 
 LATENCY_ID_BASE = 10_000_000
 
 
-def _exec(url: str, statement: str, params: tuple = ()) -> list[tuple]:
+def _exec(url: str, statement: str | sql.Composable, params: tuple = ()) -> list[tuple]:
     with contextlib.closing(psycopg2.connect(url)) as conn:
         conn.autocommit = True
         with conn.cursor() as cur:
@@ -268,16 +274,13 @@ def _exec(url: str, statement: str, params: tuple = ()) -> list[tuple]:
 
 
 def _seen(url: str) -> dict[int, float]:
-    rows = _exec(
-        url, "SELECT emp_id, min(extract(epoch FROM seen_at))::float8 FROM bench_seen GROUP BY emp_id"
-    )
-    return dict(rows)
+    return dict(_exec(url, SEEN))
 
 
 def _drive(url: str, rate: float, per_txn: int, seconds: float) -> list[tuple[int, float]]:
     """Commit ``rate`` new rows per second in transactions of ``per_txn`` rows for ``seconds``.
 
-    Returns (emp_id, wall-clock time the COMMIT returned) for each row. Several writer threads
+    Returns (key, wall-clock time the COMMIT returned) for each row. Several writer threads
     share the rate, each on its own schedule, so one slow commit does not stall the others.
     """
     txn_rate = rate / per_txn
@@ -291,6 +294,15 @@ def _drive(url: str, rate: float, per_txn: int, seconds: float) -> list[tuple[in
             with contextlib.closing(psycopg2.connect(url)) as conn:
                 conn.autocommit = True
                 cur = conn.cursor()
+                # One statement text per transaction: a row's values, per_txn times.
+                insert = sql.SQL("INSERT INTO {t} ({c}) VALUES ({p})").format(
+                    t=TABLE.ident,
+                    c=tables.names((TABLE.key, *TABLE.values)),
+                    p=sql.SQL(", ").join([sql.Placeholder()] * (1 + len(TABLE.values))),
+                )
+                text = insert.as_string(cur)
+                if per_txn > 1:
+                    text = "BEGIN;" + ";".join([text] * per_txn) + ";COMMIT"
                 per_thread = txn_rate / threads
                 i = 0
                 base = LATENCY_ID_BASE + k * 10_000_000
@@ -302,17 +314,7 @@ def _drive(url: str, rate: float, per_txn: int, seconds: float) -> list[tuple[in
                     if pause > 0:
                         time.sleep(pause)
                     ids = [base + i * per_txn + j for j in range(per_txn)]
-                    values = ",".join(f"({e},'Lat','Ency','1990-01-01','Oslo',{e % 100000})" for e in ids)
-                    cur.execute(
-                        f"INSERT INTO employees VALUES {values}"
-                        if per_txn == 1
-                        else "BEGIN;"
-                        + ";".join(
-                            f"INSERT INTO employees VALUES ({e},'Lat','Ency','1990-01-01','Oslo',{e % 100000})"
-                            for e in ids
-                        )
-                        + ";COMMIT"
-                    )
+                    cur.execute(text, [v for e in ids for v in tables.fixed_row(TABLE, e)])
                     now = time.time()
                     out[k].extend((e, now) for e in ids)
                     i += 1
@@ -345,7 +347,10 @@ def latency(
         try:
             contender.resume()
             # Ready when a first row has gone through (group joined, slots streaming).
-            _exec(env.source_url, "INSERT INTO employees VALUES (0, 'probe', NULL, NULL, NULL, NULL)")
+            _exec(
+                env.source_url,
+                sql.SQL("INSERT INTO {t} ({k}) VALUES (0)").format(t=TABLE.ident, k=TABLE.key.ident),
+            )
             harness.wait_equal(
                 env.dest_url, harness.fingerprint(env.source_url), timeout=300, alive=_alive(contender)
             )

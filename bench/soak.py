@@ -41,11 +41,13 @@ from typing import Any
 
 import psycopg2
 
+from bench import tables
 from cdc.kafka.client import admin_client, ensure_topics
 from cdc.local.paths import PROJECT_DIR
 from cdc.local.ports import Ports
 from cdc.local.runner import Daemon
 from cdc.local.services import LocalServices
+from cdc.model.table import SOURCE_TABLE, Table
 from cdc.ops.verify import verify
 from cdc.ops.workload import Workload
 from cdc.runtime.settings import Settings, load_settings
@@ -122,9 +124,7 @@ class Soak:
         daemon.start()
         with contextlib.closing(psycopg2.connect(self.settings.source_db_url)) as conn, conn.cursor() as cur:
             cur.execute(
-                "INSERT INTO employees (first_name, last_name, dob, city, salary)"
-                " SELECT 'Burst', 'Warm-up ' || g, DATE '1990-01-01', 'Soak', g FROM generate_series(1, %s) AS g",
-                (BURST,),
+                tables.fill(Table.load(cur, SOURCE_TABLE), key=False, nulls=False), {"lo": 1, "hi": BURST}
             )
             conn.commit()
 
