@@ -43,7 +43,7 @@ from psycopg2.extras import execute_values
 
 from cdc.errors import CDCError, ConfigError
 from cdc.model.table import SOURCE_TABLE, Column, Kind, Table
-from cdc.runtime.db import CONNECT_TIMEOUT, KEEPALIVES
+from cdc.runtime.db import CONNECT_TIMEOUT, KEEPALIVES, one_row
 from cdc.runtime.settings import redact_url
 from cdc.runtime.signals import backoff_delay
 from cdc.runtime.stats import Stats
@@ -694,7 +694,7 @@ class Workload:
                 table = Table.load(cur, SOURCE_TABLE)
                 self.statements = _Statements(table, _has_sequence(cur, table), conn)
                 cur.execute(self.statements.max_key)
-                max_id = cur.fetchone()[0]
+                max_id = one_row(cur)[0]
             self._drop_impossible()
             self._threads = [_Writer(self, i) for i in range(self.writers)]
             for writer in self._threads:
