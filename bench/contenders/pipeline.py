@@ -1,22 +1,24 @@
 """This project's pipeline as a contender: ``producer.py`` and ``consumer_final.py``, run as the
-user runs them (separate processes, settings from an env file), on a fresh topic and group."""
+user runs them (separate processes, settings from an env file), on a fresh topic and group.
+
+The processes are those of the test suite's pipeline harness (``tests.support.pipeline``), each
+in its own folder under the scenario's home with its log there."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-import signal
-import socket
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 from bench.contenders.base import BenchEnv
-from cdc.local.paths import PROJECT_DIR
+from cdc.local.runner import Daemon
 from cdc.ops.top import Scrape, bucket_delta, fetch, quantile
+from tests.support import free_port
+from tests.support.pipeline import CONSUMER
+from tests.support.pipeline import Pipeline as Daemons
 
 PARTS = ("producer", "consumer")
-SCRIPTS = {"producer": "producer.py", "consumer": "consumer_final.py"}
 
 
 class Pipeline:
@@ -26,13 +28,10 @@ class Pipeline:
 
     def __init__(self, *, settings: dict[str, str] | None = None, consumer_script: str | None = None) -> None:
         self.settings = dict(settings or {})  # extra variables for the daemons' env file
-        self.scripts = dict(SCRIPTS)
-        if consumer_script:
-            self.scripts["consumer"] = consumer_script
+        self.consumer_script = consumer_script or CONSUMER
         self.env: BenchEnv | None = None
-        self.initial_load = False
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.logs: dict[str, Path] = {}
+        self.daemons: Daemons | None = None
+        self.procs: dict[str, Daemon] = {}  # the parts started and not stopped since
         self.topic = ""
         self.envfile: Path | None = None
 
@@ -42,7 +41,6 @@ class Pipeline:
     def setup(self, env: BenchEnv, *, initial_load: bool) -> None:
         # The outbox trigger was installed by the harness before any change: capture is fixed.
         self.env = env
-        self.initial_load = initial_load
         tag = uuid.uuid4().hex[:8]
         self.topic = f"bench_{tag}"
         values = {
@@ -53,12 +51,22 @@ class Pipeline:
             "LOG_LEVEL": "INFO",
             "STATS_INTERVAL": "10",
             # Their histograms split a latency run into capture -> broker ack and the whole path.
-            "PRODUCER_METRICS_PORT": str(_free_port()),
-            "CONSUMER_METRICS_PORT": str(_free_port()),
+            "PRODUCER_METRICS_PORT": str(free_port()),
+            "CONSUMER_METRICS_PORT": str(free_port()),
             **self.settings,
         }
         self.envfile = env.home / f"{self.name}.env"
         self.envfile.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+        # Every setting comes from the env file, as for a user; this process's environment only
+        # overrides it where a part says so (a second consumer's metrics port).
+        self.daemons = Daemons(
+            dict(os.environ),
+            env.home / self.name,
+            "--env-file",
+            str(self.envfile),
+            producer_args=("--snapshot",) if initial_load else (),
+            consumer_script=self.consumer_script,
+        )
 
     def new_topic(self) -> None:
         """Daemons started from now on use a new topic pair and a new consumer group."""
@@ -86,18 +94,19 @@ class Pipeline:
 
     def start(self, part: str) -> None:
         """Start ``part``: "producer", "consumer", or another consumer as "consumer-2" etc."""
-        assert self.env is not None and self.envfile is not None
-        args = [sys.executable, self.scripts[part.split("-")[0]], "--env-file", str(self.envfile)]
-        if part == "producer" and self.initial_load:
-            args.append("--snapshot")
-        log = self.env.home / f"{self.name}-{part}.log"
-        self.logs[part] = log
-        # A second consumer ("consumer-2") serves no metrics: the port in the env file is the first's.
-        env = {**os.environ, "CONSUMER_METRICS_PORT": "0"} if "-" in part else None
-        with open(log, "ab") as out:
-            self.procs[part] = subprocess.Popen(
-                args, cwd=PROJECT_DIR, env=env, stdout=out, stderr=subprocess.STDOUT
-            )
+        assert self.daemons is not None
+        if part == "producer":
+            daemon = self.daemons.producer.start()
+        else:
+            number = int(part.split("-")[1]) if "-" in part else 1
+            if number <= len(self.daemons.consumers):
+                daemon = self.daemons.consumers[number - 1].start()
+            else:
+                assert number == len(self.daemons.consumers) + 1, f"start consumer-{number - 1} first"
+                # A second consumer serves no metrics: the port in the env file is the first's.
+                extra = {"CONSUMER_METRICS_PORT": "0"} if number > 1 else {}
+                daemon = self.daemons.add_consumer(**extra)
+        self.procs[part] = daemon
 
     def _port(self, name: str) -> int:
         assert self.envfile is not None
@@ -131,24 +140,21 @@ class Pipeline:
         return out
 
     def check_alive(self) -> None:
-        for part, proc in self.procs.items():
-            if proc.poll() is not None:
-                tail = self.logs[part].read_text(errors="replace").strip().splitlines()[-3:]
-                raise RuntimeError(f"{self.name} {part} exited with {proc.returncode}: {' | '.join(tail)}")
+        for part, daemon in self.procs.items():
+            if not daemon.running():
+                tail = daemon.output().strip().splitlines()[-3:]
+                code = daemon.proc.returncode if daemon.proc is not None else None
+                raise RuntimeError(f"{self.name} {part} exited with {code}: {' | '.join(tail)}")
 
     def processes(self) -> dict[str, int]:
-        return {part: p.pid for part, p in self.procs.items() if p.poll() is None}
+        return {part: d.pid for part, d in self.procs.items() if d.running()}
 
     def stop_part(self, part: str) -> None:
-        proc = self.procs.pop(part, None)
-        if proc is None or proc.poll() is not None:
+        daemon = self.procs.pop(part, None)
+        if daemon is None or not daemon.running():
             return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        with contextlib.suppress(AssertionError):  # killed after 30 s without an exit
+            daemon.stop(30)
 
     def stop(self) -> None:
         for part in list(self.procs):
@@ -163,9 +169,3 @@ class Naive(Pipeline):
 
     def __init__(self) -> None:
         super().__init__(consumer_script=str(Path(__file__).resolve().parent.parent / "naive_consumer.py"))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
