@@ -49,8 +49,9 @@ from cdc.local.runner import Daemon
 from cdc.local.services import LocalServices
 from cdc.model.table import SOURCE_TABLE, Table
 from cdc.ops.verify import verify
-from cdc.ops.workload import Workload
 from cdc.runtime.settings import Settings, load_settings
+from tests.support import dlq_count
+from tests.support.pipeline import Pipeline
 
 SAMPLE_EVERY = 10.0
 WARMUP = 60.0
@@ -96,9 +97,9 @@ class Soak:
     def __init__(self, services: LocalServices, settings: Settings, workdir: Path, rate: float) -> None:
         self.services = services
         self.settings = settings
-        self.producer = Daemon("producer.py", settings, workdir / "producer", STATS_INTERVAL="30")
-        self.consumer = Daemon("consumer_final.py", settings, workdir / "consumer", STATS_INTERVAL="30")
-        self.workload = Workload(settings.source_db_url, rate=rate, writers=4, seed=20261128)
+        self.rate = rate
+        self.pipeline = Pipeline(settings, workdir, STATS_INTERVAL="30")
+        self.producer = self.pipeline.producer
         self.samples: list[dict[str, Any]] = []
         self.faults: list[dict[str, Any]] = []
         self.started = time.monotonic()
@@ -119,9 +120,23 @@ class Soak:
                 }
         self.samples.append(row)
 
+    @property
+    def consumer(self) -> Daemon:
+        return self.pipeline.consumers[0]
+
+    def begin(self) -> None:
+        """Both daemons, one burst to warm them up, then the workload."""
+        self.producer.start()
+        self.pipeline.add_consumer()
+        self.burst()
+        self.pipeline.start_load(rate=self.rate, writers=4, seed=20261128)
+
     def start(self, daemon: Daemon) -> None:
         """Start ``daemon`` and give it full-size batches to warm up on (see the module docstring)."""
         daemon.start()
+        self.burst()
+
+    def burst(self) -> None:
         with contextlib.closing(psycopg2.connect(self.settings.source_db_url)) as conn, conn.cursor() as cur:
             cur.execute(
                 tables.fill(Table.load(cur, SOURCE_TABLE), key=False, nulls=False), {"lo": 1, "hi": BURST}
@@ -221,9 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         ensure_topics(settings, admin_client(settings))
         soak = Soak(services, settings, home / "daemons", args.rate)
-        soak.producer.start()
-        soak.start(soak.consumer)  # one burst warms both up
-        soak.workload.start()
+        soak.begin()
         end = soak.started + args.minutes * 60
         next_fault = soak.started + args.fault_every
         k = 0
@@ -237,10 +250,11 @@ def main(argv: list[str] | None = None) -> int:
                 if not daemon.running():
                     raise RuntimeError(f"{daemon.script} exited:\n{daemon.log()[-2000:]}")
             time.sleep(SAMPLE_EVERY)
-        soak.workload.stop()
-        written = soak.workload.stats.get_stats()
+        assert soak.pipeline.workload is not None
+        soak.pipeline.workload.stop()
+        written = soak.pipeline.workload.stats.get_stats()
         check = verify(settings, wait=600, events=True)
-        dlq = _dlq_messages(settings)
+        dlq = dlq_count(settings)
         result.update(
             {
                 "minutes": args.minutes,
@@ -269,23 +283,6 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "soak.md").write_text(markdown(result))
     print((args.out / "soak.md").read_text())
     return 0 if ok else 1
-
-
-def _dlq_messages(settings: Settings) -> int:
-    from confluent_kafka import Consumer, TopicPartition
-
-    c = Consumer(
-        {"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": f"soak-probe-{uuid.uuid4().hex}"}
-    )
-    try:
-        meta = c.list_topics(settings.cdc_dlq_topic, timeout=10).topics[settings.cdc_dlq_topic]
-        total = 0
-        for part in meta.partitions:
-            lo, hi = c.get_watermark_offsets(TopicPartition(settings.cdc_dlq_topic, part), timeout=10)
-            total += hi - lo
-        return total
-    finally:
-        c.close()
 
 
 def markdown(r: dict[str, Any]) -> str:
