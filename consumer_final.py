@@ -6,7 +6,7 @@ destination PostgreSQL exactly once (the daemon is ``cdc.sink.daemon``).
     python consumer_final.py --replay-dlq     # republish the dead-letter topic, then exit
 
 ``from consumer_final import ProductionCDCConsumer`` gives the consumer class with its switches
-(``enable_dlq``, ``enable_idempotency``, ``max_retries``, ...). Settings come from the
+(``group_id``, ``enable_dlq``, ``enable_idempotency``, ``batch_size``, ``settings``). Settings come from the
 environment and ``.env`` (USAGE.md lists them).
 """
 

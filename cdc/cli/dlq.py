@@ -18,7 +18,7 @@ def _dlq_selection(args: argparse.Namespace, settings: Settings) -> dlq_letters.
     return dlq_letters.selection(
         settings,
         action_ids=args.action_id,
-        emp_ids=args.emp_id,
+        keys=args.key,
         error_classes=args.error_class,
         partitions=args.partition,
         offsets=args.offset,
@@ -73,7 +73,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "filters (all must match; a filter's values, comma-separated or repeated, are alternatives)"
     )
     f.add_argument("--action-id", action="append", default=[], metavar="IDS", help="e.g. 42, 40..50, 42,97")
-    f.add_argument("--emp-id", action="append", default=[], metavar="IDS", help="e.g. 7, -3, 1..100")
+    f.add_argument(
+        "--key",
+        "--emp-id",
+        dest="key",
+        action="append",
+        default=[],
+        metavar="KEYS",
+        help="the changed row's primary key (the message key), e.g. 7, -3, 1..100",
+    )
     f.add_argument(
         "--error-class",
         action="append",

@@ -122,8 +122,16 @@ class Letter:
         return _as_int(self._field("action_id"))
 
     @property
-    def emp_id(self) -> int | None:
-        return _as_int(self._field("emp_id"))
+    def row_key(self) -> int | str | None:
+        """The changed row's primary key: the message key (an event's key is the key's text),
+        as an integer where it is one."""
+        if self.key is None:
+            return None
+        try:
+            text = self.key.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        return int(text) if _INTEGER.fullmatch(text) else text
 
     @property
     def action(self) -> str | None:
@@ -159,7 +167,7 @@ class Letter:
             "original_partition": self.original_partition,
             "original_offset": self.original_offset,
             "action_id": self.action_id,
-            "emp_id": self.emp_id,
+            "key": self.row_key,
             "action": self.action,
             "value_format": self.value_format,
             "replayed_from": self.header(dlq.H_REPLAYED_FROM),
@@ -228,7 +236,7 @@ class Selection:
     """The filters of ``list``, ``show`` and ``replay``; an empty one selects every letter."""
 
     action_ids: tuple[Range, ...] = ()
-    emp_ids: tuple[Range, ...] = ()
+    keys: tuple[Range, ...] = ()  # integer keys
     error_classes: frozenset[str] = frozenset()  # lower case
     partitions: frozenset[int] = frozenset()  # original partitions
     offsets: tuple[Range, ...] = ()  # original offsets
@@ -244,7 +252,7 @@ class Selection:
             return False
         if self.action_ids and not _in(m.action_id, self.action_ids):
             return False
-        if self.emp_ids and not _in(m.emp_id, self.emp_ids):
+        if self.keys and not _in(m.row_key if isinstance(m.row_key, int) else None, self.keys):
             return False
         if self.error_classes and (m.error_class or "").lower() not in self.error_classes:
             return False
@@ -265,6 +273,7 @@ def _in(value: int | None, ranges: Iterable[Range]) -> bool:
     )
 
 
+_INTEGER = re.compile(r"-?[0-9]{1,19}")
 _RANGE = re.compile(r"(-?\d+)?\.\.(-?\d+)?")
 _AGE = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _AGE_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -330,7 +339,7 @@ def selection(
     settings: Settings,
     *,
     action_ids: Sequence[str] = (),
-    emp_ids: Sequence[str] = (),
+    keys: Sequence[str] = (),
     error_classes: Sequence[str] = (),
     partitions: Sequence[str] = (),
     offsets: Sequence[str] = (),
@@ -350,7 +359,7 @@ def selection(
         raise ConfigError(f"--since {since!r} is not before --until {until!r}")
     return Selection(
         action_ids=parse_ranges("--action-id", action_ids),
-        emp_ids=parse_ranges("--emp-id", emp_ids, signed=True),
+        keys=parse_ranges("--key", keys, signed=True),
         error_classes=frozenset(c.strip().lower() for v in error_classes for c in v.split(",") if c.strip()),
         partitions=frozenset(parts),
         offsets=parse_ranges("--offset", offsets),
@@ -376,7 +385,7 @@ def _short(text: str | None, width: int = ERROR_SHORT) -> str:
 
 def list_lines(letters: Sequence[Letter]) -> list[str]:
     """One aligned line per letter, under a header line."""
-    rows = [("DLQ", "FAILED_AT", "ERROR_CLASS", "ORIGINAL", "ACTION_ID", "EMP_ID", "ACTION", "ERROR")]
+    rows = [("DLQ", "FAILED_AT", "ERROR_CLASS", "ORIGINAL", "ACTION_ID", "KEY", "ACTION", "ERROR")]
     for m in letters:
         rows.append(
             (
@@ -385,7 +394,7 @@ def list_lines(letters: Sequence[Letter]) -> list[str]:
                 m.error_class or "-",
                 m.original or "-",
                 str(m.action_id) if m.action_id is not None else "-",
-                str(m.emp_id) if m.emp_id is not None else "-",
+                str(m.row_key) if m.row_key is not None else "-",
                 m.action or "-",
                 _short(m.error) + "".join(f" [{note}]" for note in m.notes()),
             )

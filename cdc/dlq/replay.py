@@ -75,8 +75,9 @@ class Planned:
     headers: Headers
     changes: tuple[Change, ...] = ()  # empty: the original bytes, as they were
     action_id: int | None = None
-    emp_id: int | None = None
+    row_key: int | str | None = None  # the changed row's primary key
     invalid: str | None = None  # why the consumer will dead-letter it again
+    key_name: str = "key"  # the primary key column's name, where the table is known
 
     @property
     def edited(self) -> bool:
@@ -104,11 +105,11 @@ def plan(
             changes = _diff(m, new) + (
                 (Change("(key)", dlq.text_of(m.key), key.decode()),) if key != m.key else ()
             )
-        action_id, emp_id, invalid = m.action_id, m.emp_id, None
+        action_id, row_key, invalid = m.action_id, m.row_key, None
         if codec is not None:
             try:
                 event = codec.from_json(value)
-                action_id, emp_id = event.action_id, codec.key_of(event)
+                action_id, row_key = event.action_id, codec.key_of(event)
             except InvalidEventError as exc:
                 invalid = str(exc)
         out.append(
@@ -120,8 +121,9 @@ def plan(
                 dlq.replay_headers(m.headers, m.position),
                 changes,
                 action_id,
-                emp_id,
+                row_key,
                 invalid,
+                codec.key_name if codec is not None else "key",
             )
         )
     return out
@@ -253,11 +255,11 @@ class AuditLog:
         p = s.planned
         changed = [c.name for c in p.changes]
         log.info(
-            "replayed dlq=%s to=%s action_id=%s emp_id=%s edited=%s by=%s",
+            "replayed dlq=%s to=%s action_id=%s key=%s edited=%s by=%s",
             p.letter.position,
             s.position,
             dash(p.action_id),
-            dash(p.emp_id),
+            dash(p.row_key),
             ",".join(changed) or "no",
             self.user,
         )
@@ -270,7 +272,7 @@ class AuditLog:
             "dlq": p.letter.position,
             "to": s.position,
             "action_id": p.action_id,
-            "emp_id": p.emp_id,
+            "key": p.row_key,
             "error_class": p.letter.error_class,
             "edited": p.edited,
             "changed": {c.name: [_jsonable(c.old), _jsonable(c.new)] for c in p.changes},

@@ -117,7 +117,7 @@ def expectations(settings: Settings, plans: Sequence[Planned]) -> dict[str, str]
     out = {}
     for p in plans:
         before = decided[p.action_id][0] if p.action_id in decided else None
-        version = versions.get(p.emp_id)
+        version = versions.get(p.row_key)
         expected = (
             records.expect(p.action_id, before, version) if p.action_id is not None else records.APPLIED
         )
@@ -126,7 +126,7 @@ def expectations(settings: Settings, plans: Sequence[Planned]) -> dict[str, str]
         elif expected == "duplicate":
             what = f"duplicate: action_id {p.action_id} was already decided ({before}); nothing changes"
         elif expected == records.STALE:
-            what = f"stale: emp_id {p.emp_id} is already at action_id {version}; nothing changes"
+            what = f"stale: {p.key_name} {p.row_key} is already at action_id {version}; nothing changes"
         else:
             what = "applied, unless the destination rejects the row"
         out[p.letter.position] = what
@@ -139,7 +139,7 @@ def _read_decisions(
     """The sink's decisions on the plans' action_ids, and its versions of their keys."""
     plans = list(plans)
     ids = [p.action_id for p in plans if p.action_id is not None]
-    keys = [p.emp_id for p in plans if p.emp_id is not None]
+    keys = [p.row_key for p in plans if p.row_key is not None]
     return records.decisions(cur, ids), records.versions(cur, table, keys)
 
 
@@ -169,7 +169,7 @@ def _dest(settings: Settings) -> Database:
 
 def plan_lines(p: Planned, expected: str | None) -> list[str]:
     lines = [
-        f"{p.letter.position} -> {p.topic}  action_id={dash(p.action_id)} emp_id={dash(p.emp_id)}"
+        f"{p.letter.position} -> {p.topic}  action_id={dash(p.action_id)} {p.key_name}={dash(p.row_key)}"
         + ("  edited" if p.edited else "  as it was")
     ]
     lines += [f"    {c.line()}" for c in p.changes]
@@ -257,7 +257,7 @@ def decide(
         if outcome == records.STALE:
             return Decision(
                 records.STALE,
-                f"emp_id {p.emp_id} is at action_id {versions.get(p.emp_id)}, newer: nothing changed",
+                f"{p.key_name} {p.row_key} is at action_id {versions.get(p.row_key)}, newer: nothing changed",
             )
         if outcome == records.DLQ:
             return Decision(
@@ -378,7 +378,7 @@ def replay_command(
         p = s.planned
         out(
             f"replayed {p.letter.position} -> {s.position}  action_id={dash(p.action_id)} "
-            f"emp_id={dash(p.emp_id)}"
+            f"{p.key_name}={dash(p.row_key)}"
             + (f"  edited: {', '.join(c.name for c in p.changes)}" if p.edited else "")
         )
         out(f"    expected: {expected[p.letter.position]}")

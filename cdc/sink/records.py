@@ -44,6 +44,9 @@ def decisions(
 def versions(cur: psycopg2.extensions.cursor, table: Table, keys: Sequence[Any]) -> dict[Any, int]:
     """The newest action_id applied (or deleted) per key, for those of ``keys`` that have one."""
     key = table.key
+    if key.range is not None:  # an integer key: a letter's key may be any text
+        lo, hi = key.range
+        keys = [k for k in keys if type(k) is int and lo <= k <= hi]
     cur.execute(
         sql.SQL("SELECT {key}, last_action_id FROM {versions} WHERE {key} = ANY(%s::{type}[])").format(
             key=key.ident, versions=sql.Identifier(VERSIONS), type=sql.SQL(key.type)

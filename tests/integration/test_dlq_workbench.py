@@ -125,7 +125,7 @@ def test_filters_select_exactly_the_right_dead_letters_and_odd_values_list(
     assert chosen() == {20, 21, "22", "23", 30, "31", 32}
     assert chosen(action_ids=["20..30"]) == {20, 21, 30}
     assert chosen(action_ids=["21,32"]) == {21, 32}
-    assert chosen(emp_ids=["20"]) == {20, 30}
+    assert chosen(keys=["20"]) == {20, 30}
     assert chosen(error_classes=["InvalidEventError"]) == {"22", "23", "31", 32}
     assert chosen(error_classes=["DatetimeFieldOverflow"]) == {20, 21, 30}
     assert chosen(since=boundary.isoformat()) == {30, "31", 32}

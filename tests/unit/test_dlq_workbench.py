@@ -88,8 +88,8 @@ def test_filter_values_parse_or_fail_with_one_line_naming_the_option():
 
 
 def test_a_selection_matches_on_every_filter_and_needs_all_of_them():
-    a = _letter(0, 1, _ev(42, 7), original=(2, 100), failed_at="2026-11-28T10:00:00+00:00")
-    b = _letter(1, 5, _ev(43, -3), error_class="InvalidEventError", original=(2, 150))
+    a = _letter(0, 1, _ev(42, 7), original=(2, 100), failed_at="2026-11-28T10:00:00+00:00", key=b"7")
+    b = _letter(1, 5, _ev(43, -3), error_class="InvalidEventError", original=(2, 150), key=b"-3")
     c = _letter(2, 9, b"not json", error_class="InvalidEventError", original=(0, 7),
                 failed_at="2026-11-28T12:00:00Z")  # fmt: skip
     letters = [a, b, c]
@@ -101,7 +101,7 @@ def test_a_selection_matches_on_every_filter_and_needs_all_of_them():
     assert chosen() == letters and dlq_letters.selection(UNIT_SETTINGS).is_everything()
     assert chosen(action_ids=["42"]) == [a]
     assert chosen(action_ids=["40..50"]) == [a, b]  # c has no action_id: never matches it
-    assert chosen(emp_ids=["-3"]) == [b]
+    assert chosen(keys=["-3"]) == [b]  # the message key: c's is 1, not in -3
     assert chosen(error_classes=["invalideventerror"]) == [b, c]
     assert chosen(partitions=["2"]) == [a, b]
     assert chosen(partitions=["2"], offsets=["120.."]) == [b]
@@ -110,7 +110,7 @@ def test_a_selection_matches_on_every_filter_and_needs_all_of_them():
     assert chosen(until="2026-11-28T11:00Z") == [a, b]
     assert chosen(positions=["1/5", f"{DLQ}/2/9"]) == [b, c]
     assert chosen(positions=["1/5,2/9"], error_classes=["CheckViolation"]) == []
-    assert chosen(action_ids=["42"], emp_ids=["8"]) == []
+    assert chosen(action_ids=["42"], keys=["8"]) == []
 
     # A stranger's message without cdc.failed.at is timed by its Kafka timestamp.
     untimed = Letter.parse((DLQ, 0, 7), None, b"x", [], datetime(2026, 11, 28, 12, 30, tzinfo=UTC))
@@ -127,7 +127,8 @@ def test_odd_values_list_and_show_with_what_can_be_shown():
         _letter(0, 4, b'{"action_id": "42", "emp_id": true, "action": 5}'),
     ]
     assert [m.value_format for m in odd] == ["binary", "text", "json", "none", "json"]
-    assert all(m.action_id is None and m.emp_id is None and m.action is None for m in odd)
+    assert all(m.action_id is None and m.action is None for m in odd)
+    assert [m.row_key for m in odd] == [1, 1, 1, None, 1]
     lines = dlq_letters.list_lines(odd)
     assert len(lines) == 6 and "[value: binary]" in lines[1] and "[value: text]" in lines[2]
     assert "base64:" in "\n".join(dlq_letters.show_lines(odd[0]))
@@ -166,7 +167,7 @@ def test_the_edit_file_round_trips_and_a_corrected_value_is_diffed_field_by_fiel
         '(key): "7" -> "8"',
     ]
     assert fixed.key == b"8" and json.loads(fixed.value)["dob"] == "1990-02-28"
-    assert (fixed.action_id, fixed.emp_id, fixed.invalid) == (42, 8, None)
+    assert (fixed.action_id, fixed.row_key, fixed.key_name, fixed.invalid) == (42, 8, "emp_id", None)
 
 
 @pytest.mark.parametrize(
@@ -206,7 +207,7 @@ def test_an_unreadable_edit_file_is_one_clear_error(tmp_path, text, words):
 
 def test_a_decision_is_read_at_the_replayed_copy_or_from_the_committed_offset():
     def sent(action_id: int | None, invalid: str | None = None) -> Sent:
-        planned = Planned(_letter(), "t", b"1", b"{}", [], action_id=action_id, emp_id=7, invalid=invalid)
+        planned = Planned(_letter(), "t", b"1", b"{}", [], action_id=action_id, row_key=7, invalid=invalid)
         return Sent(planned, "t", 1, 10)
 
     rows = {42: ("stale", "t", 1, 10), 43: ("applied", "t", 0, 3)}
@@ -226,7 +227,7 @@ def test_a_destination_that_does_not_answer_is_reported_not_guessed():
         dest_db_url="postgresql://u:secret@127.0.0.1:1/d",
         kafka_bootstrap_servers="127.0.0.1:1",
     )
-    planned = Planned(_letter(), "t", b"1", b"{}", [], action_id=42, emp_id=7)
+    planned = Planned(_letter(), "t", b"1", b"{}", [], action_id=42, row_key=7)
     [expected] = dlq_workbench.expectations(settings, [planned]).values()
     assert expected.startswith("unknown (destination:")
     [decision] = dlq_workbench.wait_for_decisions(settings, [Sent(planned, "t", 0, 5)], 5).values()
@@ -249,7 +250,9 @@ def _one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> 
 def test_bad_input_and_an_unreachable_kafka_are_one_line_and_exit_2(tmp_path):
     env = settings_env(UNIT_SETTINGS, KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1", DEST_DB_URL="")
     _one_line_error(_cli(env, tmp_path, "list", "--since", "last week"), "--since 'last week'")
-    _one_line_error(_cli(env, tmp_path, "show", "--emp-id", "seven"), "--emp-id 'seven'")
+    _one_line_error(
+        _cli(env, tmp_path, "show", "--emp-id", "seven"), "--key 'seven'"
+    )  # --emp-id: the old name of --key
     _one_line_error(_cli(env, tmp_path, "replay"), "replay needs a selection")
     _one_line_error(_cli(env, tmp_path, "replay", "--edit-file", "nope.json"), "cannot read the edit file")
     (tmp_path / "fix.json").write_bytes(b"\xff")
