@@ -13,8 +13,8 @@ help:
 	@echo "make monitor - start a local Prometheus (PROMETHEUS_PORT, 9090) with the alerts, scraping both daemons"
 	@echo "make status  - say what runs where"
 	@echo "make down    - stop the local services and Prometheus"
-	@echo "make lint    - ruff check and format check, the import layering contract (lint-imports), hadolint"
-	@echo "make typecheck - mypy on cdc/ and the root scripts (not yet part of make lint)"
+	@echo "make lint    - ruff check and format check, the import layering contract (lint-imports), hadolint, mypy"
+	@echo "make typecheck - mypy on cdc/ and the root scripts (also part of make lint)"
 	@echo "make bench   - side by side: this pipeline, PostgreSQL logical replication, Debezium, a naive consumer"
 	@echo "               (drain, latency, initial load, cost; ~40 min; bench-results/report.md). BENCH_ARGS=--smoke: ~3 min"
 	@echo "make soak    - the pipeline for SOAK_MINUTES (30) with a fault every 3 min; memory/fds must stay flat"
@@ -66,6 +66,7 @@ lint: venv
 	$(PY) -m ruff format --check .
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/hadolint Dockerfile
+	$(PY) -m mypy
 
 # mypy's settings and the files it checks are in pyproject.toml.
 typecheck: venv
