@@ -24,7 +24,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from cdc.kafka.client import base_config
 from cdc.runtime.settings import Settings
-from cdc.runtime.stats import Stats
+from cdc.runtime.stats import COMMITTED, LAG, Stats
 
 log = logging.getLogger(__name__)
 
@@ -111,5 +111,5 @@ class LagWatch:
             )
             # Nothing committed yet: the group starts at the log start (auto.offset.reset=earliest).
             lag[(topic, partition)] = max(0, high - committed.get((topic, partition), low))
-        self.stats.set("lag", lag)
-        self.stats.set("committed", committed)
+        self.stats.set(LAG, lag)
+        self.stats.set(COMMITTED, committed)
