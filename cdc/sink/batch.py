@@ -2,10 +2,10 @@
 
 ``BatchApplier.apply(records)``:
 
-1. Decode and validate each record (``decode``, ``employee.py``). An invalid one is a dead letter
-   at once. No database needed: ``apply_decoded`` takes the result, the rest happens in one
+1. Decode and validate each record against the destination table (``decode``, the table model's
+   ``Codec``). An invalid one is a dead letter at once. No database needed: ``apply_decoded`` takes the result, the rest happens in one
    destination transaction.
-2. Apply the rest set-based (``cdc/sink.py``) in a savepoint.
+2. Apply the rest set-based (``cdc.sink.statements``) in a savepoint.
 3. A bad message in the batch (a database data error, SQLSTATE class 22 or 23, or a value that
    cannot be put into the statement): roll back to the savepoint and apply the batch in halves,
    each in a savepoint, halving what fails down to one message per savepoint; a failing message
@@ -15,7 +15,7 @@
    produced to the DLQ and acknowledged, all before the transaction commits.
 5. Commit. Anything else (transient, a bug) rolls the whole batch back and leaves this module.
 
-Works on plain records (``cdc.kafka.Received``), so it runs the same with or without a consumer.
+Works on plain records (``cdc.kafka.client.Received``), so it runs the same with or without a consumer.
 """
 
 from __future__ import annotations

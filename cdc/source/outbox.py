@@ -554,7 +554,7 @@ class ProducerSession:
         """Execute ``statement`` on the lock session (preparing it the first time).
 
         A failed session means the lock is gone: LeadershipLost. Any other error is classified
-        as the pool does (``cdc.db.classify``).
+        as the pool does (``cdc.runtime.db.classify``).
         """
         if not self.held:
             raise LeadershipLost("the lock connection is closed")
