@@ -86,8 +86,8 @@ def producer_config(settings: Settings, **extra: object) -> dict[str, object]:
 def consumer_config(settings: Settings, **extra: object) -> dict[str, object]:
     """Offsets are committed by hand after the destination commit, never automatically."""
     return {
-        # Prefetch bounded to 8 MiB queued and 4 MiB per fetch (librdkafka: 64 MiB and 50 MiB),
-        # still many batches ahead: on a backlog the daemon peaked at 174 MiB RSS, now ~130 MiB.
+        # Prefetch bounded to 8 MiB queued and 4 MiB per fetch (librdkafka: 64 MiB and 50 MiB):
+        # still many batches ahead, and the daemon's memory on a backlog stays bounded.
         # KAFKA_* variables override both.
         "queued.max.messages.kbytes": 8192,
         "fetch.max.bytes": 4 * 1024 * 1024,
