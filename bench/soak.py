@@ -14,7 +14,7 @@ Memory and descriptors count as flat when, for each daemon's longest-lived proce
 of the last fifth of its samples is within 10 % of the median of the first fifth after warm-up
 (descriptors: within 10 % or 2, whichever is more). Warm-up is 60 s from the process's start,
 and it includes full-size batches: a daemon's memory grows to a ceiling the first time it moves a
-full batch (about 4 MiB for the producer, 20 MiB for the consumer at 5000 per batch) and stays
+full batch and stays
 there, which at 300 changes/s happens only when it catches up after an outage. So each time a
 daemon starts, the soak writes a burst of ``BURST`` changes in one transaction: the process meets
 its largest batches in warm-up, and what the comparison sees after it is growth, not the ceiling.
