@@ -216,7 +216,7 @@ def test_the_dashboard_follows_grafanas_schema_at_its_schema_version():
     assert len(dashboard_schema_errors(broken)) >= 4
 
 
-def test_the_dashboard_shows_what_the_issue_asks_for():
+def test_the_dashboard_shows_throughput_lag_latency_dead_letters_retries_hold_back_pool_and_roles():
     exprs = " ".join(expr for _title, expr in dashboard_queries(json.loads(DASHBOARD.read_text())))
     for needed in (
         "rate(cdc_producer_events_published_total",  # throughput
