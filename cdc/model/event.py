@@ -156,6 +156,38 @@ def _plain(column: Column) -> Callable[[Any], bool]:
     return lambda v: type(v) is str and fullmatch(v) is not None
 
 
+def _row_check(columns: tuple[Column, ...], key_index: int) -> Callable[[tuple[Any, ...]], bool]:
+    """Whether a row's values are all valid (the key present), as ``_plain`` says, in one call.
+
+    The fast path runs this once per message, so it is compiled to one expression over the
+    row's positions, as dataclasses and namedtuple build their methods. Only positions and the
+    integer bounds of the columns' types go into the source, never a name from the catalog.
+    """
+    terms = []
+    for i, column in enumerate(columns):
+        v = f"v{i}"
+        if column.kind is Kind.INTEGER:
+            assert column.range is not None
+            lo, hi = (int(b) for b in column.range)
+            test = f"(type({v}) is int and {lo} <= {v} <= {hi})"
+        elif column.kind is Kind.TEXT:
+            # orjson never yields a lone surrogate, so only length and NUL are left to check.
+            limit = f" and len({v}) <= {int(column.length)}" if column.length is not None else ""
+            test = f"(type({v}) is str{limit} and '\\x00' not in {v})"
+        else:
+            test = f"(type({v}) is str and fullmatch({v}) is not None)"
+        terms.append(test if i == key_index else f"({v} is None or {test})")
+    unpack = ", ".join(f"v{i}" for i in range(len(columns)))
+    source = (
+        f"def check(row):\n    {unpack}, = row\n    return (\n        "
+        + "\n        and ".join(terms)
+        + "\n    )\n"
+    )
+    namespace: dict[str, Any] = {"fullmatch": DATE_TEXT.fullmatch}
+    exec(compile(source, "<row check>", "exec"), namespace)
+    return namespace["check"]
+
+
 class Codec:
     """Events of one table: decode, validate, encode.
 
@@ -186,6 +218,7 @@ class Codec:
         self._checked = tuple((c.name, _checked(c)) for c in self.columns)
         self._plain = tuple((c.name, _plain(c)) for c in self.columns if c.name != key.name)
         self._fields = frozenset((*_META, *self.names))
+        self._fast = self._make_fast()
 
     def key_of(self, event: tuple) -> Any:
         """The event's primary key value."""
@@ -264,52 +297,64 @@ class Codec:
         worded errors, and no lenient DELETE. Nested JSON under unknown keys is left to json,
         whose nesting limit (a RecursionError) this must not step around.
         """
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return None
-        if type(data) is not dict:
-            return None
-        if not self._fields.issuperset(data) and (b"[" in raw or raw.count(b"{") != 1):
-            return None
-        get = data.get
-        action_id = get("action_id")
-        action = get("action")
-        if not (
-            type(action_id) is int
-            and 1 <= action_id <= INT8_MAX
-            and type(action) is str
-            and action in _ACTION_SET
-            and self._key_check(get(self.key_name))
-        ):
-            return None
-        for name, ok in self._plain:
-            value = get(name)
-            if value is not None and not ok(value):
-                return None
-        txid = get("txid")
-        if txid is not None and (type(txid) is not int or not 0 <= txid <= XID8_MAX):
-            return None
-        captured_at = get("captured_at")
-        if captured_at is not None:
-            if type(captured_at) is not str:
-                return None
-            try:
-                captured_at = datetime.fromisoformat(captured_at)
-            except ValueError:
-                return None
-            if captured_at.tzinfo is None:
-                return None
-            # Only the first and the last year can leave datetime's range in UTC.
-            if not 1 < captured_at.year < 9999:
-                try:
-                    captured_at.astimezone(UTC)
-                except OverflowError:
-                    return None
-        return _new_tuple(
-            self.event_type,
-            (action_id, action, _new_tuple(self.row_type, [get(n) for n in self.names]), txid, captured_at),
+        return self._fast(raw)
+
+    def _make_fast(self) -> Callable[[bytes], Any]:
+        # One call per message: everything it needs is bound here, none looked up per call.
+        fields, names = self._fields, self.names
+        check = _row_check(self.columns, self.key_index)
+        event_type, row_type = self.event_type, self.row_type
+        loads, decode_error, new, fromisoformat = (
+            orjson.loads,
+            orjson.JSONDecodeError,
+            _new_tuple,
+            datetime.fromisoformat,
         )
+
+        def fast(raw: bytes) -> Any:
+            try:
+                data = loads(raw)
+            except decode_error:
+                return None
+            if type(data) is not dict:
+                return None
+            if not fields.issuperset(data) and (b"[" in raw or raw.count(b"{") != 1):
+                return None
+            get = data.get
+            action_id = get("action_id")
+            action = get("action")
+            if not (
+                type(action_id) is int
+                and 1 <= action_id <= INT8_MAX
+                and type(action) is str
+                and action in _ACTION_SET
+            ):
+                return None
+            row = new(row_type, map(get, names))
+            if not check(row):
+                return None
+            txid = get("txid")
+            if txid is not None and (type(txid) is not int or not 0 <= txid <= XID8_MAX):
+                return None
+            captured_at = get("captured_at")
+            if captured_at is not None:
+                if type(captured_at) is not str:
+                    return None
+                try:
+                    captured_at = fromisoformat(captured_at)
+                except ValueError:
+                    return None
+                if captured_at.tzinfo is None:
+                    return None
+                # Only the first and the last year can leave datetime's range in UTC.
+                if not 1 < captured_at.year < 9999:
+                    try:
+                        captured_at.astimezone(UTC)
+                    except OverflowError:
+                        return None
+            return new(event_type, (action_id, action, row, txid, captured_at))
+
+        return fast
 
     def salvage(self, value: bytes | None) -> tuple[int, Any, str | None] | None:
         """(action_id, key, action) of an invalid message, when its action_id is usable."""

@@ -61,16 +61,16 @@ _RACED = (
 # the statement the key travels as ``_key`` and the other columns as ``_c1``, ``_c2``, ...: a
 # column of the table can never take the name of one of the statement's own.
 #
-# The batch: one JSON array of [action_id, key, action, topic, partition, offset, captured_at,
-# the other columns in column order] per event (see _batch_json), one action_id each.
+# The batch: one JSON array of [action_id, action, topic, partition, offset, captured_at, the row's
+# columns in column order] per event (see _batch_json), one action_id each.
 #
 # No step joins two of the statement's own results: their sizes are unknown to the planner (it
 # guesses 1 row, and picks a nested loop that is quadratic in the batch size). Each step adds columns
 # to the batch instead, and every lookup is a subquery on a primary key, one probe per event.
 _INPUT = """
 WITH b AS (
-    SELECT (x->>0)::bigint AS action_id, (x->>1)::{key_type} AS _key, x->>2 AS action, x->>3 AS topic,
-           (x->>4)::int AS part, (x->>5)::bigint AS off, (x->>6)::timestamptz AS captured_at{inputs}
+    SELECT (x->>0)::bigint AS action_id, x->>1 AS action, x->>2 AS topic, (x->>3)::int AS part,
+           (x->>4)::bigint AS off, (x->>5)::timestamptz AS captured_at, (x->>{key_at})::{key_type} AS _key{inputs}
       FROM jsonb_array_elements(%(batch)s::jsonb) AS x
 ),"""
 
@@ -190,12 +190,18 @@ RETURNING action_id
 """
 
 
-def _input(i: int, column: Column) -> sql.Composable:
-    """Column ``i`` (1-based among the non-key columns) read from the batch's JSON array."""
-    at = sql.SQL(str(i + 6))
+# Where an event's row starts in its JSON array (after action_id, action, topic, partition,
+# offset, captured_at).
+_ROW_AT = 6
+
+
+def _input(i: int, column: Column, at: int) -> sql.Composable:
+    """Column ``i`` (1-based among the non-key columns) read from position ``at`` of the batch's
+    JSON array."""
+    position, name = sql.SQL(str(at)), sql.SQL(f"_c{i}")
     if column.kind is Kind.INTEGER:
-        return sql.SQL(", (x->>{})::{} AS _c{}").format(at, sql.SQL(column.type), sql.SQL(str(i)))
-    return sql.SQL(", x->>{} AS _c{}").format(at, sql.SQL(str(i)))
+        return sql.SQL(", (x->>{})::{} AS {}").format(position, sql.SQL(column.type), name)
+    return sql.SQL(", x->>{} AS {}").format(position, name)
 
 
 def _value(i: int, column: Column) -> sql.Composable:
@@ -221,15 +227,11 @@ class Statements:
     apply_unrecorded: str
     record: str
 
-    @property
-    def key_index(self) -> int:
-        """Where the key is in an event's row."""
-        return [c.name for c in self.table.written].index(self.table.key.name)
-
     @classmethod
     def build(cls, cur: psycopg2.extensions.cursor, table: Table) -> Statements:
         key = table.key
         values = table.values
+        written = list(table.written)
 
         def text(template: str, **extra: str) -> str:
             parts = {
@@ -237,7 +239,10 @@ class Statements:
                 "versions": sql.Identifier(VERSIONS),
                 "key": key.ident,
                 "key_type": sql.SQL(key.type),
-                "inputs": sql.Composed([_input(i, c) for i, c in enumerate(values, 1)]),
+                "key_at": sql.SQL(str(_ROW_AT + written.index(key))),
+                "inputs": sql.Composed(
+                    [_input(i, c, _ROW_AT + written.index(c)) for i, c in enumerate(values, 1)]
+                ),
                 "columns": sql.Composed([sql.SQL(", {}").format(c.ident) for c in values]),
                 "values": sql.Composed([_value(i, c) for i, c in enumerate(values, 1)]),
                 "upsert": _upsert(values),
@@ -343,7 +348,7 @@ def apply_events(
             cur,
             statements.apply_recorded if idempotency else statements.apply_unrecorded,
             {
-                "batch": _batch_json(fresh.values(), statements.key_index),
+                "batch": _batch_json(fresh.values()),
                 "replayed": _replayed(fresh.values()),
             },
         )
@@ -402,7 +407,7 @@ def _reused(found: tuple[int, datetime, datetime]) -> None:
     )
 
 
-def _batch_json(items: Iterable[Delivered], key_index: int) -> _Json:
+def _batch_json(items: Iterable[Delivered]) -> _Json:
     """The batch as the JSON the statement reads (see _INPUT)."""
     rows = []
     for event, record, _ in items:
@@ -410,7 +415,6 @@ def _batch_json(items: Iterable[Delivered], key_index: int) -> _Json:
         rows.append(
             (
                 action_id,
-                row[key_index],
                 action,
                 record.topic,
                 record.partition,
@@ -419,7 +423,7 @@ def _batch_json(items: Iterable[Delivered], key_index: int) -> _Json:
                 # orjson prints a UTC datetime the same, much faster; another offset may
                 # have seconds, which orjson would drop.
                 at if at is None or at.tzinfo is UTC else at.isoformat(),
-                *(row[1:] if key_index == 0 else row[:key_index] + row[key_index + 1 :]),
+                *row,
             )
         )
     try:
