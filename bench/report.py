@@ -8,6 +8,7 @@ NAMES = {
     "cdc": "this pipeline (end to end)",
     "cdc_producer_alone": "this pipeline: producer alone",
     "cdc_consumer_alone": "this pipeline: consumer alone (pre-loaded topic)",
+    "cdc_base": "this pipeline, the other checkout (--compare)",
     "logical": "PostgreSQL logical replication",
     "debezium": "Debezium (PostgreSQL source + JDBC sink, Kafka Connect standalone)",
     "naive": "naive per-message consumer (with this producer)",
@@ -37,6 +38,8 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
     load = {k: v.get("rows_per_s") for k, v in results.get("load", {}).items()}
     return {
         "drain_cdc_over_logical": _ratio(drain.get("cdc"), drain.get("logical")),
+        "drain_cdc_base_over_logical": _ratio(drain.get("cdc_base"), drain.get("logical")),
+        "drain_cdc_over_cdc_base": _ratio(drain.get("cdc"), drain.get("cdc_base")),
         "drain_cdc_over_debezium": _ratio(drain.get("cdc"), drain.get("debezium")),
         "drain_cdc_over_naive": _ratio(drain.get("cdc"), drain.get("naive")),
         "load_cdc_over_logical": _ratio(load.get("cdc"), load.get("logical")),

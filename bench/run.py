@@ -32,9 +32,11 @@ ALL_CONTENDERS = ("cdc", "logical", "debezium", "naive")
 ALL_SCENARIOS = ("drain", "latency", "load", "scaleout")
 
 
-def make_contender(name: str):
+def make_contender(name: str, compare: Path | None = None):
     if name == "cdc":
         return Pipeline()
+    if name == "cdc_base" and compare is not None:
+        return Pipeline(tree=compare)
     if name == "logical":
         return Logical()
     if name == "naive":
@@ -61,6 +63,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--load-rows", type=int, default=1_000_000, help="rows for the initial load (default 1M)")
     p.add_argument("--scaleout-changes", type=int, default=100_000, help="backlog for the scale-out runs")
     p.add_argument("--contenders", default=",".join(ALL_CONTENDERS))
+    p.add_argument(
+        "--compare",
+        type=Path,
+        metavar="DIR",
+        help="also run another checkout's producer.py and consumer_final.py as contender cdc_base "
+        "(e.g. `git worktree add /tmp/base <commit>`), on the same data in the same run",
+    )
     p.add_argument("--scenarios", default=",".join(ALL_SCENARIOS))
     p.add_argument("--no-profile", action="store_true", help="skip py-spy during this pipeline's drain")
     p.add_argument("--smoke", action="store_true", help="tiny numbers: checks the harness in a minute or two")
@@ -77,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     names = [n.strip() for n in args.contenders.split(",") if n.strip()]
     wanted = {s.strip() for s in args.scenarios.split(",") if s.strip()}
-    contenders = {n: make_contender(n) for n in names}
+    if args.compare is not None and "cdc_base" not in names:
+        names.insert(names.index("cdc") + 1 if "cdc" in names else 0, "cdc_base")
+    contenders = {n: make_contender(n, args.compare) for n in names}
     results: dict[str, Any] = {
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": harness.describe_machine(),

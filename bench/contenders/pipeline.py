@@ -15,7 +15,7 @@ from bench.contenders.base import BenchEnv
 from cdc.local.runner import Daemon
 from cdc.ops.top import Scrape, bucket_delta, fetch, quantile
 from tests.support import free_port
-from tests.support.pipeline import CONSUMER
+from tests.support.pipeline import CONSUMER, PRODUCER
 from tests.support.pipeline import Pipeline as Daemons
 
 PARTS = ("producer", "consumer")
@@ -26,9 +26,20 @@ class Pipeline:
     uses_kafka = True
     needs_outbox = True
 
-    def __init__(self, *, settings: dict[str, str] | None = None, consumer_script: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        settings: dict[str, str] | None = None,
+        consumer_script: str | None = None,
+        tree: Path | None = None,
+    ) -> None:
         self.settings = dict(settings or {})  # extra variables for the daemons' env file
         self.consumer_script = consumer_script or CONSUMER
+        self.producer_script = PRODUCER
+        if tree is not None:  # another checkout's daemons (``make bench`` --compare)
+            self.name = "cdc_base"
+            self.producer_script = str(tree / PRODUCER)
+            self.consumer_script = str(tree / CONSUMER)
         self.env: BenchEnv | None = None
         self.daemons: Daemons | None = None
         self.procs: dict[str, Daemon] = {}  # the parts started and not stopped since
@@ -65,6 +76,7 @@ class Pipeline:
             "--env-file",
             str(self.envfile),
             producer_args=("--snapshot",) if initial_load else (),
+            producer_script=self.producer_script,
             consumer_script=self.consumer_script,
         )
 

@@ -33,7 +33,8 @@ class Pipeline:
     ``env`` is a ``Settings`` (made into each daemon's environment by ``settings_env``) or an
     environment; ``args`` go to every daemon (``--env-file path``, say), ``producer_args`` to the
     producer only; ``variables`` are set for every daemon, ``consumer_variables`` for consumers
-    only. ``consumer_script`` replaces consumer_final.py (the bench's naive consumer).
+    only. ``consumer_script`` replaces consumer_final.py (the bench's naive consumer), and
+    ``producer_script`` producer.py (the bench's other checkout).
     """
 
     def __init__(
@@ -42,6 +43,7 @@ class Pipeline:
         workdir: Path,
         *args: str,
         producer_args: Sequence[str] = (),
+        producer_script: str = PRODUCER,
         consumer_script: str = CONSUMER,
         consumer_variables: Mapping[str, Any] | None = None,
         **variables: Any,
@@ -52,7 +54,7 @@ class Pipeline:
         self.consumer_script = consumer_script
         self.variables = variables
         self.consumer_variables = dict(consumer_variables or {})
-        self.producer = Daemon(PRODUCER, env, workdir / "producer", *args, *producer_args, **variables)
+        self.producer = Daemon(producer_script, env, workdir / "producer", *args, *producer_args, **variables)
         self.consumers: list[Daemon] = []
         self.workload: Workload | None = None
 
