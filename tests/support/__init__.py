@@ -35,6 +35,19 @@ CLEAN_SOURCE = (
     " UPDATE cdc_producer_state SET last_txid = '0', last_action_id = 0, published_total = 0;"
 )
 CLEAN_DEST = "TRUNCATE employees, processed_events, emp_versions;"
+# One valid employees change event, as a decoded JSON object.
+SAMPLE_EVENT = {
+    "action_id": 1042,
+    "action": "UPDATE",
+    "emp_id": 7,
+    "first_name": "Ada",
+    "last_name": "Lovelace",
+    "dob": "1815-12-10",
+    "city": "London",
+    "salary": 120000,
+    "txid": 88123,
+    "captured_at": "2026-11-24T10:00:00.123456+00:00",
+}
 
 
 def wait_until(cond: Callable[[], Any], timeout: float, what: str, step: float = 0.1) -> Any:

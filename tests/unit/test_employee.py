@@ -6,19 +6,9 @@ from datetime import UTC, date, datetime
 import pytest
 
 from employee import INT4_MAX, INT4_MIN, ChangeEvent, Employee, InvalidEventError, _from_json_fast
+from tests.support import SAMPLE_EVENT
 
-GOOD = {
-    "action_id": 1042,
-    "action": "UPDATE",
-    "emp_id": 7,
-    "first_name": "Ada",
-    "last_name": "Lovelace",
-    "dob": "1815-12-10",
-    "city": "London",
-    "salary": 120000,
-    "txid": 88123,
-    "captured_at": "2026-11-24T10:00:00.123456+00:00",
-}
+GOOD = SAMPLE_EVENT
 
 
 def _with(**changes):

@@ -13,21 +13,11 @@ from cdc.runtime import exits
 from cdc.source.outbox import Batch, Cursor
 from employee import EMPLOYEES
 from producer import build_parser, check_rows, main
+from tests.support import SAMPLE_EVENT
 
 CODEC = Codec(EMPLOYEES)
 
-EVENT = {
-    "action_id": 42,
-    "action": "UPDATE",
-    "emp_id": 7,
-    "first_name": "Ada",
-    "last_name": "Lovelace",
-    "dob": "1815-12-10",
-    "city": "London",
-    "salary": 120000,
-    "txid": 88123,
-    "captured_at": "2026-11-24T10:00:00.123456+00:00",
-}
+EVENT = {**SAMPLE_EVENT, "action_id": 42}
 
 
 def row(checked: bool, **change: object) -> tuple[str, str, float, bool]:
