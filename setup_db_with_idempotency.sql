@@ -44,4 +44,40 @@ CREATE TABLE IF NOT EXISTS emp_versions (
     updated_at      TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 
+-- The destination's record of what it consumed: per topic partition, the offset after the last
+-- message decided (applied, stale, duplicate or dead-lettered), written in the same transaction
+-- as the rows. The consumer starts each partition here, not at the group's committed offset, and
+-- topic_id (Kafka's topic id) tells a recreated topic from the one these offsets belong to.
+-- Rows of the dead-letter topic are the --replay-dlq cursor: the letters replayed.
+CREATE TABLE IF NOT EXISTS applied_offsets (
+    topic        TEXT NOT NULL,
+    "partition"  INTEGER NOT NULL,
+    next_offset  BIGINT NOT NULL CHECK (next_offset >= 0),
+    topic_id     TEXT,
+    updated_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (topic, "partition")
+);
+
+-- Destinations set up before applied_offsets: their positions, from the messages processed_events
+-- recorded (topic id unknown: the consumer takes the topic's current one). Only while it is empty.
+INSERT INTO applied_offsets (topic, "partition", next_offset)
+SELECT topic, "partition", max("offset") + 1
+  FROM processed_events
+ WHERE topic IS NOT NULL AND "partition" IS NOT NULL AND "offset" IS NOT NULL
+   AND NOT EXISTS (SELECT FROM applied_offsets)
+ GROUP BY topic, "partition"
+ON CONFLICT DO NOTHING;
+
+-- Gaps an operator accepted (`python -m cdc offsets accept-gap`): offsets first_lost up to
+-- next_kept were removed from the topic before this destination applied them.
+CREATE TABLE IF NOT EXISTS accepted_gaps (
+    topic        TEXT NOT NULL,
+    "partition"  INTEGER NOT NULL,
+    topic_id     TEXT,
+    first_lost   BIGINT NOT NULL,
+    next_kept    BIGINT NOT NULL,
+    accepted_by  TEXT NOT NULL,
+    accepted_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
 COMMIT;

@@ -2,8 +2,10 @@
 -- the tables' owner. Idempotent and atomic; re-running it also takes back any broader grant.
 -- The role is created without a password: set one (ALTER ROLE cdc_consumer PASSWORD '...').
 --
--- cdc_consumer may only write the three tables it keeps: the replicated rows, the idempotency
--- record and the version guard. No DDL, no TRUNCATE, nothing else.
+-- cdc_consumer may only write the tables it keeps: the replicated rows, the idempotency record,
+-- the version guard and the applied offsets, and add to the record of accepted gaps (the
+-- operator's `python -m cdc offsets accept-gap` runs with the same .env). No DDL, no TRUNCATE,
+-- nothing else.
 
 BEGIN;
 
@@ -19,6 +21,7 @@ REVOKE ALL ON ALL TABLES IN SCHEMA public FROM cdc_consumer;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM cdc_consumer;
 
 GRANT SELECT, INSERT, UPDATE, DELETE ON employees TO cdc_consumer;
-GRANT SELECT, INSERT, UPDATE ON processed_events, emp_versions TO cdc_consumer;
+GRANT SELECT, INSERT, UPDATE ON processed_events, emp_versions, applied_offsets TO cdc_consumer;
+GRANT SELECT, INSERT ON accepted_gaps TO cdc_consumer;
 
 COMMIT;

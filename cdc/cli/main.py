@@ -2,8 +2,9 @@
 
 Commands: up, down, status (local services without Docker) and monitor (a local Prometheus with
 the alerts, scraping the daemons); verify (reconcile the destination with the source), workload
-(a realistic write load on the source), dlq (list, show, correct and replay dead letters) and
-top (a live view of both daemons), the operator tools. Each command (or group) is a module of
+(a realistic write load on the source), dlq (list, show, correct and replay dead letters),
+offsets (the destination's applied offsets: show, accept a gap, rewind) and top (a live view
+of both daemons), the operator tools. Each command (or group) is a module of
 this package with its ``add_parser``; this one builds the parser and dispatches.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cdc.cli import demo, dlq, services, top, verify, workload
+from cdc.cli import demo, dlq, offsets, services, top, verify, workload
 from cdc.errors import CDCError
 from cdc.local.paths import WORK_DIR
 from cdc.runtime import exits
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     workload.add_parser(sub)
     demo.add_parser(sub)
     dlq.add_parser(sub)
+    offsets.add_parser(sub)
     top.add_parser(sub)
     return parser
 

@@ -10,9 +10,9 @@
 
 Which letters: ``dlq replay`` takes a selection (filters, an edit file, ``--all``) read from the
 beginning of the DLQ and keeps no progress; replaying a letter twice is harmless (the second copy
-is a duplicate). ``--replay-dlq`` takes what is new since the last time (``Cursor``): the cursor
-moves past the letters only once Kafka acknowledged every replay, so a crash replays a few twice,
-which the sink absorbs.
+is a duplicate). ``--replay-dlq`` takes what is new since the last time (``Cursor``, kept in the destination beside the consumer's own
+positions): the cursor moves past the letters only once Kafka acknowledged every replay, so a
+crash replays a few twice, which the sink absorbs.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from cdc.dlq import queue as dlq
 from cdc.dlq.letters import QUIET, Letter
-from cdc.errors import ConfigError, DeliveryError
-from cdc.kafka.client import Headers, Publisher, consumer_config, producer_config
+from cdc.errors import ConfigError, DeliveryError, HaltError
+from cdc.kafka.client import Headers, Publisher, admin_client, consumer_config, producer_config
+from cdc.kafka.positions import REQUEST_TIMEOUT, PositionStore, log_range, starts
 from cdc.model.event import Codec, InvalidEventError
 from cdc.runtime.settings import Settings
 
@@ -294,21 +295,30 @@ def _jsonable(value: Any) -> Any:
 
 
 class Cursor:
-    """Where the last ``--replay-dlq`` stopped: the committed offsets of the consumer group
-    ``<CONSUMER_GROUP_ID>.dlq-replay`` on the DLQ topic."""
+    """Where the last ``--replay-dlq`` stopped.
 
-    def __init__(self, settings: Settings) -> None:
+    With ``store`` (the destination's applied offsets, rows of the DLQ topic): the position the
+    destination stored, checked against the topic (``cdc.kafka.positions.decide``): letters
+    removed before they were replayed stop the replay with a line naming them, never skipped; a
+    recreated DLQ topic is read from its beginning. The group ``<CONSUMER_GROUP_ID>.dlq-replay``
+    is committed too (for lag tools). Without a store (no DEST_DB_URL), the group's offsets alone.
+    """
+
+    def __init__(self, settings: Settings, store: PositionStore | None = None) -> None:
+        self.settings = settings
         self.topic = settings.cdc_dlq_topic
         self.group = f"{settings.consumer_group_id}{CURSOR_GROUP_SUFFIX}"
+        self.store = store
         self._consumer = Consumer(consumer_config(settings, **{"group.id": self.group, **QUIET}))
         self._next: dict[int, int] = {}  # per DLQ partition, the offset after the last letter read
+        self._ids: dict[str, str] = {}
 
     def letters(self, limit: int | None = None) -> list[Letter]:
         """The letters after the cursor up to the end of the DLQ now (at most ``limit``), in
         the order they were read."""
         found = []
         try:
-            ends = dlq.assign_topic(self._consumer, self.topic, from_committed=True)
+            ends = self._assign()
             for msg in dlq.read_until(self._consumer, ends, limit):
                 _, partition, offset = dlq.position(msg)
                 self._next[partition] = offset + 1
@@ -317,10 +327,46 @@ class Cursor:
             raise DeliveryError(f"replay of {self.topic}: {exc.args[0].str()}") from exc
         return found
 
+    def _assign(self) -> dict[int, int]:
+        """Assign the DLQ's partitions at the cursor; the end offset of each with letters to read."""
+        if self.store is None:
+            log.warning("DEST_DB_URL is not set: --replay-dlq starts where its consumer group says")
+            return dlq.assign_topic(self._consumer, self.topic, from_committed=True)
+        meta = self._consumer.list_topics(self.topic, timeout=REQUEST_TIMEOUT).topics[self.topic]
+        if meta.error is not None:
+            raise DeliveryError(f"topic {self.topic}: {meta.error.str()}")
+        decided, self._ids = starts(
+            self._consumer,
+            admin_client(self.settings),
+            self.store,
+            [(self.topic, p) for p in meta.partitions],
+        )
+        gaps = [start.gap for start in decided.values() if start.gap is not None]
+        for gap in gaps:
+            log.error("dead letters lost: %s", gap.line())
+        if gaps:
+            raise HaltError(
+                f"{len(gaps)} partition(s) of {self.topic} lost dead letters before they were replayed: "
+                f"nothing replayed (`python -m cdc offsets accept-gap --topic {self.topic}` accepts the loss)"
+            )
+        parts, ends = [], {}
+        for (_, partition), start in sorted(decided.items()):
+            for level, text in start.notes:
+                log.log(level, "%s", text)
+            assert start.offset is not None
+            parts.append(TopicPartition(self.topic, partition, start.offset))
+            _, high = log_range(self._consumer, self.topic, partition)
+            if start.offset < high:
+                ends[partition] = high
+        self._consumer.assign(parts)
+        return ends
+
     def advance(self) -> None:
         """Move the cursor past the letters read: call it once their replays are acknowledged."""
         if not self._next:
             return
+        if self.store is not None:
+            self.store.write({(self.topic, p): o for p, o in self._next.items()}, self._ids)
         offsets = [TopicPartition(self.topic, p, o) for p, o in self._next.items()]
         try:
             self._consumer.commit(offsets=offsets, asynchronous=False)
@@ -331,11 +377,17 @@ class Cursor:
         self._consumer.close()
 
 
-def replay_pending(settings: Settings, *, limit: int | None = None, audit_file: Path | None = None) -> int:
+def replay_pending(
+    settings: Settings,
+    *,
+    limit: int | None = None,
+    audit_file: Path | None = None,
+    store: PositionStore | None = None,
+) -> int:
     """``consumer_final.py --replay-dlq``: replay, as they are, the letters after the cursor (at
     most ``limit``), then move the cursor past them. Returns how many were replayed."""
     audit = AuditLog(audit_file)
-    cursor = Cursor(settings)
+    cursor = Cursor(settings, store)
     try:
         plans = plan(settings, cursor.letters(limit), {}, None)
         sent = send(settings, plans, audit) if plans else []

@@ -21,7 +21,7 @@ Works on plain records (``cdc.kafka.client.Received``), so it runs the same with
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import psycopg2
@@ -34,6 +34,7 @@ from cdc.model.event import Codec, Event, InvalidEventError
 from cdc.model.table import SOURCE_TABLE, Table
 from cdc.runtime.db import Database, classify
 from cdc.runtime.stats import APPLIED, CONSUMED, DLQ, DUPLICATES, RETRIES, STALE, Stats
+from cdc.sink import positions
 from cdc.sink import statements as sink
 
 log = logging.getLogger("consumer.batch")
@@ -107,6 +108,10 @@ class BatchApplier:
         self.idempotency = idempotency
         self._statements: sink.Statements | None = None
         self._codec: Codec | None = None
+        # The ids of the topics read (``cdc.sink.placement``): set, each batch also stores the
+        # offsets it consumed in its transaction (``cdc.sink.positions``); None: a batch without
+        # a consumer (tests, tools) stores none.
+        self.topic_ids: Mapping[str, str] | None = None
 
     def load_table(self) -> None:
         """Read the destination table from its catalog and build the statements and the event
@@ -143,8 +148,13 @@ class BatchApplier:
         dead = list(batch.invalid)
         with self.db.connection() as conn, conn.cursor() as cur:
             # Offsets move once this commit returns, so it must survive a server crash even
-            # where the server is configured with synchronous_commit = off.
-            cur.execute("SET LOCAL synchronous_commit = on; SAVEPOINT batch")
+            # where the server is configured with synchronous_commit = off. The batch's positions
+            # go with the same round trip, outside the savepoint: they commit with the batch.
+            begin = "SET LOCAL synchronous_commit = on; SAVEPOINT batch"
+            if self.topic_ids is not None and batch.records:
+                cur.execute(positions.WRITE + begin, positions.write_params(batch.records, self.topic_ids))
+            else:
+                cur.execute(begin)
             try:
                 done = sink.apply_events(cur, items, idempotency=self.idempotency, statements=self.statements)
             except (psycopg2.Error, BadMessageError) as exc:

@@ -18,6 +18,12 @@ Each turn of the group loop (``ProductionCDCConsumer.run``):
    transaction committed have offsets to commit. A partition revoked meanwhile first waits for
    the batch in flight, then commits what is applied; a lost partition drops its offsets.
 
+The Kafka commit is for lag tools and the group's view: where a partition starts is the
+destination's own record, the offsets each batch stores in its transaction
+(``cdc.sink.positions``), checked against the topic on assignment (``cdc.sink.placement``): a
+reset group changes nothing, a recreated topic starts from its beginning, and messages removed
+before they were applied hold their partition (a gap is never skipped silently).
+
 A transient error (database down, deadlock, DLQ unreachable) rolls the batch back; the
 partitions are paused and the consumer keeps polling, so it stays in its group while it waits
 with capped exponential backoff, then retries the same batch (``cdc.sink.retry``).
@@ -38,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from cdc.dlq import queue as dlq_module
 from cdc.dlq.queue import CircuitBreaker, DeadLetterQueue
@@ -85,6 +91,8 @@ from cdc.sink import statements as sink
 from cdc.sink.batch import BatchApplier, Decoded
 from cdc.sink.inflight import InFlight
 from cdc.sink.offsets import TP, Offsets
+from cdc.sink.placement import Placement
+from cdc.sink.positions import DestinationPositions
 from cdc.sink.retry import PausedRetry
 
 log = logging.getLogger("consumer")
@@ -151,6 +159,7 @@ class ProductionCDCConsumer:
         self._dlq: DeadLetterQueue | None = None
         self._metrics: MetricsServer | None = None
         self._lag: LagWatch | None = None
+        self._placement: Placement | None = None
         for gauge in (ASSIGNED, PAUSED):
             self.stats.set(gauge, 0)
         self.stats.set(DB_IN_USE, self.db.in_use)
@@ -171,6 +180,7 @@ class ProductionCDCConsumer:
             probe=self.probe,
             signal=self.signal,
             on_resume=self._set_readiness,
+            unplaced=self._unplaced,
         )
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -210,8 +220,14 @@ class ProductionCDCConsumer:
         is finished (``_close`` commits its offsets)."""
         s = self.settings
         offsets, in_flight, decode = self.offsets, self.in_flight, self.applier.decode
+        placement = self._placement
+        assert placement is not None
         while self.running:
             self.probe.beat()
+            if placement.due():
+                self._settle(consumer)  # the positions it stores count
+                placement.retry(consumer, offsets.owned, resume=True)
+                self._set_readiness()
             offsets.commit(consumer)
             epochs = dict(offsets.epochs)  # the assignment the next messages are read in
             batch = self._usable(self._next_messages(consumer))
@@ -255,14 +271,25 @@ class ProductionCDCConsumer:
         if not self._check_schema():
             return None
         self.probe.set_ready("joining the consumer group")
-        ensure_topics(s, admin_client(s))
+        admin = admin_client(s)
+        ensure_topics(s, admin)
+        self._placement = Placement(DestinationPositions(self.db), admin, self.stats)
+        self.applier.topic_ids = self._placement.topic_ids
         if self.enable_dlq:
             self._dlq = self.applier.dlq = DeadLetterQueue(s)
         self._lag = LagWatch(s, self.stats, lambda: set(self.offsets.owned))
         self._lag.start()
         self.in_flight.open()
         self._consumer = consumer = Consumer(
-            consumer_config(s, **{"client.id": f"cdc-consumer-{s.consumer_group_id}"}),
+            consumer_config(
+                s,
+                **{
+                    "client.id": f"cdc-consumer-{s.consumer_group_id}",
+                    # Every partition starts where the destination says (cdc.sink.placement); a
+                    # fetch that falls out of the log is an error to handle, never a silent reset.
+                    "auto.offset.reset": "error",
+                },
+            ),
             logger=KAFKA_LOG,
         )
         consumer.subscribe(
@@ -323,9 +350,11 @@ class ProductionCDCConsumer:
     # -- rebalance callbacks (run inside consume()) ----------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.offsets.assign((tp.topic, tp.partition) for tp in partitions)
-        self._rebalanced(REBALANCE_ASSIGNED)
         log.info("partitions assigned: %s", _names(partitions))
+        self.offsets.assign((tp.topic, tp.partition) for tp in partitions)
+        if self._placement is not None:
+            self._placement.assign(consumer, partitions)
+        self._rebalanced(REBALANCE_ASSIGNED)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in partitions}
@@ -334,12 +363,17 @@ class ProductionCDCConsumer:
         self._await_in_flight()
         self._commit_pending(only=gone)
         self.offsets.forget(gone)
+        if self._placement is not None:
+            self._placement.forget(gone)
         self._rebalanced(REBALANCE_REVOKED)
         log.info("partitions revoked: %s", _names(partitions))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # The partitions already belong to someone else: committing now could move their offsets.
-        self.offsets.forget({(tp.topic, tp.partition) for tp in partitions})
+        gone = {(tp.topic, tp.partition) for tp in partitions}
+        self.offsets.forget(gone)
+        if self._placement is not None:
+            self._placement.forget(gone)
         self._rebalanced(REBALANCE_LOST)
         log.warning("partitions lost (not committed; the new owner re-reads them): %s", _names(partitions))
 
@@ -353,18 +387,31 @@ class ProductionCDCConsumer:
     def _set_readiness(self) -> None:
         if self.retry.paused:
             return  # the outage's reason stays until the partitions resume
-        self.probe.set_ready(None if self.offsets.owned else "no partitions assigned")
+        held = self._placement.reason() if self._placement is not None else None
+        self.probe.set_ready(held or (None if self.offsets.owned else "no partitions assigned"))
+
+    def _unplaced(self) -> set[TP]:
+        return self._placement.unplaced if self._placement is not None else set()
 
     # -- the batch -------------------------------------------------------------------------
 
     def _usable(self, messages: Sequence[Message]) -> list[Received]:
+        """The messages to apply: not errors, and only of partitions placed at their start."""
         batch = []
+        placement = self._placement
         for msg in messages:
             err = msg.error()
             if err is None:
-                batch.append(Received.of(msg))
+                received = Received.of(msg)
+                if placement is None or placement.placed((received.topic, received.partition)):
+                    batch.append(received)
             elif err.fatal():
                 raise HaltError(f"kafka fatal error: {err.str()}")
+            elif err.code() == KafkaError._AUTO_OFFSET_RESET and placement is not None and self._consumer:
+                topic, partition = msg.topic(), msg.partition()
+                if topic is not None and partition is not None:
+                    placement.lost(self._consumer, (topic, partition), f"offset {msg.offset()}: {err.str()}")
+                    self._set_readiness()
             else:
                 log.warning("kafka: %s", err.str())
         return batch
@@ -502,7 +549,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.replay_dlq:
             audit = Path(args.audit_file) if args.audit_file else None
-            replay_pending(settings, limit=args.limit, audit_file=audit)
+            if settings.dest_db_url:
+                with Database(settings.dest_db_url, application_name="cdc-replay-dlq") as db:
+                    replay_pending(
+                        settings, limit=args.limit, audit_file=audit, store=DestinationPositions(db)
+                    )
+            else:
+                replay_pending(settings, limit=args.limit, audit_file=audit)
             return exits.OK
         if args.show_dlq:
             for record in dlq_module.show(settings, limit=args.limit):

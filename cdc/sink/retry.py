@@ -39,12 +39,14 @@ class PausedRetry:
         probe: Probe,
         signal: StopSignal,
         on_resume: Callable[[], None],
+        unplaced: Callable[[], set[TP]] = set,
     ) -> None:
         self.backoff_max = backoff_max
         self.stats = stats
         self.probe = probe
         self.signal = signal
         self.on_resume = on_resume
+        self.unplaced = unplaced  # partitions that stay paused (``cdc.sink.placement``)
         self.paused = False
 
     def until_applied(
@@ -115,7 +117,10 @@ class PausedRetry:
         self.stats.set(PAUSED, 1)
 
     def resume(self, consumer: Consumer) -> None:
-        consumer.resume(consumer.assignment())
+        unplaced = self.unplaced()
+        placed = [tp for tp in consumer.assignment() if (tp.topic, tp.partition) not in unplaced]
+        if placed:
+            consumer.resume(placed)
         self.paused = False
         self.stats.set(PAUSED, 0)
         self.on_resume()

@@ -45,10 +45,13 @@ from cdc.errors import ActionIdReusedError, TransientError, UnencodableValueErro
 from cdc.kafka.client import Received
 from cdc.model.event import Event
 from cdc.model.table import SOURCE_TABLE, VERSIONS, Column, Kind, Table
+from cdc.sink import positions
 
 # The sink's own tables beside the replicated one: it is their one owner (``cdc.sink.records``
 # reads them for the tools).
 BOOKKEEPING = ("processed_events", VERSIONS)
+# Where the sink records the offsets it consumed (``cdc.sink.positions``).
+POSITION_TABLES = (positions.TABLE, positions.GAPS)
 # A unique violation here means another transaction decided the same id or key meanwhile.
 _RACE_TABLES = BOOKKEEPING
 _RACED = (
@@ -302,7 +305,8 @@ class ApplyResult:
 def missing_tables(cur: psycopg2.extensions.cursor) -> list[str]:
     """Tables (and columns added since, as ``table.column``) the destination lacks."""
     cur.execute(
-        "SELECT t FROM unnest(%s::text[]) AS t WHERE to_regclass(t) IS NULL", ([SOURCE_TABLE, *BOOKKEEPING],)
+        "SELECT t FROM unnest(%s::text[]) AS t WHERE to_regclass(t) IS NULL",
+        ([SOURCE_TABLE, *BOOKKEEPING, *POSITION_TABLES],),
     )
     missing = [row[0] for row in cur.fetchall()]
     if "processed_events" not in missing:

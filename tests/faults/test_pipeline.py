@@ -29,7 +29,7 @@ from confluent_kafka import Producer
 from cdc.kafka.client import base_config
 from cdc.local.services import LocalServices
 from cdc.runtime.settings import Settings
-from tests.support import dlq_count, reset_group_to_earliest, scalar, wait_until, watermarks
+from tests.support import dlq_count, rewind_to_earliest, scalar, wait_until, watermarks
 from tests.support.pipeline import Pipeline, pause, restart
 
 pytestmark = pytest.mark.daemon
@@ -85,7 +85,7 @@ def test_consumer_killed_five_times_then_the_whole_topic_replayed_changes_nothin
     # and found a duplicate.
     decided = pipeline.decided()
     assert consumer.stop() == 0
-    reset_group_to_earliest(pipeline.settings)
+    rewind_to_earliest(pipeline.settings)
     consumer.start()
     pipeline.check(seed=seed)
     assert pipeline.decided() == decided

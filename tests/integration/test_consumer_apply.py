@@ -9,7 +9,7 @@ import json
 from collections import Counter
 
 from consumer_final import ProductionCDCConsumer
-from tests.support import dlq_count, query, reset_group_to_earliest
+from tests.support import dlq_count, query, rewind_to_earliest
 from tests.support.consumer import (
     OURS,
     Running,
@@ -44,7 +44,7 @@ def test_applies_every_action_and_a_full_replay_changes_nothing(settings, clean_
     assert all(first.stats.get(f"applied_{a.lower()}") > 0 for a in actions)
     decided_at = query(clean_dest, "SELECT max(processed_at), count(*) FROM processed_events")[0]
 
-    reset_group_to_earliest(settings)
+    rewind_to_earliest(settings)
     again = ProductionCDCConsumer(settings=s)
     with Running(again) as r:
         r.wait_consumed(600)

@@ -28,13 +28,14 @@ from psycopg2 import sql
 from cdc.kafka.client import admin_client, base_config, ensure_topics
 from cdc.local.paths import PROJECT_DIR, SETUP_SOURCE_SQL
 from cdc.local.runner import Daemon
+from cdc.ops.offsets import rewind
 from cdc.runtime.settings import Settings, load_settings
 
 CLEAN_SOURCE = (
     "TRUNCATE employees, emp_records_cdc RESTART IDENTITY;"
     " UPDATE cdc_producer_state SET last_txid = '0', last_action_id = 0, published_total = 0;"
 )
-CLEAN_DEST = "TRUNCATE employees, processed_events, emp_versions;"
+CLEAN_DEST = "TRUNCATE employees, processed_events, emp_versions, applied_offsets, accepted_gaps;"
 # One valid employees change event, as a decoded JSON object.
 SAMPLE_EVENT = {
     "action_id": 1042,
@@ -164,6 +165,14 @@ def reset_group_to_earliest(settings: Settings) -> None:
     admin = admin_client(settings)  # kept alive until the futures resolve
     for future in admin.alter_consumer_group_offsets([request]).values():
         future.result(timeout=30)
+
+
+def rewind_to_earliest(settings: Settings) -> None:
+    """What an operator does to apply the whole topic again (consumers stopped): the destination's
+    positions back to the log start (`python -m cdc offsets rewind`), and the group's too, for
+    lag tools."""
+    rewind(settings, [settings.cdc_topic])
+    reset_group_to_earliest(settings)
 
 
 def dlq_count(settings: Settings) -> int:
