@@ -35,6 +35,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         for s in states:
             if s.start.gap is not None:
                 print(s.start.gap.line())
+                print(s.advice())
     return exits.FAILED if any(s.start.gap for s in states) else exits.OK
 
 

@@ -11,11 +11,13 @@ operator's two ways to move them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from confluent_kafka import Consumer, KafkaException
 
@@ -51,6 +53,9 @@ class PartitionState:
     stored: Stored | None
     group: int | None
     start: Start
+    # For a gap: the last change decided from the partition before it (action_id, captured_at),
+    # where the outbox could be re-published from (processed_events, if it still has it).
+    before_gap: tuple[int, Any] | None = None
 
     @property
     def where(self) -> str:
@@ -79,7 +84,24 @@ class PartitionState:
             "start": self.start.offset,
             "gap": [self.start.gap.first_lost, self.start.gap.next_kept] if self.start.gap else None,
             "state": self.state,
+            "last_action_id_before_gap": self.before_gap[0] if self.before_gap else None,
         }
+
+    def advice(self) -> str | None:
+        """For a gap: how to put the lost changes back before accepting it."""
+        if self.start.gap is None:
+            return None
+        if self.before_gap is None:
+            return (
+                f"{self.where}: no change decided before the gap is recorded: re-snapshot "
+                "(producer.py --snapshot), then accept the gap"
+            )
+        action_id, at = self.before_gap
+        return (
+            f"{self.where}: the last change applied before the gap is action_id {action_id} "
+            f"(captured {at}): re-publish from it (producer.py --republish-from {action_id}) if the "
+            "outbox still has it, else re-snapshot (producer.py --snapshot); then accept the gap"
+        )
 
 
 def default_topics(settings: Settings) -> list[str]:
@@ -140,6 +162,17 @@ def inspect(settings: Settings, topics: Sequence[str], only: Sequence[int] = ())
                 out.append(
                     PartitionState(topic, p, ids[topic], low, high, mine, group.get((topic, p)), start)
                 )
+    gaps = [i for i, s in enumerate(out) if s.start.gap is not None and s.topic != settings.cdc_dlq_topic]
+    if gaps:
+        with (
+            Database(settings.dest_db_url, application_name="cdc-offsets") as db,
+            db.connection() as conn,
+            conn.cursor() as cur,
+        ):
+            for i in gaps:
+                gap = out[i].start.gap
+                assert gap is not None
+                out[i] = dataclasses.replace(out[i], before_gap=positions.last_applied_before(cur, gap))
     return out
 
 

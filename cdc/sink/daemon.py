@@ -226,7 +226,7 @@ class ProductionCDCConsumer:
             self.probe.beat()
             if placement.due():
                 self._settle(consumer)  # the positions it stores count
-                placement.retry(consumer, offsets.owned, resume=True)
+                placement.retry(consumer, offsets.owned)
                 self._set_readiness()
             offsets.commit(consumer)
             epochs = dict(offsets.epochs)  # the assignment the next messages are read in

@@ -6,8 +6,8 @@ and log range, and the group's offset. A partition whose start cannot be decided
 destination or a broker unreachable) is assigned paused and *waiting*; one whose stored position
 lies below the log start is *held* by a ``Gap``: paused, named in a log line, a metric and
 ``/ready``, and nothing after the gap is applied. The loop retries both every PLACE_RETRY
-seconds (``retry``): a waiting one starts once the facts can be read, a held one once the
-operator accepted the gap (``python -m cdc offsets accept-gap`` moved the stored position).
+seconds (``retry``, only while no transient error pauses the consumer): a waiting one starts
+once the facts can be read, a held one once the operator accepted the gap (``python -m cdc offsets accept-gap`` moved the stored position).
 
 While consuming, ``auto.offset.reset`` is ``error``: a fetch below the log start (retention
 overtook a lagging consumer, or delete-records) reaches ``lost`` instead of a silent reset, and
@@ -66,7 +66,8 @@ class Placement:
 
     def assign(self, consumer: Consumer, partitions: Iterable[TopicPartition]) -> None:
         """Assign ``partitions`` (new to this consumer) at their starts; pause the ones that have
-        none yet. In the rebalance callback: the library's own assignment is replaced by this one."""
+        none yet (``retry`` assigns them again at their start). In the rebalance callback: the
+        library's own assignment is replaced by this one."""
         todo = [(tp.topic, tp.partition) for tp in partitions]
         decided = self._decide(consumer, todo)
         assign, pause = [], []
@@ -75,7 +76,7 @@ class Placement:
             if start is not None and start.offset is not None:
                 assign.append(TopicPartition(*key, start.offset))
             else:
-                # Paused from the start: nothing is fetched until it is placed (seek + resume).
+                # Paused from the start: nothing is fetched until it is placed.
                 offset = (
                     start.gap.first_lost if start is not None and start.gap is not None else OFFSET_BEGINNING
                 )
@@ -107,20 +108,23 @@ class Placement:
     def due(self) -> bool:
         return bool(self.waiting or self.held) and time.monotonic() >= self._next_try
 
-    def retry(self, consumer: Consumer, owned: set[TP], *, resume: bool) -> None:
-        """Place the waiting and held partitions that can be placed now: seek to their start and,
-        with ``resume`` (not while a transient error holds every partition), resume them."""
+    def retry(self, consumer: Consumer, owned: set[TP]) -> None:
+        """Place the waiting and held partitions that can be placed now, and start them.
+
+        Assigned again at their start rather than sought: librdkafka refuses to seek a partition
+        that never fetched (``_STATE``), and a new local assignment also clears the error state
+        of a fetch that fell out of the log. The group's assignment is not touched.
+        """
         self._next_try = time.monotonic() + PLACE_RETRY
         todo = sorted(k for k in self.unplaced if k in owned)
         decided = self._decide(consumer, todo)
-        go = []
-        for key, start in decided.items():
-            if start.offset is None:
-                continue
-            consumer.seek(TopicPartition(*key, start.offset))
-            go.append(TopicPartition(*key))
-        if go and resume:
-            consumer.resume(go)
+        go = [
+            TopicPartition(*key, start.offset) for key, start in decided.items() if start.offset is not None
+        ]
+        if go:
+            consumer.incremental_unassign([TopicPartition(tp.topic, tp.partition) for tp in go])
+            consumer.incremental_assign(go)
+            consumer.resume(go)  # librdkafka keeps a partition's pause across assignments
         self._update_stats()
 
     def reason(self) -> str | None:

@@ -74,6 +74,7 @@ from cdc.runtime.stats import (
     Stats,
 )
 from cdc.source.outbox import Batch, Cursor, Outbox, ProducerSession
+from cdc.source.republish import action_id_arg, republish
 
 log = logging.getLogger("producer")
 kafka_log = logging.getLogger("producer.kafka")
@@ -491,6 +492,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="one-shot recovery (e.g. after a restore into another cluster), then exit: move the cursor "
         "to the beginning (re-publish the whole outbox) or to the end (skip it); see USAGE.md",
     )
+    parser.add_argument(
+        "--republish-from",
+        type=action_id_arg,
+        metavar="ACTION_ID",
+        help="one-shot recovery of a gap in the topic, then exit: publish the outbox rows again from the "
+        "row ACTION_ID (0: the first row) up to the cursor, which does not move; beside a running "
+        "producer too; see USAGE.md",
+    )
     return parser
 
 
@@ -538,9 +547,12 @@ def reset_cursor(settings: Settings, mode: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
     env_file, snapshot, once = args.pop("env_file"), args.pop("snapshot"), args.pop("once")
-    reset = args.pop("reset_cursor")
+    reset, republish_from = args.pop("reset_cursor"), args.pop("republish_from")
+    if republish_from is not None and (reset or snapshot or once):
+        parser.error("--republish-from runs alone, then exits: not with --reset-cursor, --snapshot or --once")
     stop = StopSignal()
     stop.install()  # before any slow start-up step: a SIGTERM while starting is a clean stop too
     try:
@@ -553,6 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if reset:
             return reset_cursor(settings, reset)
+        if republish_from is not None:
+            return republish(settings, republish_from, stop=stop, check=check_rows)
         log.info("starting %s", settings.describe())
         return daemon.run()
     except (ConfigError, SchemaMissingError) as exc:

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import select
+from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,6 +150,18 @@ SELECT {key}::text, {event}, extract(epoch FROM captured_at)::float8, coalesce({
     return Statement("cdc_fetch", ("xid8", "bigint", "int", "text[]"), text.as_string(cur))
 
 
+def fetch_published(
+    cur: psycopg2.extensions.cursor, fetch: Statement, after: Cursor, upto: Cursor, limit: int
+) -> Batch:
+    """``ProducerSession.fetch`` on a connection of the caller's, without the producer lock, ending at
+    ``upto`` (the cursor: these rows were published already). ``fetch`` (``fetch_statement``) is
+    prepared on ``cur``'s connection; the same statement makes the same messages."""
+    cur.execute(_INDEX_ONLY)
+    cur.execute(fetch.execute, (str(after.txid), after.action_id, limit, list(ACTIONS)))
+    rows = cur.fetchall()
+    return Batch(rows[: bisect_right(rows, upto, key=_position)])
+
+
 # Store the cursor ($1, $2; $3 more published under row $4) and, with $5, delete the rows at or
 # behind it: one statement, so one transaction. It runs on the session that holds the producer
 # lock, so it applies only while this producer is the active one (a lost session fails it), and
@@ -257,6 +270,12 @@ class Cursor:
     action_id: int = 0
 
 
+def _position(row: tuple[str, str, float | None, bool]) -> Cursor:
+    """Where a fetched row sits in cursor order, read from its event (so no xid8 cast)."""
+    event = json.loads(row[1])
+    return Cursor(event["txid"], event["action_id"])
+
+
 @dataclass(frozen=True)
 class CursorReset:
     """What ``Outbox.reset_cursor`` did."""
@@ -288,10 +307,14 @@ class Batch:
     rows: list[tuple[str, str, float | None, bool]]
 
     @property
+    def first(self) -> Cursor:
+        """The position of its first event."""
+        return _position(self.rows[0])
+
+    @property
     def last(self) -> Cursor:
         """The cursor after this batch: the position of its last event."""
-        event = json.loads(self.rows[-1][1])
-        return Cursor(event["txid"], event["action_id"])
+        return _position(self.rows[-1])
 
 
 class Outbox:
@@ -404,6 +427,26 @@ class Outbox:
         return Backlog(
             rows=rows, held_back=held, held_for=float(held_for or 0.0), oldest_xact_age=float(oldest or 0.0)
         )
+
+    def position(self, action_id: int) -> Cursor | None:
+        """Where the row ``action_id`` sits in cursor order; None if the outbox does not have it."""
+        with self.db.connection() as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT txid::text::bigint, action_id FROM emp_records_cdc WHERE action_id = %s", (action_id,)
+            )
+            row = cur.fetchone()
+        return Cursor(*row) if row else None
+
+    def count_between(self, after: Cursor, upto: Cursor) -> int:
+        """Rows after ``after`` up to and including ``upto``, in cursor order."""
+        with self.db.connection() as conn, conn.cursor() as cur:
+            cur.execute(_INDEX_ONLY)
+            cur.execute(
+                "SELECT count(*) FROM emp_records_cdc"
+                " WHERE (txid, action_id) > (%s::text::xid8, %s) AND (txid, action_id) <= (%s::text::xid8, %s)",
+                (after.txid, after.action_id, upto.txid, upto.action_id),
+            )
+            return int(one_row(cur)[0])
 
     def last_committed(self, after: Cursor) -> Cursor | None:
         """The last committed row after ``after`` in cursor order, readable yet or not."""

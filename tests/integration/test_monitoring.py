@@ -77,6 +77,9 @@ def test_the_alert_rules_are_valid_and_complete():
         "CDCDeadLetters",
         "CDCDeliveryHeldBack",
         "CDCConsumerPaused",
+        "CDCTopicGap",
+        "CDCPartitionsWaiting",
+        "CDCTopicRecreatedOrTruncated",
     }
     for rule in rules:
         assert rule.get("for"), f"{rule['alert']}: no for:"

@@ -9,6 +9,7 @@ consumers of one group take their positions from the destination across rebalanc
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 import pytest
@@ -18,12 +19,13 @@ from confluent_kafka.admin import NewTopic
 from cdc.dlq.replay import replay_pending
 from cdc.errors import HaltError
 from cdc.kafka.client import admin_client, ensure_topics
+from cdc.local.runner import settings_env
 from cdc.ops import offsets
 from cdc.runtime.db import Database
 from cdc.runtime.stats import ASSIGNED, GAP, HELD, POSITION_GAP, POSITION_GAP_ACCEPTED, POSITION_RECREATED
 from cdc.sink.positions import DestinationPositions
 from consumer_final import ProductionCDCConsumer
-from tests.support import connect, query, wait_until, watermarks
+from tests.support import connect, query, run_cdc, wait_until, watermarks
 from tests.support.consumer import (
     Running,
     count_processed,
@@ -60,7 +62,7 @@ def applied_offsets(url: str, topic: str) -> dict[int, int]:
 
 
 def test_messages_deleted_while_stopped_hold_the_partitions_until_the_gap_is_accepted(
-    settings, clean_dest, caplog
+    settings, clean_dest, caplog, tmp_path
 ):
     caplog.set_level(logging.INFO)
     first, lost, after = workload(300, emps=40), workload(300, emps=40, seed=8, start=301), []
@@ -93,6 +95,13 @@ def test_messages_deleted_while_stopped_hold_the_partitions_until_the_gap_is_acc
         for p, (_lo, hi) in deleted.items():
             line = f"{settings.cdc_topic}[{p}]: offsets {stored[p]}..{hi - 1} ({hi - stored[p]} messages)"
             assert any(line in held for held in held_lines), (line, held_lines)
+
+        # What the operator sees: the gap, and where to re-publish the outbox from.
+        shown = run_cdc(settings_env(settings), tmp_path, "offsets", "show", "--topic", settings.cdc_topic)
+        assert shown.returncode == 1, shown
+        assert shown.stdout.count(HOLD_LINE) == 3
+        suggested = [int(n) for n in re.findall(r"--republish-from (\d+)", shown.stdout)]
+        assert len(suggested) == 3 and set(suggested) <= {e.action_id for e in first}, shown.stdout
 
         # The operator's override: logged, recorded, counted; the running consumer resumes.
         accepted = offsets.accept_gaps(settings, [settings.cdc_topic])

@@ -7,15 +7,17 @@ fixture that runs producer.py is in ``conftest.py``.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from cdc.kafka.client import base_config
-from cdc.local.runner import settings_env
+from cdc.local.runner import Daemon, settings_env
 from cdc.runtime.settings import Settings
 from tests.support import execute, query
 
@@ -25,6 +27,14 @@ def producer_env(settings: Settings, **extra: Any) -> dict[str, str]:
     return settings_env(settings, **{"POLL_INTERVAL": "0.5", "STATS_INTERVAL": "1", **extra})
 
 
+def run_producer(settings: Settings, workdir: Path, *args: str, **env: Any) -> subprocess.CompletedProcess[str]:
+    """producer.py run to its end in ``workdir`` (no stray .env) with ``settings``' environment: its
+    exit code, and its stdout and stderr apart (the ``producers`` fixture merges them into one log)."""
+    environment = producer_env(settings, **env)
+    command = Daemon("producer.py", environment, workdir).command()
+    return subprocess.run(command, cwd=workdir, env=environment, capture_output=True, text=True, timeout=120)
+
+
 @dataclass(frozen=True)
 class Record:
     partition: int
@@ -32,6 +42,7 @@ class Record:
     key: str
     value: dict[str, Any]
     headers: tuple[tuple[str, bytes], ...] = ()
+    raw: bytes = field(default=b"", compare=False, repr=False)  # the value as sent, byte for byte
 
     @property
     def action_id(self) -> int:
@@ -64,6 +75,7 @@ def read_topic(settings: Settings, want: int, timeout: float = 60.0, settle: flo
                         msg.key().decode(),
                         json.loads(msg.value()),
                         tuple(msg.headers() or ()),
+                        msg.value(),
                     )
                 )
         return records
