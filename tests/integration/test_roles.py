@@ -40,6 +40,11 @@ DOCUMENTED = {
         ("emp_versions", "SELECT"),
         ("emp_versions", "INSERT"),
         ("emp_versions", "UPDATE"),
+        ("applied_offsets", "SELECT"),
+        ("applied_offsets", "INSERT"),
+        ("applied_offsets", "UPDATE"),
+        ("accepted_gaps", "SELECT"),
+        ("accepted_gaps", "INSERT"),
     },
 }
 MEMBER_OF = {"cdc_producer": {"pg_read_all_stats"}, "cdc_consumer": set()}
