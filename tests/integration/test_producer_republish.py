@@ -62,7 +62,9 @@ def test_sends_the_row_and_every_later_one_up_to_the_cursor_again(settings, clea
     # Each partition gets its copies in cursor order, as it got the originals.
     place = {action_id: i for i, action_id in enumerate(published)}
     for partition in {c.partition for c in copies}:
-        order = [place[c.action_id] for c in sorted(copies, key=lambda c: c.offset) if c.partition == partition]
+        order = [
+            place[c.action_id] for c in sorted(copies, key=lambda c: c.offset) if c.partition == partition
+        ]
         assert order == sorted(order)
 
     assert cursor_row(clean_source) == cursor  # neither moved nor counted

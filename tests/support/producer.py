@@ -27,11 +27,13 @@ def producer_env(settings: Settings, **extra: Any) -> dict[str, str]:
     return settings_env(settings, **{"POLL_INTERVAL": "0.5", "STATS_INTERVAL": "1", **extra})
 
 
-def run_producer(settings: Settings, workdir: Path, *args: str, **env: Any) -> subprocess.CompletedProcess[str]:
+def run_producer(
+    settings: Settings, workdir: Path, *args: str, **env: Any
+) -> subprocess.CompletedProcess[str]:
     """producer.py run to its end in ``workdir`` (no stray .env) with ``settings``' environment: its
     exit code, and its stdout and stderr apart (the ``producers`` fixture merges them into one log)."""
     environment = producer_env(settings, **env)
-    command = Daemon("producer.py", environment, workdir).command()
+    command = Daemon("producer.py", environment, workdir, *args).command()
     return subprocess.run(command, cwd=workdir, env=environment, capture_output=True, text=True, timeout=120)
 
 
