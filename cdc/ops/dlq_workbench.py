@@ -11,8 +11,8 @@ them, and learn what the consumer made of the replay. Finding and reading them i
    Otherwise the plan is sent and audited (``cdc.dlq.replay``).
 3. Replay only republishes; the consumer decides. ``--wait`` reads the decision back:
    ``processed_events`` row of the action_id at the replayed copy's topic/partition/offset says
-   applied, stale or dlq; a consumer group whose committed offset passed the copy without such
-   a row took it for a duplicate of an earlier decision.
+   applied, stale or dlq; a destination position (``applied_offsets``) past the copy without
+   such a row means the consumer took it for a duplicate of an earlier decision.
 """
 
 from __future__ import annotations
@@ -26,23 +26,20 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2.extensions
-from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from cdc.dlq import queue as dlq
-from cdc.dlq.letters import QUIET, Letter, Selection, list_lines, parse_position, read_letters, show_lines
+from cdc.dlq.letters import Letter, Selection, list_lines, parse_position, read_letters, show_lines
 from cdc.dlq.replay import AuditLog, Planned, Sent, dash, plan, send
 from cdc.errors import CDCError, ConfigError
-from cdc.kafka.client import consumer_config
 from cdc.model.event import Codec
 from cdc.model.table import SOURCE_TABLE, Table
 from cdc.runtime.db import Database
 from cdc.runtime.settings import Settings
-from cdc.sink import records
+from cdc.sink import positions, records
 
 log = logging.getLogger(__name__)
 
 WAIT_INTERVAL = 0.5  # seconds between two looks at processed_events while waiting
-KAFKA_TIMEOUT = 10.0
 
 Printer = Callable[[str], None]
 
@@ -192,36 +189,33 @@ class Decision:
 def wait_for_decisions(settings: Settings, sent: Sequence[Sent], timeout: float) -> dict[str, Decision]:
     """Each replayed message's decision (by DLQ position), as the consumer recorded it.
 
-    Reads the group's committed offsets before ``processed_events``: the consumer commits the
-    database first, so a committed offset past a copy means its decision (if any) is visible.
+    Reads the destination's ``applied_offsets`` before ``processed_events``: the consumer writes
+    both in one transaction, so a position past a copy means its decision (if any) is visible to
+    the later read. The group's committed offset is not asked: it is not the record.
     """
     pending = {s.planned.letter.position: s for s in sent}
     decided: dict[str, Decision] = {}
     deadline = time.monotonic() + timeout
-    consumer = Consumer(consumer_config(settings, **{"client.id": "cdc-dlq-workbench", **QUIET}))
     try:
         with _dest(settings) as db:
             with db.connection() as conn, conn.cursor() as cur:
                 table = Table.load(cur, SOURCE_TABLE)
             while True:
-                committed = _committed(consumer, pending.values())
                 with db.connection() as conn, conn.cursor() as cur:
+                    applied = _applied(cur, pending.values())
                     rows, versions = _read_decisions(cur, table, (s.planned for s in pending.values()))
                 for where, s in list(pending.items()):
-                    decision = decide(s, rows, versions, committed)
+                    decision = decide(s, rows, versions, applied)
                     if decision is not None:
                         decided[where] = decision
                         del pending[where]
                 if not pending or time.monotonic() >= deadline:
                     break
                 time.sleep(WAIT_INTERVAL)
-    except (CDCError, KafkaException) as exc:
-        why = exc.args[0].str() if isinstance(exc, KafkaException) else str(exc)
+    except CDCError as exc:
         for where in pending:
-            decided[where] = Decision("unknown", f"could not check: {why}")
+            decided[where] = Decision("unknown", f"could not check: {exc}")
         return decided
-    finally:
-        consumer.close()
     for where in pending:
         decided[where] = Decision(
             "undecided",
@@ -231,24 +225,25 @@ def wait_for_decisions(settings: Settings, sent: Sequence[Sent], timeout: float)
     return decided
 
 
-def _committed(consumer: Consumer, sent: Iterable[Sent]) -> dict[tuple[str, int], int]:
+def _applied(cur: psycopg2.extensions.cursor, sent: Iterable[Sent]) -> dict[tuple[str, int], int]:
+    """The destination's next offset per (topic, partition) the copies went to."""
     wanted = {(s.topic, s.partition) for s in sent}
     if not wanted:
         return {}
-    parts = consumer.committed([TopicPartition(t, p) for t, p in sorted(wanted)], timeout=KAFKA_TIMEOUT)
-    return {(tp.topic, tp.partition): tp.offset for tp in parts if tp.error is None}
+    stored = positions.read(cur, {t for t, _ in wanted})
+    return {tp: stored[tp].next_offset for tp in wanted if tp in stored}
 
 
 def decide(
     s: Sent,
     rows: dict[int, tuple[str, str, int, int]],
     versions: dict[Any, int],
-    committed: dict[tuple[str, int], int],
+    applied: dict[tuple[str, int], int],
 ) -> Decision | None:
     """The decision on ``s``, or None while the consumer has not reached it.
 
     ``rows``: processed_events by action_id (outcome, topic, partition, offset); ``versions``:
-    the version table; ``committed``: the consumer group's next offset per (topic, partition).
+    the version table; ``applied``: the destination's next offset per (topic, partition).
     """
     p = s.planned
     row = rows.get(p.action_id) if p.action_id is not None else None
@@ -264,7 +259,7 @@ def decide(
                 records.DLQ, f"dead-lettered again: `python -m cdc dlq list --action-id {p.action_id}`"
             )
         return Decision(outcome, "applied to employees")
-    if committed.get((s.topic, s.partition), -1) <= s.offset:
+    if applied.get((s.topic, s.partition), -1) <= s.offset:
         return None
     if row is not None:
         return Decision(

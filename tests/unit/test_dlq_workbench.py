@@ -205,7 +205,7 @@ def test_an_unreadable_edit_file_is_one_clear_error(tmp_path, text, words):
         dlq_workbench.read_edit_file(tmp_path / "missing.json", DLQ)
 
 
-def test_a_decision_is_read_at_the_replayed_copy_or_from_the_committed_offset():
+def test_a_decision_is_read_at_the_replayed_copy_or_from_the_destination_position():
     def sent(action_id: int | None, invalid: str | None = None) -> Sent:
         planned = Planned(_letter(), "t", b"1", b"{}", [], action_id=action_id, row_key=7, invalid=invalid)
         return Sent(planned, "t", 1, 10)
