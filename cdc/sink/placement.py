@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Iterable
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from cdc.errors import DeliveryError, TransientError
@@ -85,6 +85,7 @@ class Placement:
         consumer.incremental_assign(assign)
         if pause:
             consumer.pause(pause)
+        self._tell_group(consumer, decided)
         self._update_stats()
 
     def forget(self, gone: Iterable[TP]) -> None:
@@ -125,6 +126,7 @@ class Placement:
             consumer.incremental_unassign([TopicPartition(tp.topic, tp.partition) for tp in go])
             consumer.incremental_assign(go)
             consumer.resume(go)  # librdkafka keeps a partition's pause across assignments
+        self._tell_group(consumer, decided)
         self._update_stats()
 
     def reason(self) -> str | None:
@@ -189,6 +191,22 @@ class Placement:
         if started:
             log.info("starting at the destination's positions: %s", " ".join(started))
         return decided
+
+    def _tell_group(self, consumer: Consumer, decided: dict[TP, Start]) -> None:
+        """Commit the starts that differ from what the group knew (a note says so) as the group's
+        offsets, so lag tools read the destination's truth before the first batch moves them.
+        Asynchronous and best effort: the group's offset is never the record."""
+        fix = [
+            TopicPartition(*key, start.offset)
+            for key, start in sorted(decided.items())
+            if start.offset is not None and start.notes
+        ]
+        if not fix:
+            return
+        try:
+            consumer.commit(offsets=fix, asynchronous=True)
+        except KafkaException as exc:
+            log.debug("group offsets not set to the starts: %s", exc)
 
     def _update_stats(self) -> None:
         self.stats.set(HELD, len(self.waiting) + len(self.held))
