@@ -85,7 +85,7 @@ CREATE OR REPLACE TRIGGER employees_cdc_capture
 -- serialization failure: such clients retry SQLSTATE 40001 anyway, and the retry's snapshot sees
 -- them. It can also fire for a commit elsewhere (the xid does not say which table it wrote);
 -- locking the table first (LOCK TABLE employees IN ACCESS EXCLUSIVE MODE) makes that unlikely.
-CREATE OR REPLACE FUNCTION emp_records_cdc_capture_truncate() RETURNS trigger
+CREATE OR REPLACE FUNCTION cdc_truncate_check(tbl text) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     snap pg_snapshot := pg_current_snapshot();
@@ -105,11 +105,18 @@ BEGIN
             END;
         END IF;
         IF x IS NOT NULL THEN
-            RAISE EXCEPTION 'TRUNCATE employees at %: transaction % committed after this transaction''s snapshot; rows it wrote would be truncated without a captured DELETE', current_setting('transaction_isolation'), x
+            RAISE EXCEPTION 'TRUNCATE % at %: transaction % committed after this transaction''s snapshot; rows it wrote would be truncated without a captured DELETE', tbl, current_setting('transaction_isolation'), x
                 USING ERRCODE = 'serialization_failure',
-                      HINT = 'Retry the transaction; or take LOCK TABLE employees IN ACCESS EXCLUSIVE MODE as its first statement, or TRUNCATE at READ COMMITTED.';
+                      HINT = 'Retry the transaction; or take LOCK TABLE ... IN ACCESS EXCLUSIVE MODE as its first statement, or TRUNCATE at READ COMMITTED.';
         END IF;
     END IF;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION emp_records_cdc_capture_truncate() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM cdc_truncate_check('employees');
     INSERT INTO emp_records_cdc (emp_id, first_name, last_name, dob, city, salary, action)
     SELECT emp_id, first_name, last_name, dob, city, salary, 'DELETE' FROM employees ORDER BY emp_id;
     PERFORM pg_notify('emp_records_cdc', '');
@@ -120,5 +127,142 @@ $$;
 CREATE OR REPLACE TRIGGER employees_cdc_capture_truncate
     BEFORE TRUNCATE ON employees
     FOR EACH STATEMENT EXECUTE FUNCTION emp_records_cdc_capture_truncate();
+
+-- ---------------------------------------------------------------------------------------------
+-- Any other table with a primary key (`python -m cdc tables add`): one generic outbox and one
+-- generic capture function. The outbox draws its action_ids from emp_records_cdc's sequence, so
+-- an action_id names one change across every table.
+
+-- hstore(record) turns a row into each column's text output (what `SELECT col::text` gives): the
+-- exact value of every type, array bounds, json's own bytes and jsonb's 'null' (as distinct from
+-- SQL NULL) included. It is a trusted extension: a database owner may create it.
+CREATE EXTENSION IF NOT EXISTS hstore;
+
+-- What is captured: one row per table, written by `cdc tables add`, removed by `cdc tables remove`.
+CREATE TABLE IF NOT EXISTS cdc_tables (
+    table_schema TEXT NOT NULL,
+    table_name   TEXT NOT NULL,
+    topic        TEXT NOT NULL UNIQUE,
+    primary_key  TEXT[] NOT NULL,
+    added_at     TIMESTAMPTZ NOT NULL DEFAULT now(),
+    added_by     TEXT NOT NULL DEFAULT current_user,
+    PRIMARY KEY (table_schema, table_name)
+);
+
+-- One row per captured change of a table in cdc_tables. row_image: every column but generated
+-- ones, by name, as its text output (JSON null for SQL NULL); key: the primary key's columns of
+-- it. A partitioned table's changes are recorded under the root's name.
+CREATE TABLE IF NOT EXISTS cdc_outbox (
+    action_id    BIGINT PRIMARY KEY DEFAULT nextval(pg_get_serial_sequence('emp_records_cdc', 'action_id')::regclass),
+    table_schema TEXT NOT NULL,
+    table_name   TEXT NOT NULL,
+    action       VARCHAR(10) NOT NULL
+                 CHECK (action IN ('INSERT', 'UPDATE', 'DELETE', 'SNAPSHOT')),
+    key          JSONB NOT NULL,
+    row_image    JSONB NOT NULL,
+    txid         xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    captured_at  TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
+);
+
+CREATE INDEX IF NOT EXISTS cdc_outbox_txid_action_id_idx ON cdc_outbox (txid, action_id);
+
+-- The row trigger of every table in cdc_tables. Arguments (fixed by `cdc tables add`): the
+-- table's schema and name (the root's, for a partition), its primary key columns and its
+-- generated columns, each as a text[] literal. SECURITY DEFINER: a writer needs no grant on the
+-- outbox. The settings that change text output are pinned, so one row always yields one image
+-- and one key, whoever writes it.
+CREATE OR REPLACE FUNCTION cdc_capture() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, public, pg_temp
+SET TimeZone = 'UTC'
+SET DateStyle = 'ISO, YMD'
+SET IntervalStyle = 'postgres'
+SET extra_float_digits = 1
+SET bytea_output = 'hex'
+AS $$
+DECLARE
+    key_columns text[] := TG_ARGV[2]::text[];
+    old_image hstore;
+    new_image hstore;
+BEGIN
+    IF TG_OP <> 'INSERT' THEN
+        old_image := hstore(OLD) - TG_ARGV[3]::text[];
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        new_image := hstore(NEW) - TG_ARGV[3]::text[];
+    END IF;
+    IF TG_OP = 'UPDATE' AND slice(new_image, key_columns) = slice(old_image, key_columns) THEN
+        INSERT INTO cdc_outbox (table_schema, table_name, action, key, row_image)
+        VALUES (TG_ARGV[0], TG_ARGV[1], 'UPDATE',
+                hstore_to_jsonb(slice(new_image, key_columns)), hstore_to_jsonb(new_image));
+    ELSE
+        -- A changed primary key is a delete of the old key followed by an insert of the new one.
+        IF old_image IS NOT NULL THEN
+            INSERT INTO cdc_outbox (table_schema, table_name, action, key, row_image)
+            VALUES (TG_ARGV[0], TG_ARGV[1], 'DELETE',
+                    hstore_to_jsonb(slice(old_image, key_columns)), hstore_to_jsonb(old_image));
+        END IF;
+        IF new_image IS NOT NULL THEN
+            INSERT INTO cdc_outbox (table_schema, table_name, action, key, row_image)
+            VALUES (TG_ARGV[0], TG_ARGV[1], 'INSERT',
+                    hstore_to_jsonb(slice(new_image, key_columns)), hstore_to_jsonb(new_image));
+        END IF;
+    END IF;
+    PERFORM pg_notify('emp_records_cdc', '');
+    RETURN NULL;
+END;
+$$;
+
+-- TRUNCATE of a table in cdc_tables (and of each of its partitions: statement triggers are not
+-- inherited): a DELETE of every row, under the root's name, after the same snapshot check as
+-- employees' (cdc_truncate_check). Same arguments as cdc_capture.
+CREATE OR REPLACE FUNCTION cdc_capture_truncate() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, public, pg_temp
+SET TimeZone = 'UTC'
+SET DateStyle = 'ISO, YMD'
+SET IntervalStyle = 'postgres'
+SET extra_float_digits = 1
+SET bytea_output = 'hex'
+AS $$
+BEGIN
+    PERFORM cdc_truncate_check(format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME));
+    EXECUTE format(
+        'INSERT INTO cdc_outbox (table_schema, table_name, action, key, row_image)'
+        ' SELECT $1, $2, ''DELETE'', hstore_to_jsonb(slice(i, $3)), hstore_to_jsonb(i)'
+        ' FROM (SELECT hstore(t) - $4 AS i FROM ONLY %I.%I AS t) AS s',
+        TG_TABLE_SCHEMA, TG_TABLE_NAME)
+    USING TG_ARGV[0], TG_ARGV[1], TG_ARGV[2]::text[], TG_ARGV[3]::text[];
+    PERFORM pg_notify('emp_records_cdc', '');
+    RETURN NULL;
+END;
+$$;
+
+-- `cdc tables add --snapshot`: every current row of a table (all its partitions) as a SNAPSHOT
+-- change, under the same pinned settings as the trigger. Returns how many. Runs as its caller.
+CREATE OR REPLACE FUNCTION cdc_snapshot(root_schema text, root_name text, key_columns text[], generated text[])
+RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, public, pg_temp
+SET TimeZone = 'UTC'
+SET DateStyle = 'ISO, YMD'
+SET IntervalStyle = 'postgres'
+SET extra_float_digits = 1
+SET bytea_output = 'hex'
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    EXECUTE format(
+        'INSERT INTO cdc_outbox (table_schema, table_name, action, key, row_image)'
+        ' SELECT $1, $2, ''SNAPSHOT'', hstore_to_jsonb(slice(i, $3)), hstore_to_jsonb(i)'
+        ' FROM (SELECT hstore(t) - $4 AS i FROM %I.%I AS t) AS s',
+        root_schema, root_name)
+    USING root_schema, root_name, key_columns, generated;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    PERFORM pg_notify('emp_records_cdc', '');
+    RETURN n;
+END;
+$$;
 
 COMMIT;

@@ -3,7 +3,8 @@
 Commands: up, down, status (local services without Docker) and monitor (a local Prometheus with
 the alerts, scraping the daemons); verify (reconcile the destination with the source), workload
 (a realistic write load on the source), dlq (list, show, correct and replay dead letters),
-offsets (the destination's applied offsets: show, accept a gap, rewind) and top (a live view
+offsets (the destination's applied offsets: show, accept a gap, rewind), tables (capture
+more tables: add, list, remove) and top (a live view
 of both daemons), the operator tools. Each command (or group) is a module of
 this package with its ``add_parser``; this one builds the parser and dispatches.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cdc.cli import demo, dlq, offsets, services, top, verify, workload
+from cdc.cli import demo, dlq, offsets, services, tables, top, verify, workload
 from cdc.errors import CDCError
 from cdc.local.paths import WORK_DIR
 from cdc.runtime import exits
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     dlq.add_parser(sub)
     offsets.add_parser(sub)
+    tables.add_parser(sub)
     top.add_parser(sub)
     return parser
 

@@ -40,6 +40,7 @@ class Kind(enum.Enum):
     INTEGER = "integer"  # a JSON number in the type's range
     TEXT = "text"  # a JSON string: at most ``length`` characters, no NUL
     DATE = "date"  # a JSON string: PostgreSQL's ISO date text, parsed by the destination
+    OTHER = "other"  # (tables other than employees) PostgreSQL's text output, typed by the destination
 
 
 # Base type name -> (kind, integer range).
@@ -81,11 +82,12 @@ class Table:
     primary_key: tuple[str, ...]
 
     @classmethod
-    def load(cls, cur: psycopg2.extensions.cursor, name: str) -> Table:
+    def load(cls, cur: psycopg2.extensions.cursor, name: str, *, any_type: bool = False) -> Table:
         """The table ``name`` (as written in SQL, schema-qualified or on the search path).
 
-        SchemaMissingError if it does not exist; ConfigError if it has no primary key or a
-        column of a type events cannot carry yet.
+        SchemaMissingError if it does not exist; ConfigError if it has no primary key or (unless
+        ``any_type``: a generic table, whose values travel as text) a column of a type employees'
+        events cannot carry.
         """
         cur.execute("SELECT to_regclass(%s)::oid", (name,))
         (oid,) = one_row(cur)
@@ -96,11 +98,11 @@ class Table:
         schema, table = rows[0][0], rows[0][1]
         columns = []
         for _, _, column, type_, base, typmod, not_null, generated, identity in rows:
-            if base not in _KINDS:
+            if base not in _KINDS and not any_type:
                 raise ConfigError(
                     f"{schema}.{table}.{column} is of type {type_}, which change events cannot carry yet"
                 )
-            kind, range_ = _KINDS[base]
+            kind, range_ = _KINDS.get(base, (Kind.OTHER, None))
             length = typmod - 4 if kind is Kind.TEXT and base != "text" and typmod >= 4 else None
             columns.append(Column(column, type_, kind, range_, length, not_null, generated, identity))
         cur.execute(_PRIMARY_KEY, (oid,))

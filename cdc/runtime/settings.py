@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -49,6 +50,8 @@ class Settings:
     kafka_extra: Mapping[str, str] = field(default_factory=dict)
     cdc_topic: str = "bf_employee_cdc"
     cdc_dlq_topic: str = "bf_employee_cdc_dlq"
+    # Other tables' topics are PREFIX.schema.table (cdc.model.topics).
+    cdc_topic_prefix: str = "cdc"
     topic_partitions: int = 6
     topic_replication_factor: int = 1
     consumer_group_id: str = "cdc_consumer"
@@ -116,6 +119,7 @@ _ENV_FIELDS: dict[str, tuple[str, Any]] = {
     "KAFKA_BOOTSTRAP_SERVERS": ("kafka_bootstrap_servers", _str),
     "CDC_TOPIC": ("cdc_topic", _str),
     "CDC_DLQ_TOPIC": ("cdc_dlq_topic", _str),
+    "CDC_TOPIC_PREFIX": ("cdc_topic_prefix", _str),
     "CDC_TOPIC_PARTITIONS": ("topic_partitions", int),
     "CDC_TOPIC_REPLICATION_FACTOR": ("topic_replication_factor", int),
     "CONSUMER_GROUP_ID": ("consumer_group_id", _str),
@@ -276,6 +280,11 @@ def validate(s: Settings) -> None:
             raise bad(fname, "must not be empty")
     if s.cdc_topic == s.cdc_dlq_topic:
         raise bad("cdc_dlq_topic", "must differ from CDC_TOPIC")
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", s.cdc_topic_prefix):
+        raise bad(
+            "cdc_topic_prefix",
+            "must be 1 to 100 letters, digits, '.', '_' or '-' (it starts Kafka topic names)",
+        )
     for fname in (
         "topic_partitions",
         "topic_replication_factor",
