@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: help venv deps up monitor demo down status test test-unit lint typecheck format clean bench soak bench-verify bench-producer bench-consumer
+.PHONY: help venv deps up monitor demo down status test test-unit lint typecheck format clean bench soak bench-verify bench-producer bench-consumer bench-capture
 
 help:
 	@echo "make demo    - start local services, run producer + consumer under load, verify (DEMO_SECONDS=30)"
@@ -19,6 +19,7 @@ help:
 	@echo "               (drain, latency, initial load, cost; ~40 min; bench-results/report.md). BENCH_ARGS=--smoke: ~3 min"
 	@echo "make soak    - the pipeline for SOAK_MINUTES (30) with a fault every 3 min; memory/fds must stay flat"
 	@echo "make bench-verify - time and peak memory of verify on 1M rows (private PostgreSQL servers)"
+	@echo "make bench-capture - a writer's transactions/s with and without capture triggers (private PostgreSQL)"
 	@echo "make bench-producer - producer throughput on a 100k backlog and idle CPU (private services)"
 	@echo "make bench-consumer - consumer throughput on a 100k-event backlog (private services)"
 
@@ -96,3 +97,6 @@ bench-consumer: deps
 
 bench-verify: deps
 	PYTHONPATH=. $(PY) bench/bench_verify.py
+
+bench-capture: deps
+	PYTHONPATH=. $(PY) bench/bench_capture.py

@@ -167,10 +167,11 @@ CREATE TABLE IF NOT EXISTS cdc_outbox (
 CREATE INDEX IF NOT EXISTS cdc_outbox_txid_action_id_idx ON cdc_outbox (txid, action_id);
 
 -- The row trigger of every table in cdc_tables. Arguments (fixed by `cdc tables add`): the
--- table's schema and name (the root's, for a partition), its primary key columns and its
--- generated columns, each as a text[] literal. SECURITY DEFINER: a writer needs no grant on the
--- outbox. The settings that change text output are pinned, so one row always yields one image
--- and one key, whoever writes it.
+-- table's primary key columns and its generated columns, each as a text[] literal. The table's
+-- name is taken from the catalog, never from an argument (a partition's changes under its root's
+-- name): SECURITY DEFINER lets a writer need no grant on the outbox, and no one can make it
+-- record changes under another table's name. The settings that change text output are pinned,
+-- so one row always yields one image and one key, whoever writes it.
 CREATE OR REPLACE FUNCTION cdc_capture() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, public, pg_temp
@@ -181,30 +182,38 @@ SET extra_float_digits = 1
 SET bytea_output = 'hex'
 AS $$
 DECLARE
-    key_columns text[] := TG_ARGV[2]::text[];
+    key_columns text[] := TG_ARGV[0]::text[];
+    root oid := coalesce(pg_partition_root(TG_RELID), TG_RELID);
+    root_schema name := TG_TABLE_SCHEMA;
+    root_name name := TG_TABLE_NAME;
     old_image hstore;
     new_image hstore;
 BEGIN
+    IF root <> TG_RELID THEN
+        SELECT n.nspname, c.relname INTO root_schema, root_name
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.oid = root;
+    END IF;
     IF TG_OP <> 'INSERT' THEN
-        old_image := hstore(OLD) - TG_ARGV[3]::text[];
+        old_image := hstore(OLD) - TG_ARGV[1]::text[];
     END IF;
     IF TG_OP <> 'DELETE' THEN
-        new_image := hstore(NEW) - TG_ARGV[3]::text[];
+        new_image := hstore(NEW) - TG_ARGV[1]::text[];
     END IF;
     IF TG_OP = 'UPDATE' AND slice(new_image, key_columns) = slice(old_image, key_columns) THEN
         INSERT INTO cdc_outbox (table_schema, table_name, action, key, row_image)
-        VALUES (TG_ARGV[0], TG_ARGV[1], 'UPDATE',
+        VALUES (root_schema, root_name, 'UPDATE',
                 hstore_to_jsonb(slice(new_image, key_columns)), hstore_to_jsonb(new_image));
     ELSE
         -- A changed primary key is a delete of the old key followed by an insert of the new one.
         IF old_image IS NOT NULL THEN
             INSERT INTO cdc_outbox (table_schema, table_name, action, key, row_image)
-            VALUES (TG_ARGV[0], TG_ARGV[1], 'DELETE',
+            VALUES (root_schema, root_name, 'DELETE',
                     hstore_to_jsonb(slice(old_image, key_columns)), hstore_to_jsonb(old_image));
         END IF;
         IF new_image IS NOT NULL THEN
             INSERT INTO cdc_outbox (table_schema, table_name, action, key, row_image)
-            VALUES (TG_ARGV[0], TG_ARGV[1], 'INSERT',
+            VALUES (root_schema, root_name, 'INSERT',
                     hstore_to_jsonb(slice(new_image, key_columns)), hstore_to_jsonb(new_image));
         END IF;
     END IF;
@@ -225,14 +234,21 @@ SET IntervalStyle = 'postgres'
 SET extra_float_digits = 1
 SET bytea_output = 'hex'
 AS $$
+DECLARE
+    root oid := coalesce(pg_partition_root(TG_RELID), TG_RELID);
+    root_schema name;
+    root_name name;
 BEGIN
+    SELECT n.nspname, c.relname INTO root_schema, root_name
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = root;
     PERFORM cdc_truncate_check(format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME));
     EXECUTE format(
         'INSERT INTO cdc_outbox (table_schema, table_name, action, key, row_image)'
         ' SELECT $1, $2, ''DELETE'', hstore_to_jsonb(slice(i, $3)), hstore_to_jsonb(i)'
         ' FROM (SELECT hstore(t) - $4 AS i FROM ONLY %I.%I AS t) AS s',
         TG_TABLE_SCHEMA, TG_TABLE_NAME)
-    USING TG_ARGV[0], TG_ARGV[1], TG_ARGV[2]::text[], TG_ARGV[3]::text[];
+    USING root_schema, root_name, TG_ARGV[0]::text[], TG_ARGV[1]::text[];
     PERFORM pg_notify('emp_records_cdc', '');
     RETURN NULL;
 END;

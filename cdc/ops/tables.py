@@ -181,7 +181,7 @@ def _add(cur: psycopg2.extensions.cursor, settings: Settings, name: str, *, snap
     topic = topic_for(settings.cdc_topic_prefix, target.schema, target.name)
     _check_topic(cur, target, topic)
     generated = [c.name for c in table.columns if c.generated]
-    args = [target.schema, target.name, _array(table.primary_key), _array(generated)]
+    args = [_array(table.primary_key), _array(generated)]
     literals = sql.SQL(", ").join(sql.Literal(a) for a in args)
     cur.execute(
         sql.SQL(
@@ -207,7 +207,7 @@ def _add(cur: psycopg2.extensions.cursor, settings: Settings, name: str, *, snap
     (again,) = one_row(cur)
     rows = None
     if snapshot:
-        cur.execute("SELECT cdc_snapshot(%s, %s, %s, %s)", args)
+        cur.execute("SELECT cdc_snapshot(%s, %s, %s, %s)", [target.schema, target.name, *args])
         (rows,) = one_row(cur)
     return Added(target.qualified, topic, table.primary_key, rows, bool(again))
 

@@ -286,3 +286,22 @@ def test_a_topic_that_would_clash_in_kafka_is_refused(source, env, tmp_path):
     assert refused.returncode == 2
     assert "clashes with cdc.public.a_b" in refused.stderr and "rename one" in refused.stderr
     assert tables(env, tmp_path, "add", "a.b_c").returncode == 0
+
+
+def test_names_as_long_as_postgresql_allows_with_dots_and_keywords(source, env, tmp_path):
+    long_name = "l" * 63  # PostgreSQL's limit in bytes
+    run(
+        source,
+        f'CREATE TABLE "{long_name}" ("select" int PRIMARY KEY, "from" text)',
+        'CREATE TABLE "a.b" (id int PRIMARY KEY)',
+    )
+    added = tables(env, tmp_path, "add", f'"{long_name}"', '"a.b"')
+    assert added.returncode == 0, added.stderr
+    run(source, f"INSERT INTO \"{long_name}\" VALUES (1, 'x')", 'INSERT INTO "a.b" VALUES (2)')
+    rows = changes(source)
+    assert [(r[2], r[4], r[5]) for r in rows] == [
+        (long_name, {"select": "1"}, {"select": "1", "from": "x"}),
+        ("a.b", {"id": "2"}, {"id": "2"}),
+    ]
+    assert f"topic cdc.public.{long_name};" in added.stdout
+    assert "topic cdc.public.a-2eb;" in added.stdout
