@@ -68,6 +68,11 @@ class Column:
     not_null: bool = False
     generated: bool = False  # GENERATED ALWAYS AS (...) STORED: computed, never written
     identity: bool = False  # GENERATED ... AS IDENTITY
+    # The column's own type (a domain, not its base), schema-qualified and quoted, without its
+    # modifier: what a value's text is cast to, so the column's modifier applies on assignment
+    # (an error for text too long, as on the source) rather than a silent explicit-cast cut.
+    cast_type: str = ""
+    identity_always: bool = False  # GENERATED ALWAYS AS IDENTITY: written with OVERRIDING SYSTEM VALUE
 
     @property
     def ident(self) -> sql.Identifier:
@@ -97,14 +102,27 @@ class Table:
         rows = cur.fetchall()
         schema, table = rows[0][0], rows[0][1]
         columns = []
-        for _, _, column, type_, base, typmod, not_null, generated, identity in rows:
+        for _, _, column, type_, base, typmod, not_null, generated, identity, cast_type in rows:
             if base not in _KINDS and not any_type:
                 raise ConfigError(
                     f"{schema}.{table}.{column} is of type {type_}, which change events cannot carry yet"
                 )
             kind, range_ = _KINDS.get(base, (Kind.OTHER, None))
             length = typmod - 4 if kind is Kind.TEXT and base != "text" and typmod >= 4 else None
-            columns.append(Column(column, type_, kind, range_, length, not_null, generated, identity))
+            columns.append(
+                Column(
+                    column,
+                    type_,
+                    kind,
+                    range_,
+                    length,
+                    not_null,
+                    generated,
+                    identity != "",
+                    cast_type,
+                    identity == "a",
+                )
+            )
         cur.execute(_PRIMARY_KEY, (oid,))
         key = tuple(r[0] for r in cur.fetchall())
         if not key:
@@ -157,11 +175,13 @@ def _dbname(cur: psycopg2.extensions.cursor) -> str:
 
 _COLUMNS = """
 SELECT n.nspname, c.relname, a.attname, format_type(a.atttypid, a.atttypmod),
-       coalesce(bt.typname, t.typname), a.atttypmod, a.attnotnull, a.attgenerated <> '', a.attidentity <> ''
+       coalesce(bt.typname, t.typname), a.atttypmod, a.attnotnull, a.attgenerated <> '', a.attidentity::text,
+       format('%%I.%%I', tn.nspname, t.typname)
   FROM pg_attribute a
   JOIN pg_class c ON c.oid = a.attrelid
   JOIN pg_namespace n ON n.oid = c.relnamespace
   JOIN pg_type t ON t.oid = a.atttypid
+  JOIN pg_namespace tn ON tn.oid = t.typnamespace
   LEFT JOIN pg_type bt ON t.typtype = 'd' AND bt.oid = t.typbasetype
  WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
  ORDER BY a.attnum
