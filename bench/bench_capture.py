@@ -11,8 +11,10 @@ them alike:
 - ``employees`` with its own capture trigger, and a copy of it without one: the seed's figure,
   for comparison.
 
-Each variant's median over the rounds, and the ratios captured / plain. Results go to
-``bench-results/capture.json``.
+Twice: on a durable server (``fsync`` and ``full_page_writes`` on, as in production: a commit
+waits for its WAL flush) and on the local services' throwaway setting (both off: the trigger's
+CPU cost alone, the worst case for the ratio). Each variant's median over the rounds, and the
+ratios captured / plain. Results go to ``bench-results/capture.json``.
 """
 
 from __future__ import annotations
@@ -101,6 +103,40 @@ def pgbench(server: PostgresServer, script: Path, clients: int, seconds: int) ->
     return float(found.group(1))
 
 
+CONFIGS = {
+    "durable (fsync on)": {"fsync": "on", "full_page_writes": "on"},
+    "fsync off": {},
+}
+
+
+def measure(home: Path, config: dict[str, str], args: argparse.Namespace) -> dict[str, list[float]]:
+    runs: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    server = PostgresServer(
+        name="source",
+        home=home,
+        port=Ports.free().source_pg,
+        dbname="cdc_source",
+        password="bench",
+        settings=config,
+    )
+    try:
+        server.start()
+        prepare(server)
+        scripts = {}
+        for variant, (table, template) in VARIANTS.items():
+            scripts[variant] = home / f"{table}.sql"
+            scripts[variant].write_text("\\set n random(1, 100000)\n" + template.format(t=table) + "\n")
+        for r in range(args.rounds):
+            order = list(VARIANTS) if r % 2 == 0 else list(reversed(VARIANTS))
+            for variant in order:
+                tps = pgbench(server, scripts[variant], args.clients, args.seconds)
+                runs[variant].append(tps)
+                print(f"round {r + 1}: {variant}: {tps:,.0f} transactions/s", flush=True)
+    finally:
+        server.stop(mode="immediate")
+    return runs
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -108,44 +144,22 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=2, help="concurrent writers")
     args = parser.parse_args()
 
-    runs: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    with tempfile.TemporaryDirectory(prefix="cdc-bench-") as tmp:
-        home = Path(tmp)
-        server = PostgresServer(
-            name="source", home=home, port=Ports.free().source_pg, dbname="cdc_source", password="bench"
-        )
-        try:
-            server.start()
-            prepare(server)
-            scripts = {}
-            for variant, (table, template) in VARIANTS.items():
-                scripts[variant] = home / f"{table}.sql"
-                scripts[variant].write_text("\\set n random(1, 100000)\n" + template.format(t=table) + "\n")
-            for r in range(args.rounds):
-                order = list(VARIANTS) if r % 2 == 0 else list(reversed(VARIANTS))
-                for variant in order:
-                    tps = pgbench(server, scripts[variant], args.clients, args.seconds)
-                    runs[variant].append(tps)
-                    print(f"round {r + 1}: {variant}: {tps:,.0f} transactions/s", flush=True)
-        finally:
-            server.stop(mode="immediate")
-
-    medians = {v: statistics.median(t) for v, t in runs.items()}
-    ratios = {name: round(medians[a] / medians[b], 3) for name, (a, b) in RATIOS.items()}
-    for variant, median in medians.items():
-        print(f"median {variant}: {median:,.0f} transactions/s")
-    for name, ratio in ratios.items():
-        print(f"{name}: {ratio}")
+    results = {}
+    for name, config in CONFIGS.items():
+        print(f"== {name}", flush=True)
+        with tempfile.TemporaryDirectory(prefix="cdc-bench-") as tmp:
+            runs = measure(Path(tmp), config, args)
+        medians = {v: statistics.median(t) for v, t in runs.items()}
+        ratios = {label: round(medians[a] / medians[b], 3) for label, (a, b) in RATIOS.items()}
+        results[name] = {"runs": runs, "medians": medians, "ratios": ratios}
+    for name, result in results.items():
+        for variant, median in result["medians"].items():
+            print(f"{name}: median {variant}: {median:,.0f} transactions/s")
+        for label, ratio in result["ratios"].items():
+            print(f"{name}: {label}: {ratio}")
     out = PROJECT_DIR / "bench-results" / "capture.json"
     out.parent.mkdir(exist_ok=True)
-    result = {
-        "cpus": os.cpu_count(),
-        "clients": args.clients,
-        "runs": runs,
-        "medians": medians,
-        "ratios": ratios,
-    }
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out.write_text(json.dumps({"cpus": os.cpu_count(), "clients": args.clients, **results}, indent=1) + "\n")
     print(f"wrote {out.relative_to(PROJECT_DIR)}")
     return 0
 
