@@ -39,17 +39,19 @@ __all__ = [
 
 INT4_MIN, INT4_MAX = INT4
 TEXT_MAX = 100  # VARCHAR(100) in both schemas
+# The columns' own types without modifiers, as Table.load reads them (what a value's text is cast to).
+INT4_TYPE, VARCHAR = "pg_catalog.int4", 'pg_catalog."varchar"'
 
 EMPLOYEES = Table(
     schema="public",
     name="employees",
     columns=(
-        Column("emp_id", "integer", Kind.INTEGER, INT4, not_null=True),
-        Column("first_name", "character varying(100)", Kind.TEXT, length=TEXT_MAX),
-        Column("last_name", "character varying(100)", Kind.TEXT, length=TEXT_MAX),
-        Column("dob", "date", Kind.DATE),
-        Column("city", "character varying(100)", Kind.TEXT, length=TEXT_MAX),
-        Column("salary", "integer", Kind.INTEGER, INT4),
+        Column("emp_id", "integer", Kind.INTEGER, INT4, not_null=True, cast_type=INT4_TYPE),
+        Column("first_name", "character varying(100)", Kind.TEXT, length=TEXT_MAX, cast_type=VARCHAR),
+        Column("last_name", "character varying(100)", Kind.TEXT, length=TEXT_MAX, cast_type=VARCHAR),
+        Column("dob", "date", Kind.DATE, cast_type="pg_catalog.date"),
+        Column("city", "character varying(100)", Kind.TEXT, length=TEXT_MAX, cast_type=VARCHAR),
+        Column("salary", "integer", Kind.INTEGER, INT4, cast_type=INT4_TYPE),
     ),
     primary_key=("emp_id",),
 )
