@@ -1,4 +1,4 @@
-"""Rows of any table written from their row images (issue 17's apply, first part: the typing).
+"""Rows of any table written from their row images: the typing part of applying generic changes.
 
 A generic change carries its row as ``{column: text or null}``: each value as PostgreSQL's own
 text output on the source (``cdc_capture`` in setup_db.sql). The destination types each value

@@ -3,8 +3,9 @@ on the source (from sessions with other TimeZone, DateStyle, IntervalStyle, extr
 bytea_output) is captured by ``cdc_capture`` as text and written on the destination by
 ``cdc.sink.generic.insert_rows``; every column must then print the same in both databases.
 
-This covers capture and typing (issue 17's hardest part) at the SQL level. The same matrix must
-run through the daemons once the producer publishes and the consumer applies generic tables.
+This covers capture and typing (the hardest part of replicating any table) at the SQL level.
+The same matrix must run through the daemons once the producer publishes and the consumer
+applies generic tables.
 """
 
 from __future__ import annotations
