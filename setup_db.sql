@@ -222,42 +222,14 @@ BEGIN
 END;
 $$;
 
--- TRUNCATE of a table in cdc_tables (and of each of its partitions: statement triggers are not
--- inherited): a DELETE of every row, under the root's name, after the same snapshot check as
--- employees' (cdc_truncate_check). Same arguments as cdc_capture.
-CREATE OR REPLACE FUNCTION cdc_capture_truncate() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, public, pg_temp
-SET TimeZone = 'UTC'
-SET DateStyle = 'ISO, YMD'
-SET IntervalStyle = 'postgres'
-SET extra_float_digits = 1
-SET bytea_output = 'hex'
-AS $$
-DECLARE
-    root oid := coalesce(pg_partition_root(TG_RELID), TG_RELID);
-    root_schema name;
-    root_name name;
-BEGIN
-    SELECT n.nspname, c.relname INTO root_schema, root_name
-      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-     WHERE c.oid = root;
-    PERFORM cdc_truncate_check(format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME));
-    EXECUTE format(
-        'INSERT INTO cdc_outbox (table_schema, table_name, action, key, row_image)'
-        ' SELECT $1, $2, ''DELETE'', hstore_to_jsonb(slice(i, $3)), hstore_to_jsonb(i)'
-        ' FROM (SELECT hstore(t) - $4 AS i FROM ONLY %I.%I AS t) AS s',
-        TG_TABLE_SCHEMA, TG_TABLE_NAME)
-    USING root_schema, root_name, TG_ARGV[0]::text[], TG_ARGV[1]::text[];
-    PERFORM pg_notify('emp_records_cdc', '');
-    RETURN NULL;
-END;
-$$;
-
--- `cdc tables add --snapshot`: every current row of a table (all its partitions) as a SNAPSHOT
--- change, under the same pinned settings as the trigger. Returns how many. Runs as its caller.
-CREATE OR REPLACE FUNCTION cdc_snapshot(root_schema text, root_name text, key_columns text[], generated text[])
-RETURNS bigint
+-- Rows of a table as changes of one action (`DELETE` for a TRUNCATE, `SNAPSHOT` for `cdc tables
+-- add --snapshot`), recorded under the root's name, under the same pinned settings as the row
+-- trigger. `only`: this table's own rows (a partition truncated), else its whole tree. Returns
+-- how many. Runs with its caller's rights.
+CREATE OR REPLACE FUNCTION cdc_copy_rows(
+    action text, source regclass, only_this boolean, root_schema text, root_name text,
+    key_columns text[], generated text[]
+) RETURNS bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, public, pg_temp
 SET TimeZone = 'UTC'
@@ -271,13 +243,34 @@ DECLARE
 BEGIN
     EXECUTE format(
         'INSERT INTO cdc_outbox (table_schema, table_name, action, key, row_image)'
-        ' SELECT $1, $2, ''SNAPSHOT'', hstore_to_jsonb(slice(i, $3)), hstore_to_jsonb(i)'
-        ' FROM (SELECT hstore(t) - $4 AS i FROM %I.%I AS t) AS s',
-        root_schema, root_name)
-    USING root_schema, root_name, key_columns, generated;
+        ' SELECT $1, $2, $3, hstore_to_jsonb(slice(i, $4)), hstore_to_jsonb(i)'
+        ' FROM (SELECT hstore(t) - $5 AS i FROM %s %s AS t) AS s',
+        CASE WHEN only_this THEN 'ONLY' ELSE '' END, source)
+    USING root_schema, root_name, action, key_columns, generated;
     GET DIAGNOSTICS n = ROW_COUNT;
     PERFORM pg_notify('emp_records_cdc', '');
     RETURN n;
+END;
+$$;
+
+-- TRUNCATE of a table in cdc_tables (and of each of its partitions: statement triggers are not
+-- inherited): a DELETE of every row, under the root's name, after the same snapshot check as
+-- employees' (cdc_truncate_check). Same arguments as cdc_capture; SECURITY DEFINER as it.
+CREATE OR REPLACE FUNCTION cdc_capture_truncate() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, public, pg_temp
+AS $$
+DECLARE
+    root_schema name;
+    root_name name;
+BEGIN
+    SELECT n.nspname, c.relname INTO root_schema, root_name
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = coalesce(pg_partition_root(TG_RELID), TG_RELID);
+    PERFORM cdc_truncate_check(TG_RELID::regclass::text);
+    PERFORM cdc_copy_rows('DELETE', TG_RELID::regclass, true, root_schema, root_name,
+                          TG_ARGV[0]::text[], TG_ARGV[1]::text[]);
+    RETURN NULL;
 END;
 $$;
 

@@ -48,12 +48,9 @@ class Target:
     oid: int
     schema: str
     name: str
+    qualified: str  # schema.name as SQL writes it, quoted where needed
     kind: str  # pg_class.relkind
     partition_of: str | None  # the root, if this is a partition
-
-    @property
-    def qualified(self) -> str:
-        return f"{_quote(self.schema)}.{_quote(self.name)}"
 
 
 @dataclass(frozen=True)
@@ -76,13 +73,6 @@ class Captured:
     installed: bool  # its row trigger is in place
 
 
-def _quote(name: str) -> str:
-    """``name`` as an SQL identifier: bare when PostgreSQL would print it bare."""
-    if name.isidentifier() and name == name.lower() and name.isascii():
-        return name
-    return '"' + name.replace('"', '""') + '"'
-
-
 def _open(settings: Settings) -> Database:
     if not settings.source_db_url:
         raise ConfigError("SOURCE_DB_URL is not set: tables are captured on the source")
@@ -96,7 +86,7 @@ def _open(settings: Settings) -> Database:
 
 
 _RESOLVE = """
-SELECT c.oid, n.nspname, c.relname, c.relkind,
+SELECT c.oid, n.nspname, c.relname, format('%%I.%%I', n.nspname, c.relname), c.relkind,
        CASE WHEN c.relispartition THEN pg_partition_root(c.oid)::regclass::text END
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE c.oid = to_regclass(%s)
@@ -139,14 +129,15 @@ def _array(values: Iterable[str]) -> str:
 def _check_topic(cur: psycopg2.extensions.cursor, target: Target, topic: str) -> None:
     """ConfigError if another captured table's topic clashes with ``topic`` in Kafka."""
     cur.execute(
-        f"SELECT table_schema, table_name, topic FROM {REGISTRY} WHERE (table_schema, table_name) <> (%s, %s)",
+        f"SELECT format('%%I.%%I', table_schema, table_name), topic FROM {REGISTRY}"
+        " WHERE (table_schema, table_name) <> (%s, %s)",
         (target.schema, target.name),
     )
-    for schema, name, other in cur.fetchall():
+    for name, other in cur.fetchall():
         if collision_key(other) == collision_key(topic):
             raise ConfigError(
-                f"{target.qualified}'s topic {topic} clashes with {other}, the topic of "
-                f"{_quote(schema)}.{_quote(name)} (Kafka reads '.' and '_' alike): rename one of the tables"
+                f"{target.qualified}'s topic {topic} clashes with {other}, the topic of {name}"
+                " (Kafka reads '.' and '_' alike): rename one of the tables"
             )
 
 
@@ -207,7 +198,10 @@ def _add(cur: psycopg2.extensions.cursor, settings: Settings, name: str, *, snap
     (again,) = one_row(cur)
     rows = None
     if snapshot:
-        cur.execute("SELECT cdc_snapshot(%s, %s, %s, %s)", [target.schema, target.name, *args])
+        cur.execute(
+            "SELECT cdc_copy_rows('SNAPSHOT', %s::oid::regclass, false, %s, %s, %s, %s)",
+            [target.oid, target.schema, target.name, *args],
+        )
         (rows,) = one_row(cur)
     return Added(target.qualified, topic, table.primary_key, rows, bool(again))
 
@@ -249,7 +243,8 @@ def captured(settings: Settings) -> list[Captured]:
     with _open(settings) as db, db.connection() as conn, conn.cursor() as cur:
         _require_schema(cur)
         cur.execute(
-            f"SELECT r.table_schema, r.table_name, r.topic, r.primary_key, r.added_at, r.added_by,"
+            "SELECT r.table_schema, r.table_name, format('%%I.%%I', r.table_schema, r.table_name), r.topic,"
+            " r.primary_key, r.added_at, r.added_by,"
             " c.oid, EXISTS (SELECT FROM pg_trigger t WHERE t.tgrelid = c.oid AND t.tgname = %s)"
             f" FROM {REGISTRY} r"
             " LEFT JOIN pg_namespace n ON n.nspname = r.table_schema"
@@ -257,12 +252,11 @@ def captured(settings: Settings) -> list[Captured]:
             " ORDER BY r.table_schema, r.table_name",
             (ROW_TRIGGER,),
         )
-        for schema, name, topic, key, added_at, added_by, oid, installed in cur.fetchall():
+        for schema, name, qualified, topic, key, added_at, added_by, oid, installed in cur.fetchall():
             rows = None
             if oid is not None:
                 cur.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, name)))
                 (rows,) = one_row(cur)
-            qualified = f"{_quote(schema)}.{_quote(name)}"
             out.append(Captured(qualified, topic, tuple(key), rows, added_at, added_by, bool(installed)))
     return out
 

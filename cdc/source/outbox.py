@@ -150,6 +150,11 @@ SELECT {key}::text, {event}, extract(epoch FROM captured_at)::float8, coalesce({
     return Statement("cdc_fetch", ("xid8", "bigint", "int", "text[]"), text.as_string(cur))
 
 
+def fetch_params(after: Cursor, limit: int) -> tuple[object, ...]:
+    """``fetch_statement``'s parameters: the rows after ``after``, at most ``limit``."""
+    return (str(after.txid), after.action_id, limit, list(ACTIONS))
+
+
 def fetch_published(
     cur: psycopg2.extensions.cursor, fetch: Statement, after: Cursor, upto: Cursor, limit: int
 ) -> Batch:
@@ -157,7 +162,7 @@ def fetch_published(
     ``upto`` (the cursor: these rows were published already). ``fetch`` (``fetch_statement``) is
     prepared on ``cur``'s connection; the same statement makes the same messages."""
     cur.execute(_INDEX_ONLY)
-    cur.execute(fetch.execute, (str(after.txid), after.action_id, limit, list(ACTIONS)))
+    cur.execute(fetch.execute, fetch_params(after, limit))
     rows = cur.fetchall()
     return Batch(rows[: bisect_right(rows, upto, key=_position)])
 
@@ -584,7 +589,7 @@ class ProducerSession:
         """The next rows after ``after`` whose transactions have all ended, in cursor order."""
         if self._fetch is None:
             raise LeadershipLost("the lock is not held")
-        return Batch(self._run(self._fetch, (str(after.txid), after.action_id, limit, list(ACTIONS))))
+        return Batch(self._run(self._fetch, fetch_params(after, limit)))
 
     def advance(self, to: Cursor, count: int, *, prune: bool) -> int:
         """Store the cursor (and prune behind it) in one transaction. Returns rows pruned."""

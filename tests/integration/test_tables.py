@@ -217,6 +217,12 @@ def test_a_partitioned_table_is_captured_under_its_roots_name_truncate_included(
     # TRUNCATE of one partition: a DELETE of each of its rows (in heap order).
     assert sorted(seen[4:]) == [("DELETE", "1", "2025-06-06"), ("DELETE", "2", "2025-05-05")]
     assert query(source, "SELECT count(*) FROM m")[0][0] == 0
+    # TRUNCATE of the root: each partition's own trigger records its rows, once.
+    run(source, "INSERT INTO m VALUES (3, '2024-07-07', 'a'), (4, '2025-07-07', 'b')")
+    last = rows[-1][0]
+    run(source, "TRUNCATE m")
+    deleted = [(r[3], r[2], r[4]["id"]) for r in changes(source, last) if r[3] == "DELETE"]
+    assert sorted(deleted) == [("DELETE", "m", "3"), ("DELETE", "m", "4")]
 
 
 def test_list_shows_topics_and_rows_and_remove_stops_the_capture(source, env, tmp_path):
