@@ -58,6 +58,7 @@ def test_dotenv_loaded_but_environment_wins(tmp_path):
         ("PRODUCER_METRICS_PORT", "x", "is not valid"),
         ("CDC_PRUNE", "maybe", "expected true/false"),
         ("CDC_DLQ_TOPIC", "bf_employee_cdc", "must differ"),
+        ("CDC_TOPIC_PREFIX", "my prefix", "letters, digits"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_variable(name, value, words):
