@@ -30,6 +30,12 @@ CREATE TABLE IF NOT EXISTS processed_events (
 -- Destinations set up before captured_at was recorded.
 ALTER TABLE processed_events ADD COLUMN IF NOT EXISTS captured_at TIMESTAMPTZ;
 
+-- A change of another captured table (`python -m cdc tables add`): its table and primary key
+-- (the key's column texts as a JSON object); emp_id is NULL then. NULL table: employees.
+ALTER TABLE processed_events ADD COLUMN IF NOT EXISTS table_schema TEXT;
+ALTER TABLE processed_events ADD COLUMN IF NOT EXISTS table_name TEXT;
+ALTER TABLE processed_events ADD COLUMN IF NOT EXISTS row_key JSONB;
+
 -- Nothing reads processed_events by emp_id, and this index cost about a tenth of the
 -- destination's work per event: destinations set up before lose it. An operator who looks
 -- events up by emp_id can create one under another name.
@@ -42,6 +48,19 @@ CREATE TABLE IF NOT EXISTS emp_versions (
     last_action_id  BIGINT NOT NULL,
     deleted         BOOLEAN NOT NULL DEFAULT false,
     updated_at      TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+-- The version guard of every other captured table: the newest action_id applied per row, by
+-- table and primary key (its column texts as a JSON object, compared by value), kept after a
+-- DELETE as a tombstone.
+CREATE TABLE IF NOT EXISTS cdc_versions (
+    table_schema    TEXT NOT NULL,
+    table_name      TEXT NOT NULL,
+    key             JSONB NOT NULL,
+    last_action_id  BIGINT NOT NULL,
+    deleted         BOOLEAN NOT NULL DEFAULT false,
+    updated_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (table_schema, table_name, key)
 );
 
 -- The destination's record of what it consumed: per topic partition, the offset after the last

@@ -3,9 +3,16 @@
 -- The role is created without a password: set one (ALTER ROLE cdc_consumer PASSWORD '...').
 --
 -- cdc_consumer may only write the tables it keeps: the replicated rows, the idempotency record,
--- the version guard and the applied offsets, and add to the record of accepted gaps (the
+-- the version guards and the applied offsets, and add to the record of accepted gaps (the
 -- operator's `python -m cdc offsets accept-gap` runs with the same .env). No DDL, no TRUNCATE,
--- nothing else.
+-- nothing else. Every other replicated table needs its own grant, given by its owner:
+--   GRANT SELECT, INSERT, UPDATE, DELETE ON <table> TO cdc_consumer;
+-- (until then its changes are held, not lost: the consumer says which table and why).
+--
+-- It may set session_replication_role (PostgreSQL 15+): changes are applied under `replica`, as
+-- PostgreSQL's logical replication applies them, so foreign keys between replicated tables are
+-- not checked against an order of arrival that differs from the source's commit order (and the
+-- destination's own triggers do not fire for replicated rows).
 
 BEGIN;
 
@@ -21,7 +28,8 @@ REVOKE ALL ON ALL TABLES IN SCHEMA public FROM cdc_consumer;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM cdc_consumer;
 
 GRANT SELECT, INSERT, UPDATE, DELETE ON employees TO cdc_consumer;
-GRANT SELECT, INSERT, UPDATE ON processed_events, emp_versions, applied_offsets TO cdc_consumer;
+GRANT SELECT, INSERT, UPDATE ON processed_events, emp_versions, cdc_versions, applied_offsets TO cdc_consumer;
 GRANT SELECT, INSERT ON accepted_gaps TO cdc_consumer;
+GRANT SET ON PARAMETER session_replication_role TO cdc_consumer;
 
 COMMIT;

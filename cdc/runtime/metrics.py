@@ -175,6 +175,13 @@ CONSUMER: Spec = (
         k.HELD,
     ),
     Gauge(
+        "drifted_tables",
+        "Tables whose changes are held because the destination table differs from them (missing, a "
+        "column missing or generated, another primary key, no grant); 1 per held table",
+        k.DRIFTED,
+        ("table",),
+    ),
+    Gauge(
         "gap_messages",
         "Messages removed from the topic before the destination applied them, per held partition",
         k.GAP,

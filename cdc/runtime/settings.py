@@ -80,6 +80,9 @@ class Settings:
     # Consumer DLQ circuit breaker: stop when at least this share of the last window messages failed.
     dlq_breaker_window: int = 100
     dlq_breaker_ratio: float = 0.9
+    # Seconds a foreign-key violation between replicated tables waits as a transient error, where
+    # the consumer's role may not apply under session_replication_role = replica.
+    fk_wait_seconds: float = 30.0
 
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict that is safe to log: passwords in URLs and secrets masked."""
@@ -120,6 +123,7 @@ _ENV_FIELDS: dict[str, tuple[str, Any]] = {
     "CDC_TOPIC": ("cdc_topic", _str),
     "CDC_DLQ_TOPIC": ("cdc_dlq_topic", _str),
     "CDC_TOPIC_PREFIX": ("cdc_topic_prefix", _str),
+    "CDC_FK_WAIT_SECONDS": ("fk_wait_seconds", float),
     "CDC_TOPIC_PARTITIONS": ("topic_partitions", int),
     "CDC_TOPIC_REPLICATION_FACTOR": ("topic_replication_factor", int),
     "CONSUMER_GROUP_ID": ("consumer_group_id", _str),
@@ -285,6 +289,14 @@ def validate(s: Settings) -> None:
             "cdc_topic_prefix",
             "must be 1 to 100 letters, digits, '.', '_' or '-' (it starts Kafka topic names)",
         )
+    for fname in ("cdc_topic", "cdc_dlq_topic"):
+        if getattr(s, fname).startswith(s.cdc_topic_prefix + "."):
+            raise bad(
+                fname,
+                f"must not start with CDC_TOPIC_PREFIX '{s.cdc_topic_prefix}.' (other tables' topics do)",
+            )
+    if s.fk_wait_seconds < 0:
+        raise bad("fk_wait_seconds", "must be 0 or more")
     for fname in (
         "topic_partitions",
         "topic_replication_factor",

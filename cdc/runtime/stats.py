@@ -58,6 +58,9 @@ DB_MAX = "db_max"  # gauge: pool size limit
 LAG = "lag"  # gauge: {(topic, partition): messages behind}
 COMMITTED = "committed"  # gauge: {(topic, partition): committed offset}
 HELD = "held"  # gauge: partitions held by a gap in the topic (or waiting for their start)
+DRIFTED = (
+    "drifted"  # gauge: {(table,): 1} of each table held because its destination differs from its changes
+)
 GAP = "gap"  # gauge: {(topic, partition): messages missing} of each partition held by a gap
 POSITION = "position_"  # counters: + how a partition's start was decided (below)
 POSITION_GAP = POSITION + "gap"  # a gap found: the partition is held

@@ -30,12 +30,14 @@ import psycopg2.extensions
 from cdc.dlq.queue import CircuitBreaker, DeadLetter, DeadLetterQueue, is_replayed
 from cdc.errors import BadMessageError, HaltError
 from cdc.kafka.client import MARK_HEADER, MARK_VALUE, Received
+from cdc.model.change import Change, ChangeCodec
 from cdc.model.event import Codec, Event, InvalidEventError
 from cdc.model.table import SOURCE_TABLE, Table
 from cdc.runtime.db import Database, classify
 from cdc.runtime.stats import APPLIED, CONSUMED, DLQ, DUPLICATES, RETRIES, STALE, Stats
 from cdc.sink import positions
 from cdc.sink import statements as sink
+from cdc.sink.generic import DeadRecord, GenericSink, Shape, TableName, record_dead, shape_of
 
 log = logging.getLogger("consumer.batch")
 _new_tuple = tuple.__new__  # a named tuple without its __new__: one is built per message
@@ -72,14 +74,22 @@ class Decoded:
         )
 
 
-def decode(batch: Sequence[Received], codec: Codec) -> Decoded:
-    """Step 1: decode and validate each message; an invalid one is a dead letter at once."""
+def decode(batch: Sequence[Received], codec: Codec, changes: ChangeCodec | None = None) -> Decoded:
+    """Step 1: decode and validate each message; an invalid one is a dead letter at once.
+
+    A message on a topic under ``changes.prefix`` is a change of a generic table; any other one
+    an employees event."""
     items: list[sink.Delivered] = []
     invalid: list[DeadLetter] = []
     from_json, delivered = codec.from_json, sink.Delivered
+    prefix = changes.prefix + "." if changes is not None else None
     for record in batch:
         try:
-            event = from_json(record.value)
+            if prefix is not None and record.topic.startswith(prefix):
+                assert changes is not None
+                event = changes.from_json(record.value, record.topic)
+            else:
+                event = from_json(record.value)
         except InvalidEventError as exc:
             invalid.append(DeadLetter(record, type(exc).__name__, str(exc), attempts=1))
             continue
@@ -99,8 +109,12 @@ class BatchApplier:
         stats: Stats,
         max_attempts: int,
         idempotency: bool,
+        topic_prefix: str = "cdc",
+        fk_wait: float = 30.0,
     ) -> None:
         self.db = db
+        self.changes = ChangeCodec(topic_prefix)
+        self.generic = GenericSink(fk_wait=fk_wait)
         self.dlq = dlq
         self.breaker = breaker
         self.stats = stats
@@ -118,6 +132,7 @@ class BatchApplier:
         checks from it (done once, at the first batch if not before)."""
         with self.db.connection() as conn, conn.cursor() as cur:
             statements = sink.Statements.build(cur, Table.load(cur, SOURCE_TABLE))
+            self.generic.probe(cur)
         self._statements, self._codec = statements, Codec(statements.table)
 
     @property
@@ -136,7 +151,49 @@ class BatchApplier:
 
     def decode(self, batch: Sequence[Received]) -> Decoded:
         """Step 1 for this destination's table (no database call once the table is known)."""
-        return decode(batch, self.codec)
+        return decode(batch, self.codec, self.changes)
+
+    def drifted(self, batch: Decoded) -> dict[TableName, tuple[str, Shape, set[str]]]:
+        """The generic tables of ``batch`` whose destination differs from their changes: per
+        table, why, the shape of its changes and its topics. Their changes must not be applied
+        (the caller holds them); the catalog is read once per table, then cached."""
+        shapes: dict[TableName, tuple[Shape, set[str]]] = {}
+        for item in batch.items:
+            event = item.event
+            if type(event) is Change:
+                name = (event.schema, event.table)
+                if name not in shapes:
+                    shapes[name] = (shape_of([item]), set())
+                shapes[name][1].add(item.record.topic)
+        if not shapes:
+            return {}
+        held = {}
+        with self.db.connection() as conn, conn.cursor() as cur:
+            for name, (shape, topics) in shapes.items():
+                why = self.generic.check(cur, name, shape)
+                if why is not None:
+                    held[name] = (why, shape, topics)
+        return held
+
+    def recheck(self, name: TableName, shape: Shape) -> str | None:
+        """``name``'s drift read afresh from the destination's catalog (None: fixed)."""
+        self.generic.forget(name)
+        with self.db.connection() as conn, conn.cursor() as cur:
+            return self.generic.check(cur, name, shape)
+
+    def _apply_items(self, cur: psycopg2.extensions.cursor, items: list[sink.Delivered]) -> sink.ApplyResult:
+        """Apply employees events and changes of generic tables, each set-based, in ``cur``'s transaction."""
+        plain = [i for i in items if type(i.event) is not Change]
+        if len(plain) == len(items):
+            return sink.apply_events(cur, items, idempotency=self.idempotency, statements=self.statements)
+        result = sink.ApplyResult()
+        if plain:
+            result.add(
+                sink.apply_events(cur, plain, idempotency=self.idempotency, statements=self.statements)
+            )
+        generic = [i for i in items if type(i.event) is Change]
+        result.add(self.generic.apply(cur, generic, idempotency=self.idempotency))
+        return result
 
     def apply(self, batch: Sequence[Received]) -> BatchResult:
         """Decode, decide and commit ``batch``; count it in the stats. Raises TransientError and bugs."""
@@ -156,7 +213,7 @@ class BatchApplier:
             else:
                 cur.execute(begin)
             try:
-                done = sink.apply_events(cur, items, idempotency=self.idempotency, statements=self.statements)
+                done = self._apply_items(cur, items)
             except (psycopg2.Error, BadMessageError) as exc:
                 if not isinstance(classify(exc), BadMessageError):
                     raise
@@ -250,7 +307,7 @@ class BatchApplier:
         raised as BadMessageError caused by the original one. Other errors leave as they are."""
         cur.execute("SAVEPOINT part")
         try:
-            done = sink.apply_events(cur, items, idempotency=self.idempotency, statements=self.statements)
+            done = self._apply_items(cur, items)
         except (psycopg2.Error, BadMessageError) as exc:
             if not isinstance(classify(exc), BadMessageError):
                 raise
@@ -277,6 +334,7 @@ class BatchApplier:
         self.breaker.check(len(dead), batch_size)
         copies: list[Received] = []
         if self.idempotency:
+            dead, generic = _record_generic_dead(self.changes, cur, dead, copies)
             unknown: list[DeadLetter] = []
             by_id: dict[int, tuple[DeadLetter, sink.EventRecord]] = {}
             for letter in dead:
@@ -295,7 +353,7 @@ class BatchApplier:
                     copies.append(m)
             new = sink.record_dead(cur, [r for _, r in by_id.values()], statements=self.statements)
             copies += [letter.record for letter, r in by_id.values() if r.action_id not in new]
-            dead = unknown + [letter for letter, r in by_id.values() if r.action_id in new]
+            dead = unknown + [letter for letter, r in by_id.values() if r.action_id in new] + generic
         for letter in dead:
             log.warning(
                 "dead letter %s error=%s attempts=%d: %s",
@@ -307,6 +365,37 @@ class BatchApplier:
         if dead:
             self.dlq.send(dead)
         return dead, copies
+
+
+def _record_generic_dead(
+    changes: ChangeCodec, cur: psycopg2.extensions.cursor, dead: list[DeadLetter], copies: list[Received]
+) -> tuple[list[DeadLetter], list[DeadLetter]]:
+    """Record the dead letters of generic tables' topics as ``dlq``, as ``_dead_letter`` does
+    employees'. Returns the other letters, and these to send (a copy of an id decided before is
+    added to ``copies`` instead)."""
+    prefix = changes.prefix + "."
+    rest: list[DeadLetter] = []
+    by_id: dict[int, tuple[DeadLetter, DeadRecord]] = {}
+    for letter in dead:
+        m = letter.record
+        if not m.topic.startswith(prefix):
+            rest.append(letter)
+            continue
+        ids = changes.salvage(m.value) if m.has_header(MARK_HEADER, MARK_VALUE) else None
+        if ids is None:
+            rest.append(letter)  # no usable action_id: the employees path sends it unrecorded
+            continue
+        record = DeadRecord(*ids, m.topic, m.partition, m.offset, is_replayed(m))
+        kept = by_id.get(record.action_id)
+        if kept is None or (record.replayed and not kept[1].replayed):
+            by_id[record.action_id] = (letter, record)
+            if kept is not None:
+                copies.append(kept[0].record)
+        else:
+            copies.append(m)
+    new = record_dead(cur, [r for _, r in by_id.values()])
+    copies += [letter.record for letter, r in by_id.values() if r.action_id not in new]
+    return rest, [letter for letter, r in by_id.values() if r.action_id in new]
 
 
 def _text(exc: BaseException) -> str:

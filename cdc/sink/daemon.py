@@ -89,6 +89,7 @@ from cdc.runtime.stats import (
 )
 from cdc.sink import statements as sink
 from cdc.sink.batch import BatchApplier, Decoded
+from cdc.sink.generic import Shape, TableName
 from cdc.sink.inflight import InFlight
 from cdc.sink.offsets import TP, Offsets
 from cdc.sink.placement import Placement
@@ -117,6 +118,8 @@ GC_THRESHOLDS = (20_000, 20, 20)
 # With a batch in flight, wait this long at most for the next message, so a finished batch's
 # offsets are committed soon after it (consume() cannot also wait for the worker).
 IN_FLIGHT_POLL = 0.005
+# Milliseconds between metadata refreshes: a new table's topic is consumed within this time.
+TOPIC_REFRESH_MS = 30_000
 
 
 class ProductionCDCConsumer:
@@ -171,7 +174,11 @@ class ProductionCDCConsumer:
             stats=self.stats,
             max_attempts=s.max_attempts,
             idempotency=enable_idempotency,
+            topic_prefix=s.cdc_topic_prefix,
+            fk_wait=s.fk_wait_seconds,
         )
+        # Tables held for drift (``_hold_drift``): table -> the shape of its changes.
+        self._drift_shapes: dict[str, tuple[TableName, Shape]] = {}
         self.offsets = Offsets(self.stats)
         self.in_flight = InFlight(self.applier, self.stats)
         self.retry = PausedRetry(
@@ -226,13 +233,14 @@ class ProductionCDCConsumer:
             self.probe.beat()
             if placement.due():
                 self._settle(consumer)  # the positions it stores count
+                self._recheck_drift()
                 placement.retry(consumer, offsets.owned)
                 self._set_readiness()
             offsets.commit(consumer)
             epochs = dict(offsets.epochs)  # the assignment the next messages are read in
             batch = self._usable(self._next_messages(consumer))
             if batch:
-                decoded = decode(batch)  # while the batch before applies
+                decoded = self._hold_drift(consumer, decode(batch))  # while the batch before applies
                 self._settle(consumer)
                 if self.running:  # else the batch before may not be applied: nothing after it is
                     self._start(decoded, epochs)
@@ -288,12 +296,17 @@ class ProductionCDCConsumer:
                     # Every partition starts where the destination says (cdc.sink.placement); a
                     # fetch that falls out of the log is an error to handle, never a silent reset.
                     "auto.offset.reset": "error",
+                    # The topic of a table added while running is matched within this time.
+                    "topic.metadata.refresh.interval.ms": TOPIC_REFRESH_MS,
                 },
             ),
             logger=KAFKA_LOG,
         )
         consumer.subscribe(
-            [s.cdc_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+            [s.cdc_topic, table_topics(s.cdc_topic_prefix)],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
         )
         return consumer
 
@@ -416,6 +429,39 @@ class ProductionCDCConsumer:
                 log.warning("kafka: %s", err.str())
         return batch
 
+    def _hold_drift(self, consumer: Consumer, batch: Decoded) -> Decoded:
+        """``batch`` without the changes of tables whose destination differs from them (missing,
+        a column missing, another primary key...): those tables' partitions are held, nothing of
+        them is applied, and they start again at the destination's position once it is fixed."""
+        held = self.applier.drifted(batch)
+        if not held:
+            return batch
+        assert self._placement is not None
+        topics: set[str] = set()
+        for (schema, name), (why, shape, table_topics) in held.items():
+            table = f"{schema}.{name}"
+            self._drift_shapes[table] = ((schema, name), shape)
+            self._placement.hold_table(consumer, table, why, table_topics, self.offsets.owned)
+            topics |= table_topics
+        self._set_readiness()
+        return batch.only(lambda r: r.topic not in topics)
+
+    def _recheck_drift(self) -> None:
+        """Release each held table whose destination now takes its changes (nothing in flight)."""
+        assert self._placement is not None
+        for table, (why, topics) in self._placement.drifted_tables().items():
+            known = self._drift_shapes.get(table)
+            try:
+                still = self.applier.recheck(*known) if known is not None else None
+            except TransientError as exc:
+                log.debug("drift of %s not checked: %s", table, exc)
+                continue
+            if still is None:
+                self._drift_shapes.pop(table, None)
+                self._placement.release(table, topics)
+            elif still != why:
+                log.error("table %s is still held: %s", table, still)
+
     def _start(self, batch: Decoded, epochs: dict[TP, int]) -> None:
         """Hand ``batch``, read in ``epochs``, to the worker thread (nothing is in flight)."""
         if epochs != self.offsets.epochs:
@@ -463,6 +509,11 @@ class ProductionCDCConsumer:
         """Commit applied offsets (see ``Offsets.commit``)."""
         if self._consumer is not None:
             self.offsets.commit(self._consumer, only)
+
+
+def table_topics(prefix: str) -> str:
+    """The subscription pattern of every table's topic under ``prefix`` (librdkafka's regex)."""
+    return "^" + prefix.replace(".", "\\.") + "\\..+"
 
 
 def _names(partitions: list[TopicPartition]) -> str:

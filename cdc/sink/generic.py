@@ -1,28 +1,53 @@
-"""Rows of any table written from their row images: the typing part of applying generic changes.
+"""Changes of any captured table applied to the destination: typing, the version guard, drift.
 
-A generic change carries its row as ``{column: text or null}``: each value as PostgreSQL's own
-text output on the source (``cdc_capture`` in setup_db.sql). The destination types each value
-from that text with the column's input function, by a cast to the column's own type without its
-modifier (``Column.cast_type``): an explicit cast to ``varchar(3)`` or ``bit(4)`` would cut or
-pad silently, while assignment to the column then applies the modifier as the source did (an
-error for a value too long, numeric rounded to the column's scale). Nothing passes through a JSON
-number, a Python value or a re-parsed document, so every type the source can print comes back
-exactly.
+A generic change (``cdc.model.change``) carries its row as ``{column: text or null}``: each
+value as PostgreSQL's own text output on the source (``cdc_capture`` in setup_db.sql). The
+destination types each value from that text with the column's input function, by a cast to the
+column's own type without its modifier (``Column.cast_type``): an explicit cast to ``varchar(3)``
+or ``bit(4)`` would cut or pad silently, while assignment to the column then applies the modifier
+as the source did (an error for a value too long, numeric rounded to the column's scale). Nothing
+passes through a JSON number, a Python value or a re-parsed document, so every type the source can
+print comes back exactly.
 
-The statement is built from the **destination's** catalog (``Table.load(..., any_type=True)``):
-identifiers quoted, generated columns never written, identity columns written with ``OVERRIDING
-SYSTEM VALUE``. Columns the event lacks or the table lacks are not guessed here: the caller
-compares the two first (drift is held, never written as NULL).
+Statements are built from the **destination's** catalog (``Table.load(..., any_type=True)``):
+identifiers quoted, values typed by PostgreSQL, never string-built; generated columns never
+written, identity columns written with ``OVERRIDING SYSTEM VALUE``. One statement per table and
+batch, set-based, in the batch's transaction, the same four steps as employees'
+(``cdc.sink.statements``): ``processed_events`` (one row per action_id, the table and key beside
+it), the version guard ``cdc_versions`` keyed by (schema, table, key) with tombstones, the writes,
+the record.
 
-Not yet wired into the consumer: the version guard, ``processed_events`` and the batch
-transaction for generic tables are the next step.
+**Drift is held, never guessed** (``drift``): a destination table that is missing, lacks a column
+the events carry, has that column generated, has another primary key, or that the consumer may
+not write, gets no statement; the caller holds the table's partitions until it is fixed.
+
+**Foreign keys** between replicated tables: where the role may set ``session_replication_role``
+(granted in setup_roles_dest.sql), a batch's generic statements run under ``replica``, as
+PostgreSQL's logical replication applies, so no order of arrival violates a foreign key.
+Otherwise a batch's upserts run parents first and its deletes children first (``order``), and a
+violation that remains is transient for ``CDC_FK_WAIT_SECONDS``.
 """
 
 from __future__ import annotations
 
+import graphlib
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import psycopg2.errors
+import psycopg2.extensions
 from psycopg2 import sql
 
+from cdc.errors import SchemaMissingError, TransientError, UnencodableValueError
+from cdc.model.change import Change
 from cdc.model.table import Column, Table
+from cdc.sink import statements as base
+
+TableName = tuple[str, str]
+VERSIONS = "cdc_versions"
 
 
 def typed(column: Column, image: sql.Composable) -> sql.Composed:
@@ -30,18 +55,397 @@ def typed(column: Column, image: sql.Composable) -> sql.Composed:
     return sql.SQL("({} ->> {})::{}").format(image, sql.Literal(column.name), sql.SQL(column.cast_type))
 
 
+def _overriding(columns: Iterable[Column]) -> sql.Composable:
+    return sql.SQL(" OVERRIDING SYSTEM VALUE") if any(c.identity_always for c in columns) else sql.SQL("")
+
+
 def insert_rows(table: Table) -> sql.Composed:
     """INSERT of the row images in ``%(rows)s`` (a JSON array of objects) into ``table``."""
     columns = table.written
     image = sql.SQL("r")
-    overriding = (
-        sql.SQL(" OVERRIDING SYSTEM VALUE") if any(c.identity_always for c in columns) else sql.SQL("")
-    )
     return sql.SQL(
         "INSERT INTO {table} ({columns}){overriding} SELECT {values} FROM jsonb_array_elements(%(rows)s::jsonb) AS r"
     ).format(
         table=table.ident,
         columns=sql.SQL(", ").join(c.ident for c in columns),
-        overriding=overriding,
+        overriding=_overriding(columns),
         values=sql.SQL(", ").join(typed(c, image) for c in columns),
     )
+
+
+# The batch: one JSON array [action_id, action, topic, partition, offset, captured_at, key, row]
+# per change (see _batch_json); the key and the row are JSON objects of column texts.
+_INPUT = """
+WITH b AS (
+    SELECT (x->>0)::bigint AS action_id, x->>1 AS action, x->>2 AS topic, (x->>3)::int AS part,
+           (x->>4)::bigint AS off, (x->>5)::timestamptz AS captured_at, x->6 AS _key, x->7 AS _row
+      FROM jsonb_array_elements(%(batch)s::jsonb) AS x
+),"""
+
+# Steps 2 and 3, as employees' (cdc.sink.statements._APPLY), keyed by the key's JSON (jsonb
+# compares it by value, whatever the order of its members).
+_APPLY = """
+d AS (
+    SELECT c.*, fresh AND action_id = max(action_id) FILTER (WHERE fresh) OVER (PARTITION BY _key) AS head
+      FROM c
+),
+e AS (
+    SELECT d.*, v.last_action_id AS version, head AND coalesce(v.last_action_id < d.action_id, true) AS wins
+      FROM d LEFT JOIN LATERAL (
+               SELECT v.last_action_id FROM {versions} v
+                WHERE d.head AND v.table_schema = {schema} AND v.table_name = {name} AND v.key = d._key OFFSET 0
+           ) AS v ON true
+),
+guard_new AS (
+    INSERT INTO {versions} (table_schema, table_name, key, last_action_id, deleted)
+    SELECT {schema}, {name}, _key, action_id, action = 'DELETE' FROM e WHERE wins AND version IS NULL ORDER BY _key
+),
+guard AS (
+    INSERT INTO {versions} AS v (table_schema, table_name, key, last_action_id, deleted)
+    SELECT {schema}, {name}, _key, action_id, action = 'DELETE' FROM e WHERE wins AND version IS NOT NULL ORDER BY _key
+    ON CONFLICT (table_schema, table_name, key) DO UPDATE
+       SET last_action_id = EXCLUDED.last_action_id, deleted = EXCLUDED.deleted, updated_at = now()
+     WHERE v.last_action_id < EXCLUDED.last_action_id
+    RETURNING 1
+),
+removed AS (
+    DELETE FROM {table} WHERE ({key_columns}) IN (SELECT {key_values} FROM e WHERE wins AND action = 'DELETE')
+),
+written AS (
+    INSERT INTO {table} ({columns}){overriding}
+    SELECT {values} FROM e
+     WHERE wins AND action <> 'DELETE' ORDER BY _key
+    ON CONFLICT ({key_columns}) {upsert}
+)"""
+
+_RECORD_NEW = """,
+recorded_new AS (
+    INSERT INTO processed_events
+           (action_id, table_schema, table_name, row_key, action, outcome, topic, "partition", "offset", captured_at)
+    SELECT action_id, {schema}, {name}, _key, action, CASE WHEN wins THEN 'applied' ELSE 'stale' END,
+           topic, part, off, captured_at
+      FROM e WHERE fresh AND NOT seen ORDER BY action_id
+),
+recorded AS (
+    INSERT INTO processed_events AS p
+           (action_id, table_schema, table_name, row_key, action, outcome, topic, "partition", "offset", captured_at)
+    SELECT action_id, {schema}, {name}, _key, action, CASE WHEN wins THEN 'applied' ELSE 'stale' END,
+           topic, part, off, captured_at
+      FROM e WHERE fresh AND seen ORDER BY action_id
+    ON CONFLICT (action_id) DO UPDATE
+       SET table_schema = EXCLUDED.table_schema, table_name = EXCLUDED.table_name, row_key = EXCLUDED.row_key,
+           action = EXCLUDED.action, outcome = EXCLUDED.outcome,
+           topic = EXCLUDED.topic, "partition" = EXCLUDED."partition", "offset" = EXCLUDED."offset",
+           captured_at = EXCLUDED.captured_at, processed_at = now()
+     WHERE p.outcome = 'dlq' AND p.action_id = ANY(%(replayed)s::bigint[])
+    RETURNING 1
+)"""
+
+# Dead letters of generic tables: recorded as ``dlq`` with their table and key where known.
+RECORD_DEAD = """
+INSERT INTO processed_events AS p
+       (action_id, table_schema, table_name, row_key, action, outcome, topic, "partition", "offset", captured_at)
+SELECT t.action_id, t.table_schema, t.table_name, t.row_key, t.action, 'dlq', t.topic, t.part, t.off, t.captured_at
+  FROM unnest(%(action_id)s::bigint[], %(schema)s::text[], %(name)s::text[], %(key)s::jsonb[], %(action)s::text[],
+              %(topic)s::text[], %(part)s::int[], %(off)s::bigint[], %(captured_at)s::timestamptz[])
+       AS t(action_id, table_schema, table_name, row_key, action, topic, part, off, captured_at)
+ON CONFLICT (action_id) DO UPDATE
+   SET table_schema = EXCLUDED.table_schema, table_name = EXCLUDED.table_name, row_key = EXCLUDED.row_key,
+       action = EXCLUDED.action, outcome = EXCLUDED.outcome,
+       topic = EXCLUDED.topic, "partition" = EXCLUDED."partition", "offset" = EXCLUDED."offset",
+       captured_at = EXCLUDED.captured_at, processed_at = now()
+ WHERE p.outcome = 'dlq' AND p.action_id = ANY(%(replayed)s::bigint[])
+RETURNING action_id
+"""
+
+
+@dataclass(frozen=True)
+class GenericStatements:
+    """The apply statements of one destination table, for changes carrying ``columns``."""
+
+    table: Table
+    columns: tuple[Column, ...]  # written: the destination's columns the changes carry
+    apply_recorded: str
+    apply_unrecorded: str
+
+    @classmethod
+    def build(
+        cls, cur: psycopg2.extensions.cursor, table: Table, carried: Iterable[str]
+    ) -> GenericStatements:
+        names = set(carried)
+        columns = tuple(c for c in table.written if c.name in names)
+        key = [table.column(n) for n in table.primary_key]
+        # An ALWAYS identity cannot be set by an UPDATE (ON CONFLICT has no OVERRIDING): it keeps
+        # the value its row was inserted with, as on the source, where only SET DEFAULT changes it.
+        rest = [c for c in columns if c.name not in table.primary_key and not c.identity_always]
+        row, key_image = sql.SQL("_row"), sql.SQL("_key")
+        upsert: sql.Composable = (
+            sql.SQL("DO UPDATE\n       SET {}").format(
+                sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(c.ident) for c in rest)
+            )
+            if rest
+            else sql.SQL("DO NOTHING")
+        )
+        parts = {
+            "table": table.ident,
+            "versions": sql.Identifier(VERSIONS),
+            "schema": sql.Literal(table.schema),
+            "name": sql.Literal(table.name),
+            "key_columns": sql.SQL(", ").join(c.ident for c in key),
+            "key_values": sql.SQL(", ").join(typed(c, key_image) for c in key),
+            "columns": sql.SQL(", ").join(c.ident for c in columns),
+            "overriding": _overriding(columns),
+            "values": sql.SQL(", ").join(typed(c, row) for c in columns),
+            "upsert": upsert,
+        }
+
+        def text(template: str, recorded: str) -> str:
+            composed = sql.SQL(template).format(**parts, recorded=sql.SQL(recorded))
+            return composed.as_string(cur)
+
+        recorded = _INPUT + base.FRESH_RECORDED + _APPLY + _RECORD_NEW + base.REPORT
+        unrecorded = _INPUT + base.FRESH_UNRECORDED + _APPLY + base.REPORT
+        return cls(table, columns, text(recorded, base.RECORDED_TOO), text(unrecorded, ""))
+
+
+_PRIVILEGES = """
+SELECT has_table_privilege(c.oid, 'SELECT'), has_table_privilege(c.oid, 'INSERT'),
+       has_table_privilege(c.oid, 'UPDATE'), has_table_privilege(c.oid, 'DELETE')
+  FROM pg_class c WHERE c.oid = to_regclass(%s)
+"""
+
+
+def drift(table: Table | None, name: TableName, carried: Iterable[str], key: Iterable[str]) -> str | None:
+    """What keeps changes of ``name`` carrying ``carried`` columns keyed by ``key`` from the
+    destination ``table`` (None: the table is missing), or None if nothing does."""
+    qualified = ".".join(name)
+    if table is None:
+        return f"{qualified} does not exist on the destination"
+    theirs, ours = sorted(key), sorted(table.primary_key)
+    if theirs != ours:
+        return (
+            f"{qualified} has primary key ({', '.join(ours)}) on the destination, "
+            f"({', '.join(theirs)}) on the source"
+        )
+    have = {c.name: c for c in table.columns}
+    lacking = sorted(n for n in carried if n not in have)
+    if lacking:
+        return f"{qualified} lacks column{'s' if len(lacking) > 1 else ''} {', '.join(lacking)} on the destination"
+    generated = sorted(n for n in carried if have[n].generated)
+    if generated:
+        return (
+            f"{qualified}: column {', '.join(generated)} is generated on the destination, not on the source"
+        )
+    return None
+
+
+@dataclass
+class Shape:
+    """What the changes of one table in a batch look like: the columns and key they carry."""
+
+    carried: frozenset[str]
+    key: frozenset[str]
+
+
+@dataclass
+class GenericSink:
+    """Statements and drift per destination table, built from its catalog once and cached.
+
+    ``fk_wait``: seconds a foreign-key violation counts as transient (no replica role).
+    """
+
+    fk_wait: float = 30.0
+    replica: bool = False  # the role may SET session_replication_role
+    _statements: dict[tuple[TableName, frozenset[str], frozenset[str]], GenericStatements] = field(
+        default_factory=dict
+    )
+    _drift: dict[tuple[TableName, frozenset[str], frozenset[str]], str] = field(default_factory=dict)
+    _parents: dict[TableName, set[TableName]] = field(default_factory=dict)
+    _fk_since: float | None = None
+
+    def probe(self, cur: psycopg2.extensions.cursor) -> None:
+        """Whether this role may apply under ``session_replication_role = replica``."""
+        cur.execute(
+            "SELECT rolsuper OR has_parameter_privilege('session_replication_role', 'SET')"
+            " FROM pg_roles WHERE rolname = current_user"
+        )
+        row = cur.fetchone()
+        self.replica = bool(row and row[0])
+
+    def forget(self, name: TableName) -> None:
+        """Read ``name``'s catalog again at its next use (its drift may be fixed)."""
+        for cache in (self._statements, self._drift):
+            for k in [k for k in cache if k[0] == name]:
+                del cache[k]
+        self._parents.pop(name, None)
+
+    def check(self, cur: psycopg2.extensions.cursor, name: TableName, shape: Shape) -> str | None:
+        """The drift of ``name`` for changes of ``shape`` (None: its statements are ready)."""
+        k = (name, shape.carried, shape.key)
+        if k in self._statements:
+            return None
+        if k in self._drift:
+            return self._drift[k]
+        table = _load(cur, name)
+        why = drift(table, name, shape.carried, shape.key)
+        if why is None and table is not None:
+            cur.execute(_PRIVILEGES, (_regname(name),))
+            row = cur.fetchone()
+            if row is not None and not all(row):
+                why = (
+                    f"{'.'.join(name)}: this role may not SELECT, INSERT, UPDATE and DELETE it on the "
+                    "destination (GRANT them to the consumer's role)"
+                )
+        if why is not None:
+            self._drift[k] = why
+            return why
+        assert table is not None
+        self._statements[k] = GenericStatements.build(cur, table, shape.carried)
+        self._parents[name] = _parents(cur, name)
+        return None
+
+    def statements(self, name: TableName, shape: Shape) -> GenericStatements:
+        return self._statements[(name, shape.carried, shape.key)]
+
+    def order(self, names: Iterable[TableName]) -> list[TableName]:
+        """``names`` parents first by the destination's foreign keys among them (a cycle: as given)."""
+        todo = list(dict.fromkeys(names))
+        graph = {n: {p for p in self._parents.get(n, set()) if p in todo and p != n} for n in todo}
+        try:
+            return list(graphlib.TopologicalSorter(graph).static_order())
+        except graphlib.CycleError:
+            return todo
+
+    def apply(
+        self, cur: psycopg2.extensions.cursor, items: Sequence[base.Delivered], *, idempotency: bool
+    ) -> base.ApplyResult:
+        """Apply generic ``items`` (all checked: ``check`` said no drift) in the open transaction."""
+        by_table: dict[TableName, list[base.Delivered]] = {}
+        for item in items:
+            change: Change = item.event  # type: ignore[assignment]
+            by_table.setdefault((change.schema, change.table), []).append(item)
+        for name, group in by_table.items():
+            why = self.check(cur, name, shape_of(group))  # done before the batch, unless called alone
+            if why is not None:
+                raise TransientError(f"not applied: {why}", "other")
+        result = base.ApplyResult()
+        if self.replica:
+            cur.execute("SET LOCAL session_replication_role = replica")
+            for name, group in by_table.items():
+                result.add(self._apply_table(cur, name, group, idempotency))
+            return result
+        order = self.order(by_table)
+        try:
+            for name in order:
+                upserts = [i for i in by_table[name] if i.event.action != "DELETE"]
+                result.add(self._apply_table(cur, name, upserts, idempotency))
+            for name in reversed(order):
+                deletes = [i for i in by_table[name] if i.event.action == "DELETE"]
+                result.add(self._apply_table(cur, name, deletes, idempotency))
+        except psycopg2.errors.ForeignKeyViolation as exc:
+            now = time.monotonic()
+            if self._fk_since is None:
+                self._fk_since = now
+            if now - self._fk_since < self.fk_wait:
+                raise TransientError(
+                    f"foreign key not satisfied yet ({base.first_line(exc)}): waiting up to "
+                    f"{self.fk_wait:.0f}s for the other table's change",
+                    "conflict",
+                ) from exc
+            raise
+        self._fk_since = None
+        return result
+
+    def _apply_table(
+        self, cur: psycopg2.extensions.cursor, name: TableName, items: list[base.Delivered], idempotency: bool
+    ) -> base.ApplyResult:
+        fresh, copies = base.dedupe(items)
+        result = base.ApplyResult(duplicates=copies)
+        if not fresh:
+            return result
+        statements = self.statements(name, shape_of(fresh.values()))
+        statement = statements.apply_recorded if idempotency else statements.apply_unrecorded
+        base.run_apply(cur, statement, _batch_json(fresh.values()), fresh, result)
+        return result
+
+
+def shape_of(items: Iterable[base.Delivered]) -> Shape:
+    """The columns and key the changes carry (all of one table). Changes of one table carry the
+    same columns until its schema changes on the source (a later issue); the first one's are taken."""
+    change: Change = next(iter(items)).event  # type: ignore[assignment]
+    return Shape(frozenset(change.row), frozenset(change.key))
+
+
+def _regname(name: TableName) -> str:
+    """``name`` as to_regclass() reads it: each part double-quoted."""
+    return ".".join('"' + part.replace('"', '""') + '"' for part in name)
+
+
+def _load(cur: psycopg2.extensions.cursor, name: TableName) -> Table | None:
+    try:
+        return Table.load(cur, _regname(name), any_type=True)
+    except SchemaMissingError:
+        return None
+
+
+def _parents(cur: psycopg2.extensions.cursor, name: TableName) -> set[TableName]:
+    """The tables ``name`` references by foreign keys on the destination."""
+    cur.execute(
+        "SELECT n.nspname, c.relname FROM pg_constraint f"
+        " JOIN pg_class c ON c.oid = f.confrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE f.contype = 'f' AND f.conrelid = to_regclass(%s)",
+        (_regname(name),),
+    )
+    return {(s, n) for s, n in cur.fetchall()}
+
+
+def _batch_json(items: Iterable[base.Delivered]) -> Any:
+    rows = []
+    for event, record, _ in items:
+        change: Change = event  # type: ignore[assignment]
+        action_id, action, row, _, at, _, _, key = change
+        rows.append(
+            (action_id, action, record.topic, record.partition, record.offset, base.timestamp(at), key, row)
+        )
+    try:
+        text = orjson.dumps(rows)
+    except orjson.JSONEncodeError as exc:
+        raise UnencodableValueError(f"{type(exc).__name__}: {exc}") from exc
+    return base.Json(text)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadRecord:
+    """What ``processed_events`` keeps about a dead-lettered generic message."""
+
+    action_id: int
+    schema: str | None
+    name: str | None
+    key: Any
+    action: str | None
+    topic: str
+    partition: int
+    offset: int
+    replayed: bool = False
+
+
+def record_dead(cur: psycopg2.extensions.cursor, records: Sequence[DeadRecord]) -> set[int]:
+    """Record dead-lettered generic ids as ``dlq``. Returns the ids not recorded before (or replayed)."""
+    if not records:
+        return set()
+    cur.execute(
+        RECORD_DEAD,
+        {
+            "action_id": [r.action_id for r in records],
+            "schema": [r.schema for r in records],
+            "name": [r.name for r in records],
+            "key": [None if r.key is None else orjson.dumps(r.key).decode() for r in records],
+            "action": [r.action for r in records],
+            "topic": [r.topic for r in records],
+            "part": [r.partition for r in records],
+            "off": [r.offset for r in records],
+            "captured_at": [None for _ in records],
+            "replayed": [r.action_id for r in records if r.replayed],
+        },
+    )
+    return {row[0] for row in cur.fetchall()}

@@ -29,6 +29,7 @@ from confluent_kafka.admin import AdminClient
 from cdc.errors import DeliveryError, TransientError
 from cdc.kafka.positions import TP, Gap, PositionStore, Start, starts
 from cdc.runtime.stats import (
+    DRIFTED,
     GAP,
     HELD,
     POSITION_GAP,
@@ -54,15 +55,61 @@ class Placement:
         self.topic_ids: dict[str, str] = {}  # of the topics placed: written with the positions
         self.waiting: set[TP] = set()  # start not decided yet
         self.held: dict[TP, Gap] = {}  # a gap: not consumed until the operator accepts it
+        # A table whose destination differs from its changes: its topics' partitions are paused
+        # until ``release``; then placed from the destination like waiting ones.
+        self.drifted: dict[str, tuple[str, str]] = {}  # topic -> (table, why)
         self._next_try = 0.0
+        self._drifted_partitions: set[TP] = set()
         self._update_stats()
 
     @property
     def unplaced(self) -> set[TP]:
-        return self.waiting | set(self.held)
+        return self.waiting | set(self.held) | self._drifted_partitions
 
     def placed(self, key: TP) -> bool:
-        return key not in self.waiting and key not in self.held
+        return key not in self.waiting and key not in self.held and key[0] not in self.drifted
+
+    def hold_table(self, consumer: Consumer, table: str, why: str, topics: set[str], owned: set[TP]) -> None:
+        """Hold every owned partition of ``topics`` (one table's): paused, not applied, until
+        ``release``. Nothing of them was applied past the destination's position, which is where
+        they start again."""
+        new = [t for t in topics if t not in self.drifted]
+        for topic in topics:
+            self.drifted[topic] = (table, why)
+        pause = [TopicPartition(*key) for key in sorted(owned) if key[0] in topics]
+        if pause:
+            consumer.pause(pause)
+        self._drifted_partitions.update((tp.topic, tp.partition) for tp in pause)
+        if new:
+            log.error(
+                "holding table %s (topic %s): %s; its changes wait, the other tables flow on, and it "
+                "resumes by itself once the destination is fixed",
+                table,
+                ",".join(sorted(new)),
+                why,
+            )
+        self._update_stats()
+
+    def drifted_tables(self) -> dict[str, tuple[str, set[str]]]:
+        """table -> (why, its topics) of the tables held."""
+        out: dict[str, tuple[str, set[str]]] = {}
+        for topic, (table, why) in self.drifted.items():
+            out.setdefault(table, (why, set()))[1].add(topic)
+        return out
+
+    def release(self, table: str, topics: set[str]) -> None:
+        """``table``'s destination is fixed: its partitions are placed again from the destination
+        (at the next ``retry``)."""
+        for topic in topics:
+            self.drifted.pop(topic, None)
+        back = {k for k in self._drifted_partitions if k[0] in topics}
+        self._drifted_partitions -= back
+        self.waiting |= back
+        self._next_try = 0.0
+        log.warning(
+            "table %s: the destination now takes its changes; resuming %d partitions", table, len(back)
+        )
+        self._update_stats()
 
     def assign(self, consumer: Consumer, partitions: Iterable[TopicPartition]) -> None:
         """Assign ``partitions`` (new to this consumer) at their starts; pause the ones that have
@@ -82,6 +129,10 @@ class Placement:
                 )
                 assign.append(TopicPartition(*key, offset))
                 pause.append(TopicPartition(*key))
+        for key in todo:
+            if key[0] in self.drifted:  # its table is held: placed again once it is released
+                self._drifted_partitions.add(key)
+                pause.append(TopicPartition(*key))
         consumer.incremental_assign(assign)
         if pause:
             consumer.pause(pause)
@@ -93,6 +144,7 @@ class Placement:
         for key in gone:
             self.waiting.discard(key)
             self.held.pop(key, None)
+            self._drifted_partitions.discard(key)
         self._update_stats()
 
     def lost(self, consumer: Consumer, key: TP, reason: str) -> None:
@@ -107,7 +159,7 @@ class Placement:
         self._update_stats()
 
     def due(self) -> bool:
-        return bool(self.waiting or self.held) and time.monotonic() >= self._next_try
+        return bool(self.waiting or self.held or self.drifted) and time.monotonic() >= self._next_try
 
     def retry(self, consumer: Consumer, owned: set[TP]) -> None:
         """Place the waiting and held partitions that can be placed now, and start them.
@@ -117,7 +169,7 @@ class Placement:
         of a fetch that fell out of the log. The group's assignment is not touched.
         """
         self._next_try = time.monotonic() + PLACE_RETRY
-        todo = sorted(k for k in self.unplaced if k in owned)
+        todo = sorted(k for k in self.waiting | set(self.held) if k in owned)
         decided = self._decide(consumer, todo)
         go = [
             TopicPartition(*key, start.offset) for key, start in decided.items() if start.offset is not None
@@ -138,6 +190,11 @@ class Placement:
                 f"holding {gap.where}: offsets {gap.first_lost}..{gap.next_kept - 1} were removed before "
                 f"the destination applied them{more}; see USAGE.md, 'A gap in the topic'"
             )
+        if self.drifted:
+            tables = self.drifted_tables()
+            table = min(tables)
+            more = f" (and {len(tables) - 1} more tables)" if len(tables) > 1 else ""
+            return f"holding table {table}: {tables[table][0]}{more}"
         if self.waiting:
             return f"waiting to read the start of {len(self.waiting)} partitions from the destination"
         return None
@@ -209,5 +266,6 @@ class Placement:
             log.debug("group offsets not set to the starts: %s", exc)
 
     def _update_stats(self) -> None:
-        self.stats.set(HELD, len(self.waiting) + len(self.held))
+        self.stats.set(HELD, len(self.waiting) + len(self.held) + len(self._drifted_partitions))
+        self.stats.set(DRIFTED, {(table,): 1 for table in self.drifted_tables()})
         self.stats.set(GAP, {(g.topic, g.partition): g.missing for g in self.held.values()})

@@ -50,10 +50,12 @@ from cdc.sink import positions
 # The sink's own tables beside the replicated one: it is their one owner (``cdc.sink.records``
 # reads them for the tools).
 BOOKKEEPING = ("processed_events", VERSIONS)
+# Generic tables' version guard (``cdc.sink.generic``).
+GENERIC_BOOKKEEPING = ("cdc_versions",)
 # Where the sink records the offsets it consumed (``cdc.sink.positions``).
 POSITION_TABLES = (positions.TABLE, positions.GAPS)
 # A unique violation here means another transaction decided the same id or key meanwhile.
-_RACE_TABLES = BOOKKEEPING
+_RACE_TABLES = (*BOOKKEEPING, *GENERIC_BOOKKEEPING)
 _RACED = (
     "another transaction decided some of this batch's action_ids or keys while it was "
     "applied (a second consumer on this destination?): retrying the batch"
@@ -79,7 +81,7 @@ WITH b AS (
 
 # Step 1: the row processed_events holds for each id, if any; the rest (and the dead letters the
 # operator replayed) are fresh. MATERIALIZED: every use of ``known`` would run the lookup again.
-_FRESH_RECORDED = """
+FRESH_RECORDED = """
 k AS MATERIALIZED (
     SELECT b.*, (SELECT p FROM processed_events p WHERE p.action_id = b.action_id) AS known FROM b
 ),
@@ -90,7 +92,7 @@ c AS (
       FROM k
 ),"""
 
-_FRESH_UNRECORDED = """
+FRESH_UNRECORDED = """
 c AS (
     SELECT b.*, NULL::timestamptz AS known_at, false AS seen, true AS fresh FROM b
 ),"""
@@ -164,7 +166,7 @@ recorded AS (
 # and processed_events every fresh id)? Another transaction deciding the same ids in between
 # makes it false. Then one row per event not applied (most are applied): action_id, fresh, and
 # for an id decided before, the captured_at recorded and the one it came with, if they differ.
-_REPORT = """
+REPORT = """
 SELECT NULL::bigint,
        (SELECT count(*) FROM guard) = (SELECT count(*) FROM e WHERE wins AND version IS NOT NULL){recorded},
        NULL::timestamptz, NULL::timestamptz
@@ -174,7 +176,7 @@ SELECT action_id, fresh,
        CASE WHEN NOT fresh AND known_at <> captured_at THEN captured_at END
   FROM e WHERE NOT wins
 """
-_RECORDED_TOO = " AND (SELECT count(*) FROM recorded) = (SELECT count(*) FROM e WHERE fresh AND seen)"
+RECORDED_TOO = " AND (SELECT count(*) FROM recorded) = (SELECT count(*) FROM e WHERE fresh AND seen)"
 
 # Dead letters: recorded as ``dlq`` (see record_dead).
 _RECORD = """
@@ -256,9 +258,9 @@ class Statements:
         return cls(
             table,
             apply_recorded=text(
-                _INPUT + _FRESH_RECORDED + _APPLY + _RECORD_NEW + _REPORT, recorded=_RECORDED_TOO
+                _INPUT + FRESH_RECORDED + _APPLY + _RECORD_NEW + REPORT, recorded=RECORDED_TOO
             ),
-            apply_unrecorded=text(_INPUT + _FRESH_UNRECORDED + _APPLY + _REPORT, recorded=""),
+            apply_unrecorded=text(_INPUT + FRESH_UNRECORDED + _APPLY + REPORT, recorded=""),
             record=text(_RECORD),
         )
 
@@ -302,21 +304,24 @@ class ApplyResult:
         return Counter(i.event.action for i in self.applied)
 
 
+# Columns of processed_events added since its first version (setup_db_with_idempotency.sql adds them).
+_ADDED_COLUMNS = ("captured_at", "table_schema", "table_name", "row_key")
+
+
 def missing_tables(cur: psycopg2.extensions.cursor) -> list[str]:
     """Tables (and columns added since, as ``table.column``) the destination lacks."""
     cur.execute(
         "SELECT t FROM unnest(%s::text[]) AS t WHERE to_regclass(t) IS NULL",
-        ([SOURCE_TABLE, *BOOKKEEPING, *POSITION_TABLES],),
+        ([SOURCE_TABLE, *BOOKKEEPING, *GENERIC_BOOKKEEPING, *POSITION_TABLES],),
     )
     missing = [row[0] for row in cur.fetchall()]
     if "processed_events" not in missing:
         cur.execute(
-            "SELECT 1 FROM information_schema.columns"
-            " WHERE table_schema = current_schema() AND table_name = 'processed_events'"
-            " AND column_name = 'captured_at'"
+            "SELECT c FROM unnest(%s::text[]) AS c WHERE NOT EXISTS (SELECT FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND table_name = 'processed_events' AND column_name = c)",
+            (list(_ADDED_COLUMNS),),
         )
-        if cur.fetchone() is None:
-            missing.append("processed_events.captured_at")
+        missing += [f"processed_events.{row[0]}" for row in cur.fetchall()]
     return missing
 
 
@@ -347,15 +352,22 @@ def apply_events(
     result = ApplyResult(duplicates=copies)
     if not fresh:
         return result
+    statement = statements.apply_recorded if idempotency else statements.apply_unrecorded
+    run_apply(cur, statement, _batch_json(fresh.values()), fresh, result)
+    return result
+
+
+def run_apply(
+    cur: psycopg2.extensions.cursor,
+    statement: str,
+    batch: Json,
+    fresh: dict[int, Delivered],
+    result: ApplyResult,
+) -> None:
+    """Run an apply statement (``Statements``, or a generic table's) on ``batch``, the JSON of
+    ``fresh``, and sort each of ``fresh`` into ``result``."""
     try:
-        _execute(
-            cur,
-            statements.apply_recorded if idempotency else statements.apply_unrecorded,
-            {
-                "batch": _batch_json(fresh.values()),
-                "replayed": _replayed(fresh.values()),
-            },
-        )
+        _execute(cur, statement, {"batch": batch, "replayed": _replayed(fresh.values())})
     except psycopg2.errors.UniqueViolation as exc:
         if exc.diag.table_name in _RACE_TABLES:
             raise TransientError(_RACED, "conflict") from exc
@@ -384,7 +396,6 @@ def apply_events(
             result.stale.append(item)
         else:
             result.duplicates.append(item)
-    return result
 
 
 def record_dead(
@@ -411,7 +422,21 @@ def _reused(found: tuple[int, datetime, datetime]) -> None:
     )
 
 
-def _batch_json(items: Iterable[Delivered]) -> _Json:
+def timestamp(at: datetime | None) -> datetime | str | None:
+    """``at`` for orjson: as psycopg2 sends a datetime, the server parses what isoformat() prints.
+    orjson prints a UTC datetime the same, much faster; another offset may have seconds, which
+    orjson would drop."""
+    return at if at is None or at.tzinfo is UTC else at.isoformat()
+
+
+def first_line(exc: BaseException) -> str:
+    """The error's message without SQLSTATE, DETAIL or context."""
+    diag = getattr(exc, "diag", None)
+    primary = diag.message_primary if diag is not None else None
+    return primary or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _batch_json(items: Iterable[Delivered]) -> Json:
     """The batch as the JSON the statement reads (see _INPUT)."""
     rows = []
     for event, record, _ in items:
@@ -423,10 +448,7 @@ def _batch_json(items: Iterable[Delivered]) -> _Json:
                 record.topic,
                 record.partition,
                 record.offset,
-                # As psycopg2 sends a datetime: the server parses what isoformat() prints.
-                # orjson prints a UTC datetime the same, much faster; another offset may
-                # have seconds, which orjson would drop.
-                at if at is None or at.tzinfo is UTC else at.isoformat(),
+                timestamp(at),
                 *row,
             )
         )
@@ -437,10 +459,10 @@ def _batch_json(items: Iterable[Delivered]) -> _Json:
     # JSON can carry a NUL (\u0000), text in PostgreSQL cannot: refuse it here, like psycopg2.
     if b"\\u0000" in text and any("\x00" in v for row in rows for v in row if isinstance(v, str)):
         raise UnencodableValueError("ValueError: A string literal cannot contain NUL (0x00) characters.")
-    return _Json(text)
+    return Json(text)
 
 
-class _Json:
+class Json:
     """UTF-8 JSON text as a query parameter, quoted as bytes where the connection speaks UTF-8:
     psycopg2 would decode, encode and escape the whole batch character by character, a large
     share of the consumer's time. orjson's output holds no raw control character, so doubling quotes
@@ -453,7 +475,7 @@ class _Json:
         self.text = text
         self._conn: psycopg2.extensions.connection | None = None
 
-    def __conform__(self, protocol: object) -> _Json:
+    def __conform__(self, protocol: object) -> Json:
         return self
 
     def prepare(self, conn: psycopg2.extensions.connection) -> None:
