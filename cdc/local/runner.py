@@ -40,6 +40,7 @@ def settings_env(settings: Settings, **extra: Any) -> dict[str, str]:
             "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
             "CDC_TOPIC": settings.cdc_topic,
             "CDC_DLQ_TOPIC": settings.cdc_dlq_topic,
+            "CDC_TOPIC_PREFIX": settings.cdc_topic_prefix,
             "CDC_TOPIC_PARTITIONS": str(settings.topic_partitions),
             "CONSUMER_GROUP_ID": settings.consumer_group_id,
             "STATS_INTERVAL": "2",

@@ -390,6 +390,7 @@ def consumer_lines(w: Window, scrape: Scrape, width: int = 100) -> list[str]:
         + ("   (no partitions)" if lags == [] else ""),
     ]
     lines += [f"      {line}" for line in _partitions(lags, max(20, width - 6))]
+    lines += table_lines(w)
     lines += [
         f"  end-to-end    {percentiles(w, 'cdc_consumer_end_to_end_seconds')}",
         f"  DLQ           {count(w.value(outcome, outcome='dlq')):>12}"
@@ -399,6 +400,26 @@ def consumer_lines(w: Window, scrape: Scrape, width: int = 100) -> list[str]:
         f"  paused        {'-' if paused is None else 'YES' if paused else 'no'}"
         f"   db pool {count(in_use)}/{count(pool_max)} in use",
     ]
+    return lines
+
+
+def table_lines(w: Window) -> list[str]:
+    """A line per replicated table: its events applied (and their rate), stale, dead-lettered,
+    and whether it is held because its destination table differs from its changes."""
+    name = "cdc_consumer_table_events_total"
+    held = {labels.get("table", "?") for labels, v in w.m.series("cdc_consumer_drifted_tables") if v}
+    tables = sorted({labels.get("table", "?") for labels, _ in w.m.series(name)} | held)
+    if not tables:
+        return []
+    lines = ["  per table        applied        rate   stale     dlq"]
+    for table in tables:
+        lines.append(
+            f"    {table[:26]:<26} {count(w.value(name, table=table, outcome='applied')):>10}"
+            f"  {per_second(w.rate(name, table=table, outcome='applied')):>10}"
+            f"  {count(w.value(name, table=table, outcome='stale')):>6}"
+            f"  {count(w.value(name, table=table, outcome='dlq')):>6}"
+            + ("   HELD: destination differs (see /ready)" if table in held else "")
+        )
     return lines
 
 

@@ -49,7 +49,8 @@ class Counter:
     help: str
     keys: Sequence[str | tuple[str, dict[str, str]]]
     labels: Sequence[str] = ()
-    # Every counter key starting with this prefix: the rest of the key is the value of labels[0].
+    # Every counter key starting with this prefix: the rest of the key is the value of labels[0]
+    # (of several labels: their values joined by NUL).
     prefix: str | None = None
     # With a prefix: the label values served (at 0) before they first happen, so that rate() and
     # increase() count the first one too.
@@ -137,6 +138,13 @@ CONSUMER: Spec = (
         "Events decided, by outcome (and action, when applied)",
         _EVENTS,
         labels=("outcome", "action"),
+    ),
+    Counter(
+        "table_events",
+        "Events decided per replicated table, by outcome (applied, stale, duplicate, dlq)",
+        (),
+        labels=("outcome", "table"),
+        prefix=k.TABLE_EVENTS,
     ),
     Counter("batches", "Batches committed to the destination", [k.BATCHES]),
     Counter("retries", "Batch retries after a transient error", [k.RETRIES]),
@@ -251,7 +259,7 @@ def _counter(name: str, metric: Counter, snap: Snapshot) -> Metric:
             if key.startswith(metric.prefix):
                 values[key[len(metric.prefix) :]] = value
         for label, value in sorted(values.items()):
-            family.add_metric([label], value)
+            family.add_metric(label.split("\0") if len(metric.labels) > 1 else [label], value)
         return family
     for entry in metric.keys:
         key, labels = (entry, {}) if isinstance(entry, str) else entry

@@ -72,6 +72,14 @@ BATCH_MESSAGES = "batch_messages"  # series: messages per batch
 E2E_LATENCY = "e2e_latency"  # series: captured_at to destination commit, per event
 
 
+TABLE_EVENTS = "table_events:"  # counters: + outcome, NUL, table: events decided per table
+
+
+def table_events_key(outcome: str, table: str) -> str:
+    """The counter of ``outcome`` (applied, stale, duplicate, dlq) for ``table``."""
+    return f"{TABLE_EVENTS}{outcome}\0{table}"
+
+
 def p50(key: str) -> str:
     """The ``get_stats`` key of a series' median, in milliseconds."""
     return f"{key}_p50_ms"

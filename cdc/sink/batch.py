@@ -21,6 +21,7 @@ Works on plain records (``cdc.kafka.client.Received``), so it runs the same with
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -33,8 +34,9 @@ from cdc.kafka.client import MARK_HEADER, MARK_VALUE, Received
 from cdc.model.change import Change, ChangeCodec
 from cdc.model.event import Codec, Event, InvalidEventError
 from cdc.model.table import SOURCE_TABLE, Table
+from cdc.model.topics import parse_topic
 from cdc.runtime.db import Database, classify
-from cdc.runtime.stats import APPLIED, CONSUMED, DLQ, DUPLICATES, RETRIES, STALE, Stats
+from cdc.runtime.stats import APPLIED, CONSUMED, DLQ, DUPLICATES, RETRIES, STALE, Stats, table_events_key
 from cdc.sink import positions
 from cdc.sink import statements as sink
 from cdc.sink.generic import DeadRecord, GenericSink, Shape, TableName, record_dead, shape_of
@@ -114,6 +116,7 @@ class BatchApplier:
     ) -> None:
         self.db = db
         self.changes = ChangeCodec(topic_prefix)
+        self._tables: dict[str, str] = {}  # topic -> table (``table_of``)
         self.generic = GenericSink(fk_wait=fk_wait)
         self.dlq = dlq
         self.breaker = breaker
@@ -237,7 +240,34 @@ class BatchApplier:
         self.stats.incr(DUPLICATES, len(result.duplicates))
         self.stats.incr(STALE, len(result.stale))
         self.stats.incr(DLQ, len(result.dead))
+        self._count_tables(result)
         return result
+
+    def _count_tables(self, result: BatchResult) -> None:
+        """The batch's outcomes per table (``cdc_consumer_table_events_total``)."""
+        for outcome, records in (
+            ("applied", [i.record for i in result.applied]),
+            ("stale", [i.record for i in result.stale]),
+            ("duplicate", result.duplicates),
+            ("dlq", [d.record for d in result.dead]),
+        ):
+            if records:
+                for topic, n in Counter(r.topic for r in records).items():
+                    self.stats.incr(table_events_key(outcome, self.table_of(topic)), n)
+
+    def table_of(self, topic: str) -> str:
+        """The table whose changes ``topic`` carries, as metrics and logs name it."""
+        name = self._tables.get(topic)
+        if name is None:
+            parsed = parse_topic(self.changes.prefix, topic)
+            name = self._tables[topic] = (
+                f"{parsed[0]}.{parsed[1]}"
+                if parsed
+                else topic
+                if topic.startswith(self.changes.prefix + ".")
+                else SOURCE_TABLE
+            )
+        return name
 
     def _isolate(
         self, cur: psycopg2.extensions.cursor, items: list[sink.Delivered]

@@ -103,7 +103,14 @@ def test_setup_sql_applies_to_an_empty_database_twice(service_env):
     kind, one cursor row, and a change captured once."""
     expected = {
         "SOURCE_DB_URL": ["cdc_outbox", "cdc_producer_state", "cdc_tables", "emp_records_cdc", "employees"],
-        "DEST_DB_URL": ["accepted_gaps", "applied_offsets", "emp_versions", "employees", "processed_events"],
+        "DEST_DB_URL": [
+            "accepted_gaps",
+            "applied_offsets",
+            "cdc_versions",
+            "emp_versions",
+            "employees",
+            "processed_events",
+        ],
     }
     for key, path in (("SOURCE_DB_URL", SETUP_SOURCE_SQL), ("DEST_DB_URL", SETUP_DEST_SQL)):
         url = service_env[key]

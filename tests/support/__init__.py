@@ -136,7 +136,8 @@ def fresh_settings(service_env: Mapping[str, str], prefix: str = "cdc_test", **o
         cdc_topic=f"{prefix}_{tag}",
         cdc_dlq_topic=f"{prefix}_{tag}_dlq",
         consumer_group_id=f"{prefix}_group_{tag}",
-        **{"topic_partitions": 3, **overrides},
+        # Other tables' topics (PREFIX.schema.table): this test's own too.
+        **{"topic_partitions": 3, "cdc_topic_prefix": f"{prefix}_{tag}_t", **overrides},
     )
     ensure_topics(s, admin_client(s))
     return s

@@ -21,7 +21,18 @@ from pathlib import Path
 import pytest
 
 from cdc.local.paths import PROJECT_DIR
-from cdc.ops.top import Metrics, Scrape, Target, Top, Window, bucket_delta, fetch, quantile, targets
+from cdc.ops.top import (
+    Metrics,
+    Scrape,
+    Target,
+    Top,
+    Window,
+    bucket_delta,
+    fetch,
+    quantile,
+    table_lines,
+    targets,
+)
 from cdc.runtime.settings import load_settings
 from tests.support import env_without_settings, free_port
 
@@ -341,3 +352,23 @@ def test_on_a_terminal_it_redraws_in_place_and_ctrl_c_exits_cleanly(tmp_path: Pa
     assert text.count("\x1b[H") >= 3, text
     assert "Traceback" not in text and "KeyboardInterrupt" not in text
     assert re.search(r"lag\s+12", text)
+
+
+def test_a_line_per_table_with_its_rate_and_whether_it_is_held():
+    text = """\
+# TYPE process_start_time_seconds gauge
+process_start_time_seconds 1000.0
+# TYPE cdc_consumer_table_events_total counter
+cdc_consumer_table_events_total{outcome="applied",table="employees"} %d
+cdc_consumer_table_events_total{outcome="applied",table="public.orders"} 40
+cdc_consumer_table_events_total{outcome="dlq",table="public.orders"} 2
+# TYPE cdc_consumer_drifted_tables gauge
+cdc_consumer_drifted_tables{table="shop.lines"} 1
+"""
+    before = scrape(text % 100, at=100.0)
+    w = Window(scrape(text % 300, at=102.0), before, wall=1102.0)
+    lines = table_lines(w)
+    assert lines[0].split() == ["per", "table", "applied", "rate", "stale", "dlq"]
+    assert lines[1].split() == ["employees", "300", "100/s", "0", "0"]
+    assert lines[2].split() == ["public.orders", "40", "0.0/s", "0", "2"]
+    assert lines[3].split()[:2] == ["shop.lines", "0"] and "HELD" in lines[3]
