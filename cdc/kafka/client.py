@@ -164,10 +164,11 @@ LETTER_HEADROOM = 64 * 1024
 MAX_MESSAGE_BYTES = "max.message.bytes"
 
 
-def ensure_topics(settings: Settings, admin: AdminClient | None = None, *, timeout: float = 30.0) -> None:
+def ensure_topics(settings: Settings, admin: AdminClient | None = None, *, timeout: float = 30.0) -> set[str]:
     """Create the CDC topic and its dead-letter topic if they do not exist yet, and see that the
     dead-letter topic takes a letter of any message the CDC topic accepts (its size limit is
-    LETTER_HEADROOM more; an older, smaller one is raised)."""
+    LETTER_HEADROOM more; an older, smaller one is raised). Returns the cluster's topics, these
+    two included."""
     admin = admin or admin_client(settings)
     wait_for_broker(admin, timeout=timeout)
     existing = set(admin.list_topics(timeout=10).topics)
@@ -178,11 +179,19 @@ def ensure_topics(settings: Settings, admin: AdminClient | None = None, *, timeo
         _create(admin, settings, settings.cdc_dlq_topic, {MAX_MESSAGE_BYTES: str(wanted)}, timeout)
     elif (has := topic_limit(admin, settings.cdc_dlq_topic)) < wanted:
         _raise_limit(admin, settings.cdc_dlq_topic, has, wanted)
+    return existing | {settings.cdc_topic, settings.cdc_dlq_topic}
+
+
+def ensure_topic(settings: Settings, admin: AdminClient, topic: str, *, timeout: float = 30.0) -> bool:
+    """Create ``topic`` as the CDC topic is created (CDC_TOPIC_PARTITIONS, the replication factor,
+    min.insync.replicas=2 when replicated), unless it exists. True if this call created it;
+    ServiceError if it could not."""
+    return _create(admin, settings, topic, {}, timeout)
 
 
 def _create(
     admin: AdminClient, settings: Settings, topic: str, config: dict[str, str], timeout: float
-) -> None:
+) -> bool:
     rf = settings.topic_replication_factor
     if rf >= 3:
         # Replicated: an acknowledged write (acks=all) is on two brokers before the producer moves on.
@@ -190,10 +199,12 @@ def _create(
     new = NewTopic(topic, num_partitions=settings.topic_partitions, replication_factor=rf, config=config)
     try:
         admin.create_topics([new], operation_timeout=timeout)[topic].result()
-        log.info("created topic=%s partitions=%d replication=%d", topic, settings.topic_partitions, rf)
     except KafkaException as exc:
         if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
             raise ServiceError(f"could not create topic {topic}: {exc.args[0].str()}") from exc
+        return False
+    log.info("created topic=%s partitions=%d replication=%d", topic, settings.topic_partitions, rf)
+    return True
 
 
 def topic_limit(admin: AdminClient, topic: str) -> int:

@@ -1,11 +1,13 @@
-"""The producer daemon (``producer.py``): publish every change captured in ``emp_records_cdc`` to Kafka, missing none.
+"""The producer daemon (``producer.py``): publish every change captured in the outboxes to Kafka, missing none.
 
-One batch at a time:
+Employees' changes (``emp_records_cdc``) go to CDC_TOPIC; every other captured table's
+(``cdc_outbox``, ``python -m cdc tables add``) to its own topic, created the first time the table
+is seen. The two outboxes are one stream in commit order under one cursor. One batch at a time:
 
 1. read the next rows after the cursor, behind the xid horizon, each already a change event keyed
-   by its primary key: PostgreSQL builds the JSON from the table's catalog description
-   (``cdc.source.outbox``), and the event model checks only the rows the schema cannot vouch for;
-2. produce each, ``poll(0)`` after each;
+   by its primary key: PostgreSQL builds the JSON (``cdc.source.outbox``), and the event models
+   check only the rows the schema cannot vouch for;
+2. produce each to its topic, ``poll(0)`` after each;
 3. flush: every message must be acknowledged (no failed delivery report), otherwise the batch is
    read and sent again;
 4. store the new cursor in the source database (and prune behind it), on the session that holds
@@ -48,6 +50,7 @@ from cdc.kafka.client import (
     producer_config,
     wait_for_broker,
 )
+from cdc.model.change import ChangeCodec
 from cdc.model.event import Codec, InvalidEventError
 from cdc.runtime import exits
 from cdc.runtime.db import Database
@@ -73,7 +76,7 @@ from cdc.runtime.stats import (
     RETRIES,
     Stats,
 )
-from cdc.source.outbox import Batch, Cursor, Outbox, ProducerSession
+from cdc.source.outbox import Batch, Cursor, Outbox, ProducerSession, Routes
 from cdc.source.republish import action_id_arg, republish
 
 log = logging.getLogger("producer")
@@ -101,21 +104,26 @@ STATS_KEYS = [
 FINAL_KEYS = [PUBLISHED, BATCHES, INVALID, RETRIES, PRUNED, CURSOR_TXID, CURSOR_ACTION_ID]
 
 
-def check_rows(batch: Batch, codec: Codec) -> int:
-    """Check the rows the fetch could not vouch for (see ``cdc.source.outbox``); returns how many are
-    invalid. Each is logged and published as it is, so the consumer dead-letters it: one bad row
-    never blocks the changes behind it."""
+def check_rows(batch: Batch, codec: Codec, changes: ChangeCodec) -> int:
+    """Check the rows the fetch could not vouch for (see ``cdc.source.outbox``): an employees row
+    with ``codec``, another table's with ``changes``. Returns how many are invalid. Each is logged
+    and published as it is, so the consumer dead-letters it: one bad row never blocks the changes
+    behind it."""
     invalid = 0
-    for _, value, _, checked in batch.rows:
+    for _, value, _, checked, schema, table in batch.rows:
         if checked:
             continue
         try:
-            codec.from_json(value)
+            if schema is None:
+                codec.from_json(value)
+            else:
+                changes.from_json(value)
         except InvalidEventError as exc:
             invalid += 1
             log.warning(
-                "invalid source row action_id=%s field=%s: %s; published as is for the consumer to dead-letter",
+                "invalid source row action_id=%s%s field=%s: %s; published as is for the consumer to dead-letter",
                 json.loads(value).get("action_id"),
+                "" if schema is None else f" table={schema}.{table}",
                 exc.field,
                 exc,
             )
@@ -150,6 +158,7 @@ class ChangeProducer:
             statement_timeout_ms=settings.statement_timeout_ms,
         )
         self.publisher: Publisher | None = None
+        self.routes: Routes | None = None  # where each row goes (known once Kafka answered)
         self.metrics: MetricsServer | None = None
         self.cursor = Cursor()
         self._wakeup_fd: int | None = None
@@ -192,7 +201,7 @@ class ChangeProducer:
                 )
             except ServiceError:
                 continue
-            ensure_topics(self.settings, admin)
+            self.routes = Routes(self.settings, admin, ensure_topics(self.settings, admin))
             return True
         return False
 
@@ -321,12 +330,12 @@ class ChangeProducer:
         rows = batch.rows
         if not rows:
             return 0
-        assert self.publisher is not None
-        invalid = check_rows(batch, self.session.codec)
-        topic = self.settings.cdc_topic
+        assert self.publisher is not None and self.routes is not None
+        invalid = check_rows(batch, self.session.codec, self.routes.codec)
+        self.routes.prepare(rows)
         # The mark tells the consumer an invalid message is ours, so its action_id is real.
         mark: Headers = [(MARK_HEADER, MARK_VALUE)]
-        self.publisher.send((topic, key, value, mark) for key, value, _, _ in rows)
+        self.publisher.send(self.routes.messages(rows, mark))
         acked_at = time.time()
         new = batch.last
         pruned = self.session.advance(new, len(rows), prune=self.settings.prune)
@@ -338,7 +347,9 @@ class ChangeProducer:
         self.stats.observe(BATCH_DURATION, time.monotonic() - self._fetched_at)
         # Every row of a small batch, an even sample of a large one: enough for the percentiles.
         sample = rows[:: max(1, len(rows) // LATENCY_SAMPLES)]
-        self.stats.observe_many(CAPTURE_TO_ACK, [acked_at - c for _, _, c, _ in sample if c is not None])
+        self.stats.observe_many(
+            CAPTURE_TO_ACK, [acked_at - c for _, _, c, _, _, _ in sample if c is not None]
+        )
         self._set_cursor_stats()
         log.debug("batch rows=%d cursor txid=%d action_id=%d", len(rows), new.txid, new.action_id)
         return len(rows)
@@ -430,7 +441,8 @@ class ChangeProducer:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="producer.py",
-        description="Publish every change captured in emp_records_cdc to Kafka (gap-safe, at least once).",
+        description="Publish every change captured in the outboxes (emp_records_cdc, cdc_outbox) to Kafka "
+        "(gap-safe, at least once).",
         epilog="Settings come from the environment and .env (see .env.example); flags override them. "
         "Exit codes: 0 stopped cleanly, 1 error, 2 bad settings, missing schema or a cursor from another "
         "cluster, 3 forced by a second signal.",
@@ -476,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--prune",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="CDC_PRUNE: delete published emp_records_cdc rows",
+        help="CDC_PRUNE: delete published outbox rows (emp_records_cdc, cdc_outbox)",
     )
     parser.add_argument(
         "--snapshot",

@@ -1,9 +1,11 @@
 """The source side of the producer: the gap-safe outbox query, the durable cursor, leadership.
 
-Rows of ``emp_records_cdc`` are read in ``(txid, action_id)`` order and only behind the xid
-horizon (``txid < pg_snapshot_xmin(pg_current_snapshot())``): every transaction below it has
-ended, so no row can appear behind the cursor later. Each comes out as its Kafka message, key
-and event JSON built by PostgreSQL. xid8 values read into Python are cast with
+The two outboxes, ``emp_records_cdc`` (employees) and ``cdc_outbox`` (every other captured table,
+action_ids from the same sequence), are read as one stream in ``(txid, action_id)`` order and
+only behind the xid horizon (``txid < pg_snapshot_xmin(pg_current_snapshot())``): every
+transaction below it has ended, so no row of either can appear behind the cursor later. One
+cursor covers both. Each row comes out as its Kafka message, key and event JSON built by
+PostgreSQL. xid8 values read into Python are cast with
 ``txid::text::bigint`` (exact below 2**63, i.e. for the next two billion xid epochs); the cursor
 itself is read from the last event, so it needs no cast.
 
@@ -20,19 +22,31 @@ import logging
 import os
 import select
 from bisect import bisect_right
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
+from confluent_kafka.admin import AdminClient
 from psycopg2 import sql
 
-from cdc.errors import CDCError, ConfigError, LeadershipLost, SchemaMissingError, TransientError
+from cdc.errors import (
+    CDCError,
+    ConfigError,
+    DeliveryError,
+    LeadershipLost,
+    SchemaMissingError,
+    ServiceError,
+    TransientError,
+)
+from cdc.kafka.client import Headers, Outgoing, ensure_topic
+from cdc.model.change import ChangeCodec
 from cdc.model.event import ACTIONS, Codec
 from cdc.model.table import OUTBOX, SOURCE_TABLE, Column, Kind, Table
 from cdc.runtime.db import CONNECT_TIMEOUT, KEEPALIVES, Database, classify, one_row
-from cdc.runtime.settings import redact_url
+from cdc.runtime.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +56,9 @@ LOCK_ID = 1
 STATE_NAME = "default"
 # A snapshot must not queue behind a long writer for ever: it would block every new writer.
 SNAPSHOT_LOCK_TIMEOUT = "10s"
+# The outbox of every other captured table (``python -m cdc tables add``): action_ids from the
+# same sequence as emp_records_cdc's, read with it as one stream.
+GENERIC_OUTBOX = "cdc_outbox"
 
 # The outbox is a queue: its statistics lag behind (a fresh backlog has none), and a planner
 # that guesses few rows picks a full scan and a sort per batch. The (txid, action_id) index is
@@ -130,22 +147,60 @@ class Statement:
         return f"EXECUTE {self.name} ({', '.join(['%s'] * len(self.types))})"
 
 
-def fetch_statement(cur: psycopg2.extensions.cursor, table: Table) -> Statement:
-    """The next batch of the outbox as Kafka messages: key, event, captured_at, checked.
+def generic_event_sql() -> str:
+    """The expression of a ``cdc_outbox`` row's event JSON (``cdc.model.change``), fields in a fixed
+    order: key and row as jsonb's own text, names as JSON strings, captured_at as employees'."""
+    return (
+        """'{"action_id":' || action_id || ',"action":' || coalesce(to_json(action)::text, 'null')"""
+        """\n|| ',"schema":' || coalesce(to_json(table_schema)::text, 'null')"""
+        """\n|| ',"table":' || coalesce(to_json(table_name)::text, 'null')"""
+        """\n|| ',"key":' || coalesce(key::text, 'null')"""
+        """\n|| ',"row":' || coalesce(row_image::text, 'null')"""
+        """\n|| ',"txid":' || txid"""
+        """\n|| ',"captured_at":' || """ + _CAPTURED_AT.strip() + "\n|| '}'"
+    )
 
+
+# A generic row's event is valid whatever its table when these hold (the capture function builds
+# key and row from the table itself); the others are checked by ``ChangeCodec`` before sending.
+_GENERIC_CHECKED = """action_id > 0 AND action = ANY($4)
+AND captured_at >= '0001-01-01 00:00:00+00' AND captured_at < '10000-01-01 00:00:00+00'"""
+
+
+def fetch_statement(cur: psycopg2.extensions.cursor, table: Table) -> Statement:
+    """The next batch of both outboxes, one stream in cursor order, as Kafka messages: key, event,
+    captured_at, checked, and the table's schema and name (NULL for employees, whose topic is
+    CDC_TOPIC).
+
+    Each branch reads its outbox's (txid, action_id) index behind the same horizon, and the
+    planner merges the two ordered scans (Merge Append): no sort, and a LIMIT that stops both.
     $1, $2: the cursor (txid as text), $3: the limit, $4: the actions.
     """
     text = sql.SQL(
         """
-SELECT {key}::text, {event}, extract(epoch FROM captured_at)::float8, coalesce({checked}, false)
-  FROM {outbox}
+SELECT key, value, captured, checked, table_schema, table_name
+  FROM (SELECT txid, action_id, {key}::text AS key, {event} AS value,
+               extract(epoch FROM captured_at)::float8 AS captured, coalesce({checked}, false) AS checked,
+               NULL::text AS table_schema, NULL::text AS table_name
+          FROM {outbox}
+        UNION ALL
+        SELECT txid, action_id, key::text, {generic_event},
+               extract(epoch FROM captured_at)::float8, coalesce({generic_checked}, false),
+               table_schema, table_name
+          FROM {generic_outbox}) AS outboxes
  WHERE (txid, action_id) > ($1, $2)
    AND txid < pg_snapshot_xmin(pg_current_snapshot())
  ORDER BY txid, action_id
  LIMIT $3
 """
     ).format(
-        key=table.key.ident, event=event_sql(table), checked=checked_sql(table), outbox=sql.Identifier(OUTBOX)
+        key=table.key.ident,
+        event=event_sql(table),
+        checked=checked_sql(table),
+        outbox=sql.Identifier(OUTBOX),
+        generic_event=sql.SQL(generic_event_sql()),
+        generic_checked=sql.SQL(_GENERIC_CHECKED),
+        generic_outbox=sql.Identifier(GENERIC_OUTBOX),
     )
     return Statement("cdc_fetch", ("xid8", "bigint", "int", "text[]"), text.as_string(cur))
 
@@ -184,8 +239,12 @@ WITH moved AS (
     DELETE FROM emp_records_cdc
      WHERE $5 AND EXISTS (SELECT FROM moved) AND (txid, action_id) <= ($1, $2)
     RETURNING 1
+), pruned_generic AS (
+    DELETE FROM cdc_outbox
+     WHERE $5 AND EXISTS (SELECT FROM moved) AND (txid, action_id) <= ($1, $2)
+    RETURNING 1
 )
-SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM pruned)
+SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM pruned) + (SELECT count(*) FROM pruned_generic)
 """,
 )
 
@@ -197,7 +256,14 @@ EXISTS (SELECT 1 FROM pg_locks
            AND objsubid = 2 AND pid = %(pid)s AND granted)
 """
 
-_BACKLOG = """
+# Both outboxes' rows after the cursor.
+_AFTER = """
+SELECT txid, captured_at FROM emp_records_cdc WHERE (txid, action_id) > (%(txid)s::text::xid8, %(action_id)s)
+UNION ALL
+SELECT txid, captured_at FROM cdc_outbox WHERE (txid, action_id) > (%(txid)s::text::xid8, %(action_id)s)
+"""
+
+_BACKLOG = f"""
 WITH h AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin)
 SELECT count(*),
        count(*) FILTER (WHERE txid >= h.xmin),
@@ -207,14 +273,16 @@ SELECT count(*),
                  WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()
                 UNION ALL
                 SELECT prepared FROM pg_prepared_xacts) AS open_xacts (started))
-  FROM emp_records_cdc, h
- WHERE (txid, action_id) > (%(txid)s::text::xid8, %(action_id)s)
+  FROM ({_AFTER}) AS outboxes, h
 """
 
 # The server's next txid, and outbox rows beyond it: rows no transaction of this server wrote.
 _FUTURE = """
 WITH h AS (SELECT pg_snapshot_xmax(pg_current_snapshot()) AS next)
-SELECT h.next::text::bigint, (SELECT count(*) FROM emp_records_cdc WHERE txid >= h.next) FROM h
+SELECT h.next::text::bigint,
+       (SELECT count(*) FROM emp_records_cdc WHERE txid >= h.next)
+       + (SELECT count(*) FROM cdc_outbox WHERE txid >= h.next)
+  FROM h
 """
 
 _HORIZON = """
@@ -228,10 +296,34 @@ UPDATE cdc_producer_state SET last_txid = %(txid)s::text::xid8, last_action_id =
 """
 
 _LAST = """
-SELECT txid::text::bigint, action_id FROM emp_records_cdc
- WHERE (txid, action_id) > (%(txid)s::text::xid8, %(action_id)s)
- ORDER BY emp_records_cdc.txid DESC, action_id DESC
+SELECT last.txid::text::bigint, last.action_id
+  FROM ((SELECT txid, action_id FROM emp_records_cdc
+          WHERE (txid, action_id) > (%(txid)s::text::xid8, %(action_id)s)
+          ORDER BY txid DESC, action_id DESC
+          LIMIT 1)
+        UNION ALL
+        (SELECT txid, action_id FROM cdc_outbox
+          WHERE (txid, action_id) > (%(txid)s::text::xid8, %(action_id)s)
+          ORDER BY txid DESC, action_id DESC
+          LIMIT 1)) AS last
+ ORDER BY last.txid DESC, last.action_id DESC
  LIMIT 1
+"""
+
+# Where the row of an action_id sits (in either outbox: one sequence numbers both).
+_POSITION = """
+SELECT txid::text::bigint, action_id FROM emp_records_cdc WHERE action_id = %(action_id)s
+UNION ALL
+SELECT txid::text::bigint, action_id FROM cdc_outbox WHERE action_id = %(action_id)s
+"""
+
+_BETWEEN = """
+SELECT (SELECT count(*) FROM emp_records_cdc
+         WHERE (txid, action_id) > (%(after_txid)s::text::xid8, %(after_action_id)s)
+           AND (txid, action_id) <= (%(upto_txid)s::text::xid8, %(upto_action_id)s))
+     + (SELECT count(*) FROM cdc_outbox
+         WHERE (txid, action_id) > (%(after_txid)s::text::xid8, %(after_action_id)s)
+           AND (txid, action_id) <= (%(upto_txid)s::text::xid8, %(upto_action_id)s))
 """
 
 # The oldest transaction that has a transaction id: it is the one holding the xid horizon.
@@ -275,7 +367,12 @@ class Cursor:
     action_id: int = 0
 
 
-def _position(row: tuple[str, str, float | None, bool]) -> Cursor:
+# A fetched row (``fetch_statement``): key, value, captured_at epoch, checked, and the table's
+# schema and name (None for employees).
+Row = tuple[str, str, float | None, bool, str | None, str | None]
+
+
+def _position(row: Row) -> Cursor:
     """Where a fetched row sits in cursor order, read from its event (so no xid8 cast)."""
     event = json.loads(row[1])
     return Cursor(event["txid"], event["action_id"])
@@ -305,11 +402,13 @@ class Backlog:
 class Batch:
     """The next outbox rows as Kafka messages, in cursor order (``ProducerSession.fetch``).
 
-    Each row: key (the primary key as text), value (the event JSON), captured_at (epoch seconds, for the
-    latency stats) and ``checked`` (False: employee.py must look at it, see ``_CHECKED``).
+    Each row (``Row``): key (the primary key as text: an employees row's emp_id, another table's
+    key object as jsonb's text), value (the event JSON), captured_at (epoch seconds, for the latency
+    stats), ``checked`` (False: the event model must look at it, see ``checked_sql``), and the
+    table's schema and name: None for employees (topic CDC_TOPIC), else the table's own topic's.
     """
 
-    rows: list[tuple[str, str, float | None, bool]]
+    rows: list[Row]
 
     @property
     def first(self) -> Cursor:
@@ -322,8 +421,47 @@ class Batch:
         return _position(self.rows[-1])
 
 
+class Routes:
+    """The topic of each fetched row: CDC_TOPIC for employees, its table's own topic
+    (``ChangeCodec.topic``, under CDC_TOPIC_PREFIX) for any other, created the first time the
+    table is seen (``prepare``). ``existing``: the topics the cluster had at the start."""
+
+    def __init__(self, settings: Settings, admin: AdminClient, existing: set[str]) -> None:
+        self.settings = settings
+        self.admin = admin
+        self.codec = ChangeCodec(settings.cdc_topic_prefix)
+        self._existing = set(existing)
+        self._tables: dict[tuple[str, str], str] = {}  # tables seen, with their topic (it exists)
+
+    def prepare(self, rows: list[Row]) -> None:
+        """See that the topic of every table in ``rows`` exists, before any of them is produced.
+        DeliveryError if one could not be created: the batch is not sent."""
+        tables = self._tables
+        new = {(r[4], r[5]) for r in rows if r[4] is not None and (r[4], r[5]) not in tables}
+        for schema, table in sorted(new):
+            assert schema is not None and table is not None
+            topic = self.codec.topic(schema, table)
+            if topic not in self._existing:
+                try:
+                    ensure_topic(self.settings, self.admin, topic)
+                except ServiceError as exc:
+                    raise DeliveryError(f"topic of table {schema}.{table} not ready: {exc}") from exc
+                self._existing.add(topic)
+            tables[(schema, table)] = topic
+            log.info("publishing table %s.%s to topic %s", schema, table, topic)
+
+    def messages(self, rows: list[Row], headers: Headers) -> Iterator[Outgoing]:
+        """Each row as the message to send (``prepare`` first): topic, key, value, ``headers``."""
+        default, tables = self.settings.cdc_topic, self._tables
+        return (
+            (default if schema is None else tables[(schema, table)], key, value, headers)  # type: ignore[index]
+            for key, value, _, _, schema, table in rows
+        )
+
+
 class Outbox:
-    """SQL on ``emp_records_cdc`` and the cursor row, through the connection pool."""
+    """SQL on both outboxes (``emp_records_cdc``, ``cdc_outbox``) and the cursor row, through the
+    connection pool."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -333,7 +471,7 @@ class Outbox:
         with self.db.connection() as conn, conn.cursor() as cur:
             cur.execute(
                 "SELECT t FROM unnest(%s::text[]) AS t WHERE to_regclass(t) IS NULL",
-                ([SOURCE_TABLE, OUTBOX, "cdc_producer_state"],),
+                ([SOURCE_TABLE, OUTBOX, GENERIC_OUTBOX, "cdc_producer_state"],),
             )
             missing = [r[0] for r in cur.fetchall()]
             if missing:
@@ -397,12 +535,20 @@ class Outbox:
             xmin, xmax = one_row(cur)
             stamp = xmin - 1
             cur.execute(_INDEX_ONLY)
-            cur.execute(
-                "UPDATE emp_records_cdc SET txid = %s::text::xid8 WHERE txid >= %s::text::xid8", (stamp, xmax)
-            )
-            restamped = cur.rowcount
+            restamped = 0
+            for outbox in (OUTBOX, GENERIC_OUTBOX):
+                cur.execute(
+                    sql.SQL("UPDATE {} SET txid = %s::text::xid8 WHERE txid >= %s::text::xid8").format(
+                        sql.Identifier(outbox)
+                    ),
+                    (stamp, xmax),
+                )
+                restamped += cur.rowcount
             if to_end:
-                cur.execute("SELECT coalesce(max(action_id), 0) FROM emp_records_cdc")
+                cur.execute(
+                    "SELECT greatest((SELECT max(action_id) FROM emp_records_cdc),"
+                    " (SELECT max(action_id) FROM cdc_outbox), 0)"
+                )
                 new = Cursor(stamp, one_row(cur)[0])
             else:
                 new = Cursor()
@@ -419,7 +565,8 @@ class Outbox:
             cur.execute(
                 "SELECT count(*) FILTER (WHERE (txid, action_id) <= (%(txid)s::text::xid8, %(action_id)s)),"
                 " count(*) FILTER (WHERE (txid, action_id) > (%(txid)s::text::xid8, %(action_id)s))"
-                " FROM emp_records_cdc",
+                " FROM (SELECT txid, action_id FROM emp_records_cdc"
+                " UNION ALL SELECT txid, action_id FROM cdc_outbox) AS outboxes",
                 params,
             )
             behind, ahead = one_row(cur)
@@ -434,22 +581,24 @@ class Outbox:
         )
 
     def position(self, action_id: int) -> Cursor | None:
-        """Where the row ``action_id`` sits in cursor order; None if the outbox does not have it."""
+        """Where the row ``action_id`` sits in cursor order; None if neither outbox has it."""
         with self.db.connection() as conn, conn.cursor() as cur:
-            cur.execute(
-                "SELECT txid::text::bigint, action_id FROM emp_records_cdc WHERE action_id = %s", (action_id,)
-            )
+            cur.execute(_POSITION, {"action_id": action_id})
             row = cur.fetchone()
         return Cursor(*row) if row else None
 
     def count_between(self, after: Cursor, upto: Cursor) -> int:
-        """Rows after ``after`` up to and including ``upto``, in cursor order."""
+        """Rows of both outboxes after ``after`` up to and including ``upto``, in cursor order."""
         with self.db.connection() as conn, conn.cursor() as cur:
             cur.execute(_INDEX_ONLY)
             cur.execute(
-                "SELECT count(*) FROM emp_records_cdc"
-                " WHERE (txid, action_id) > (%s::text::xid8, %s) AND (txid, action_id) <= (%s::text::xid8, %s)",
-                (after.txid, after.action_id, upto.txid, upto.action_id),
+                _BETWEEN,
+                {
+                    "after_txid": after.txid,
+                    "after_action_id": after.action_id,
+                    "upto_txid": upto.txid,
+                    "upto_action_id": upto.action_id,
+                },
             )
             return int(one_row(cur)[0])
 

@@ -15,7 +15,7 @@ Why re-publishing is safe, even with a producer running:
   already has is a duplicate and changes nothing. A change it never got (lost in the gap) is
   applied, and the version guard never lets an older change overwrite a newer row.
 - Each message is byte for byte the message the daemon sent: the same fetch statement, Publisher,
-  topic, key and mark header. So the sink takes a copy for a copy, never for another change under
+  topic (CDC_TOPIC, or the table's own for another captured table's row), key and mark header. So the sink takes a copy for a copy, never for another change under
   a reused action_id.
 - It stops at the cursor as it finds it at the start, because rows after the cursor are the
   daemon's to publish. It takes no producer lock, never moves the cursor and never prunes.
@@ -41,13 +41,14 @@ from cdc.kafka.client import (
     ensure_topics,
     producer_config,
 )
+from cdc.model.change import ChangeCodec
 from cdc.model.event import Codec
 from cdc.model.table import SOURCE_TABLE, Table
 from cdc.runtime import exits
 from cdc.runtime.db import Database
 from cdc.runtime.settings import Settings
 from cdc.runtime.signals import StopSignal
-from cdc.source.outbox import Batch, Cursor, Outbox, fetch_published, fetch_statement
+from cdc.source.outbox import Batch, Cursor, Outbox, Routes, fetch_published, fetch_statement
 
 log = logging.getLogger("producer.republish")
 kafka_log = logging.getLogger("producer.kafka")
@@ -58,7 +59,7 @@ KAFKA_WAIT = 30.0
 
 # The daemon's check of the rows the fetch cannot vouch for (``cdc.source.daemon.check_rows``),
 # passed in because the daemon imports this module.
-CheckRows = Callable[[Batch, Codec], int]
+CheckRows = Callable[[Batch, Codec, ChangeCodec], int]
 
 
 def action_id_arg(text: str) -> int:
@@ -121,24 +122,27 @@ def republish(settings: Settings, from_action_id: int, *, stop: StopSignal, chec
         count = outbox.count_between(after, upto)
         if count == 0:
             raise ConfigError(
-                f"nothing to re-publish: emp_records_cdc has no row up to the cursor txid={upto.txid} "
+                f"nothing to re-publish: the outboxes (emp_records_cdc, cdc_outbox) have no row up to the "
+                f"cursor txid={upto.txid} "
                 f"action_id={upto.action_id} (pruned, or nothing published yet); to send every current "
-                "row again, run `producer.py --snapshot`"
+                "row again, run `producer.py --snapshot` (employees) or `python -m cdc tables add --snapshot TABLE`"
             )
         start = (
             f"from action_id={from_action_id} txid={after.txid}" if from_action_id else "from the first row"
         )
         log.info(
-            "re-publishing rows=%d %s up to the cursor txid=%d action_id=%d topic=%s",
+            "re-publishing rows=%d %s up to the cursor txid=%d action_id=%d topic=%s"
+            " (another captured table's rows: its own topic)",
             count,
             start,
             upto.txid,
             upto.action_id,
             settings.cdc_topic,
         )
-        ensure_topics(settings, admin_client(settings, logger=kafka_log), timeout=KAFKA_WAIT)
+        admin = admin_client(settings, logger=kafka_log)
+        routes = Routes(settings, admin, ensure_topics(settings, admin, timeout=KAFKA_WAIT))
         publisher = Publisher(producer_config(settings), logger=kafka_log)
-        done = _send(db, publisher, settings, after, upto, Progress(from_action_id), stop, check)
+        done = _send(db, publisher, routes, after, upto, Progress(from_action_id), stop, check, settings)
     finally:
         if publisher is not None:
             publisher.close()
@@ -173,8 +177,9 @@ def _start(outbox: Outbox, from_action_id: int, upto: Cursor) -> Cursor | None:
     if at is None:
         raise ConfigError(
             f"action_id={from_action_id} is not in emp_records_cdc: it was pruned after it was published "
-            "(CDC_PRUNE), or never written, so the changes from it cannot be re-published; to send every "
-            "current row again, run `producer.py --snapshot`"
+            "(CDC_PRUNE), or never written (cdc_outbox, the other tables' outbox, has no such row either), "
+            "so the changes from it cannot be re-published; to send every current row again, run "
+            "`producer.py --snapshot` (employees) or `python -m cdc tables add --snapshot TABLE`"
         )
     if at > upto:
         log.info(
@@ -193,15 +198,15 @@ def _start(outbox: Outbox, from_action_id: int, upto: Cursor) -> Cursor | None:
 def _send(
     db: Database,
     publisher: Publisher,
-    settings: Settings,
+    routes: Routes,
     after: Cursor,
     upto: Cursor,
     progress: Progress,
     stop: StopSignal,
     check: CheckRows,
+    settings: Settings,
 ) -> Progress:
     """Read and publish batch by batch, as ``ChangeProducer._step`` does, up to ``upto``."""
-    topic = settings.cdc_topic
     mark: Headers = [(MARK_HEADER, MARK_VALUE)]
     with db.connection() as conn, conn.cursor() as cur:
         table = Table.load(cur, SOURCE_TABLE)
@@ -216,9 +221,10 @@ def _send(
             conn.commit()  # no transaction stays open while Kafka acknowledges
             if not batch.rows:
                 break
-            invalid = check(batch, codec)
+            invalid = check(batch, codec, routes.codec)
             try:
-                publisher.send((topic, key, value, mark) for key, value, _, _ in batch.rows)
+                routes.prepare(batch.rows)
+                publisher.send(routes.messages(batch.rows, mark))
             except DeliveryError as exc:
                 raise DeliveryError(
                     f"{exc}; {progress.rows} rows re-published before it; {progress.rest}"

@@ -7,6 +7,8 @@ grant must stop a daemon with one line naming it.
 
 from __future__ import annotations
 
+import dataclasses
+import uuid
 from pathlib import Path
 
 import pytest
@@ -14,9 +16,12 @@ import pytest
 from cdc.local.paths import SETUP_ROLES_DEST_SQL, SETUP_ROLES_SOURCE_SQL
 from cdc.local.runner import Daemon, settings_env
 from cdc.local.services import LocalServices
+from cdc.model.topics import topic_for
+from cdc.ops import tables
 from cdc.runtime.settings import Settings
 from tests.support import clean_dest, clean_source, execute, query
 from tests.support.consumer import event, produce
+from tests.support.producer import read_topic
 
 pytestmark = pytest.mark.daemon
 
@@ -25,6 +30,9 @@ DOCUMENTED = {
     "cdc_producer": {
         ("emp_records_cdc", "SELECT"),
         ("emp_records_cdc", "DELETE"),
+        ("cdc_outbox", "SELECT"),
+        ("cdc_outbox", "DELETE"),
+        ("cdc_tables", "SELECT"),
         ("cdc_producer_state", "SELECT"),
         ("cdc_producer_state", "INSERT"),
         ("cdc_producer_state", "UPDATE"),
@@ -144,3 +152,33 @@ def test_producer_without_a_grant_stops_with_one_line_naming_it(
         assert "permission denied for table cdc_producer_state" in line and "setup_roles" in line
     finally:
         local_services.source.apply_sql(SETUP_ROLES_SOURCE_SQL)
+
+
+def test_producer_role_publishes_and_prunes_both_outboxes(
+    local_services: LocalServices, private_settings: Settings, tmp_path: Path
+):
+    url = private_settings.source_db_url
+    settings = dataclasses.replace(private_settings, cdc_topic_prefix=f"role{uuid.uuid4().hex[:8]}")
+    clean_source(url)
+    execute(url, "CREATE TABLE role_items (id int PRIMARY KEY, note text)")
+    try:
+        tables.add(settings, ["role_items"])
+        execute(
+            url, "INSERT INTO role_items VALUES (1, 'x'); INSERT INTO employees (first_name) VALUES ('y')"
+        )
+        env = _role_settings(local_services, settings) | {"CDC_TOPIC_PREFIX": settings.cdc_topic_prefix}
+        daemon = Daemon("producer.py", env, tmp_path, "--once", "--prune").start()
+        try:
+            assert daemon.wait(60) == 0, daemon.output()[-3000:]
+        finally:
+            daemon.kill()
+        assert query(
+            url, "SELECT (SELECT count(*) FROM emp_records_cdc), (SELECT count(*) FROM cdc_outbox)"
+        ) == [(0, 0)]
+        topic = topic_for(settings.cdc_topic_prefix, "public", "role_items")
+        [record] = read_topic(dataclasses.replace(settings, cdc_topic=topic), want=1)
+        assert record.key == '{"id": "1"}' and record.value["row"] == {"id": "1", "note": "x"}
+        assert len(read_topic(settings, want=1)) == 1
+    finally:
+        tables.remove(settings, ["role_items"])
+        execute(url, "DROP TABLE role_items; DELETE FROM cdc_outbox")
