@@ -1,4 +1,5 @@
-"""``verify``: row reconciliation, the events check and --wait, against the real databases and broker."""
+"""``verify``: row reconciliation of employees, the events check and --wait, against the real
+databases and broker (the other replicated tables: ``test_verify_tables.py``)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,31 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 
 import psycopg2
+import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from psycopg2.extras import execute_values
 
-from cdc.kafka.client import consumer_config, producer_config
+from cdc.kafka.client import admin_client, consumer_config, ensure_topic, producer_config
 from cdc.local.paths import PROJECT_DIR
+from cdc.model.topics import topic_for
 from cdc.ops.verify import check_events, compare_rows, pipeline_lag, verify
 from cdc.ops.workload import Workload
-from tests.support import query
+from cdc.runtime.db import Database
+from cdc.runtime.settings import Settings
+from cdc.sink.positions import DestinationPositions
+from tests.support import end_offsets, fresh_settings, query
 
 COLUMNS = "emp_id, first_name, last_name, dob, city, salary"
+
+
+@pytest.fixture
+def settings(service_env) -> Settings:
+    """This test's topics, group and CDC_TOPIC_PREFIX: --wait waits for every topic under the
+    prefix, so no other test's table topics may be under it."""
+    return fresh_settings(service_env, cdc_topic_prefix=f"cdc_verify_{uuid.uuid4().hex[:8]}")
 
 
 def _fill_source(url: str, changes: int = 300, seed: int = 7) -> None:
@@ -55,6 +69,7 @@ def _cli(settings, *args: str, tmp_path, **env_overrides: str) -> subprocess.Com
         "CDC_TOPIC": settings.cdc_topic,
         "CDC_DLQ_TOPIC": settings.cdc_dlq_topic,
         "CONSUMER_GROUP_ID": settings.consumer_group_id,
+        "CDC_TOPIC_PREFIX": settings.cdc_topic_prefix,
         **env_overrides,
     }
     return subprocess.run(
@@ -92,8 +107,10 @@ def test_identical_tables_exit_0(settings, clean_source, clean_dest, tmp_path):
 
     proc = _cli(settings, tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"result: identical ({rows} rows)" in proc.stdout
-    assert f"rows: source {rows}, destination {rows}" in proc.stdout
+    assert f"result: identical (1 table, {rows} rows)" in proc.stdout
+    assert (
+        f"rows employees: source {rows}, destination {rows}, missing 0, extra 0, different 0" in proc.stdout
+    )
 
 
 def test_planted_differences_are_reported_by_emp_id_and_exit_1(settings, clean_source, clean_dest, tmp_path):
@@ -122,7 +139,10 @@ def test_planted_differences_are_reported_by_emp_id_and_exit_1(settings, clean_s
     assert f"missing in destination: 1 emp_id: {removed}" in out
     assert f"extra in destination: 1 emp_id: {extra}" in out
     assert f"different: 2 emp_id: {', '.join(map(str, sorted([changed, to_null])))}" in out
-    assert "result: DIFFERENT: 1 missing, 1 extra, 2 different rows" in out
+    assert (
+        f"rows employees: source {len(ids)}, destination {len(ids)}, missing 1, extra 1, different 2" in out
+    )
+    assert "result: DIFFERENT: employees: 1 missing, 1 extra, 2 different rows" in out
 
 
 def test_lists_the_first_n_ids_and_the_total(settings, clean_source, clean_dest, tmp_path):
@@ -133,7 +153,7 @@ def test_lists_the_first_n_ids_and_the_total(settings, clean_source, clean_dest,
     )
     proc = _cli(settings, "--limit", "5", tmp_path=tmp_path)
     assert proc.returncode == 1
-    assert "rows: source 40, destination 15" in proc.stdout
+    assert "rows employees: source 40, destination 15" in proc.stdout
     assert "missing in destination: 25 emp_id (first 5): 1, 2, 3, 4, 5" in proc.stdout
 
 
@@ -175,38 +195,61 @@ def test_wait_reports_unpublished_outbox_rows_and_exit_1(settings, clean_source,
     assert pipeline_lag(settings).outbox_pending == 0
 
 
-def test_wait_returns_once_the_consumer_group_commits_the_high_watermarks(settings, clean_source, clean_dest):
+def _store_positions(
+    settings: Settings, ends: dict[tuple[str, int], int], topic_id: str | None = None
+) -> None:
+    """What the consumer writes with each batch: the destination's next offset per partition."""
+    with Database(settings.dest_db_url) as db:
+        DestinationPositions(db).write(ends, {t: topic_id for t, _ in ends} if topic_id else {})
+
+
+def test_wait_returns_once_the_destination_has_applied_every_topic(settings, clean_source, clean_dest):
     query(clean_source, "INSERT INTO employees (first_name) SELECT 'k' || i FROM generate_series(1, 7) i")
     _copy_to_dest(clean_source, clean_dest)
     _cursor_to_end(clean_source)
+    # A table's topic under CDC_TOPIC_PREFIX, which the consumer subscribes to beside CDC_TOPIC.
+    table_topic = topic_for(settings.cdc_topic_prefix, "public", "Order Items")
+    ensure_topic(settings, admin_client(settings), table_topic)
     producer = Producer(producer_config(settings))
     for i in range(1, 8):
         producer.produce(settings.cdc_topic, key=str(i).encode(), value=b"{}")
+    for i in range(1, 5):
+        producer.produce(table_topic, key=str(i).encode(), value=b"{}")
     assert producer.flush(30) == 0
+    ends = {
+        (t, p): end for t in (settings.cdc_topic, table_topic) for p, end in end_offsets(settings, t).items()
+    }
 
     lag = pipeline_lag(settings)
-    assert lag.outbox_pending == 0 and lag.total_consumer_lag == 7 and not lag.caught_up
+    assert lag.outbox_pending == 0 and lag.total_consumer_lag == 11 and not lag.caught_up
+    assert f"consumer lag 11 ({settings.cdc_topic} 7, {table_topic} 4)" in lag.describe()
 
-    def commit_later() -> None:
-        time.sleep(2)
-        group = Consumer(consumer_config(settings))
-        try:
-            ends = [
-                TopicPartition(
-                    settings.cdc_topic,
-                    p,
-                    group.get_watermark_offsets(TopicPartition(settings.cdc_topic, p), timeout=10)[1],
-                )
-                for p in range(settings.topic_partitions)
-            ]
-            group.commit(offsets=ends, asynchronous=False)
-        finally:
-            group.close()
+    # The group's committed offsets are not where the consumer starts: they do not count.
+    group = Consumer(consumer_config(settings))
+    try:
+        group.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in ends.items()], asynchronous=False)
+    finally:
+        group.close()
+    assert pipeline_lag(settings).total_consumer_lag == 11
+    # Nor does a position stored for a topic of the same name deleted since (another topic id).
+    _store_positions(
+        settings, {k: o for k, o in ends.items() if k[0] == table_topic}, "AAAAAAAAAAAAAAAAAAAAAA"
+    )
+    assert pipeline_lag(settings).consumer_lag == {
+        **{(settings.cdc_topic, p): end for (t, p), end in ends.items() if t == settings.cdc_topic},
+        **{(table_topic, p): end for (t, p), end in ends.items() if t == table_topic},
+    }
 
-    committer = threading.Thread(target=commit_later)
-    committer.start()
+    def apply_later() -> None:
+        time.sleep(1)
+        _store_positions(settings, {k: o for k, o in ends.items() if k[0] == settings.cdc_topic})
+        time.sleep(1)
+        query(clean_dest, "UPDATE applied_offsets SET topic_id = NULL WHERE topic = %s", (table_topic,))
+
+    applier = threading.Thread(target=apply_later)
+    applier.start()
     result = verify(settings, wait=60)
-    committer.join()
+    applier.join()
     assert result.lag is not None and result.lag.caught_up
     assert result.waited >= 1.5
     assert result.ok and result.rows is not None and result.rows.identical
