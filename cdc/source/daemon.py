@@ -201,7 +201,7 @@ class ChangeProducer:
                 )
             except ServiceError:
                 continue
-            self.routes = Routes(self.settings, admin, ensure_topics(self.settings, admin))
+            self.routes = Routes(self.settings, ensure_topics(self.settings, admin))
             return True
         return False
 

@@ -29,6 +29,7 @@ from typing import Any
 import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from psycopg2 import sql
 
@@ -41,7 +42,7 @@ from cdc.errors import (
     ServiceError,
     TransientError,
 )
-from cdc.kafka.client import Headers, Outgoing, ensure_topic
+from cdc.kafka.client import Headers, Outgoing, admin_client, ensure_topic
 from cdc.model.change import ChangeCodec
 from cdc.model.event import ACTIONS, Codec
 from cdc.model.table import OUTBOX, SOURCE_TABLE, Column, Kind, Table
@@ -424,11 +425,13 @@ class Batch:
 class Routes:
     """The topic of each fetched row: CDC_TOPIC for employees, its table's own topic
     (``ChangeCodec.topic``, under CDC_TOPIC_PREFIX) for any other, created the first time the
-    table is seen (``prepare``). ``existing``: the topics the cluster had at the start."""
+    table is seen (``prepare``). ``existing``: the topics the cluster had at the start.
 
-    def __init__(self, settings: Settings, admin: AdminClient, existing: set[str]) -> None:
+    An admin client is made only to create a topic, and dropped after: an idle one would only
+    queue the events of every broker outage."""
+
+    def __init__(self, settings: Settings, existing: set[str]) -> None:
         self.settings = settings
-        self.admin = admin
         self.codec = ChangeCodec(settings.cdc_topic_prefix)
         self._existing = set(existing)
         self._tables: dict[tuple[str, str], str] = {}  # tables seen, with their topic (it exists)
@@ -438,13 +441,15 @@ class Routes:
         DeliveryError if one could not be created: the batch is not sent."""
         tables = self._tables
         new = {(r[4], r[5]) for r in rows if r[4] is not None and (r[4], r[5]) not in tables}
+        admin: AdminClient | None = None
         for schema, table in sorted(new):
             assert schema is not None and table is not None
             topic = self.codec.topic(schema, table)
             if topic not in self._existing:
                 try:
-                    ensure_topic(self.settings, self.admin, topic)
-                except ServiceError as exc:
+                    admin = admin or admin_client(self.settings, logger=log)
+                    ensure_topic(self.settings, admin, topic)
+                except (ServiceError, KafkaException) as exc:
                     raise DeliveryError(f"topic of table {schema}.{table} not ready: {exc}") from exc
                 self._existing.add(topic)
             tables[(schema, table)] = topic

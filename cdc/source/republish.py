@@ -140,7 +140,7 @@ def republish(settings: Settings, from_action_id: int, *, stop: StopSignal, chec
             settings.cdc_topic,
         )
         admin = admin_client(settings, logger=kafka_log)
-        routes = Routes(settings, admin, ensure_topics(settings, admin, timeout=KAFKA_WAIT))
+        routes = Routes(settings, ensure_topics(settings, admin, timeout=KAFKA_WAIT))
         publisher = Publisher(producer_config(settings), logger=kafka_log)
         done = _send(db, publisher, routes, after, upto, Progress(from_action_id), stop, check, settings)
     finally:

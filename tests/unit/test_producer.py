@@ -111,8 +111,8 @@ def test_a_batch_of_both_outboxes_ends_at_its_last_event_whichever_table():
 def test_each_row_goes_to_its_tables_topic_and_employees_to_the_cdc_topic(caplog):
     settings = load_settings(env={"CDC_TOPIC": "emps", "CDC_TOPIC_PREFIX": "pre"}, dotenv_path=None)
     existing = {"pre.public.Order-20Items", "pre.s.t"}
-    # Every topic exists already: nothing is asked of the cluster (no admin client needed).
-    routes = Routes(settings, None, existing)  # type: ignore[arg-type]
+    # Every topic exists already: nothing is asked of the cluster.
+    routes = Routes(settings, existing)
     rows = [
         row(True),
         generic(True),
