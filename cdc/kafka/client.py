@@ -79,6 +79,8 @@ def producer_config(settings: Settings, **extra: object) -> dict[str, object]:
         "acks": "all",
         "linger.ms": 5,
         "compression.type": "lz4",
+        # Up to CDC_MAX_MESSAGE_BYTES for other tables' rows, plus a dead letter's headers.
+        "message.max.bytes": settings.max_message_bytes + LETTER_HEADROOM,
         **extra,
     }
 
@@ -174,7 +176,8 @@ def ensure_topics(settings: Settings, admin: AdminClient | None = None, *, timeo
     existing = set(admin.list_topics(timeout=10).topics)
     if settings.cdc_topic not in existing:
         _create(admin, settings, settings.cdc_topic, {}, timeout)
-    wanted = topic_limit(admin, settings.cdc_topic) + LETTER_HEADROOM
+    # A letter of any message: of CDC_TOPIC's or of another table's topic.
+    wanted = max(topic_limit(admin, settings.cdc_topic), settings.max_message_bytes) + LETTER_HEADROOM
     if settings.cdc_dlq_topic not in existing:
         _create(admin, settings, settings.cdc_dlq_topic, {MAX_MESSAGE_BYTES: str(wanted)}, timeout)
     elif (has := topic_limit(admin, settings.cdc_dlq_topic)) < wanted:
@@ -184,9 +187,9 @@ def ensure_topics(settings: Settings, admin: AdminClient | None = None, *, timeo
 
 def ensure_topic(settings: Settings, admin: AdminClient, topic: str, *, timeout: float = 30.0) -> bool:
     """Create ``topic`` as the CDC topic is created (CDC_TOPIC_PARTITIONS, the replication factor,
-    min.insync.replicas=2 when replicated), unless it exists. True if this call created it;
-    ServiceError if it could not."""
-    return _create(admin, settings, topic, {}, timeout)
+    min.insync.replicas=2 when replicated), taking messages up to CDC_MAX_MESSAGE_BYTES, unless it
+    exists. True if this call created it; ServiceError if it could not."""
+    return _create(admin, settings, topic, {MAX_MESSAGE_BYTES: str(settings.max_message_bytes)}, timeout)
 
 
 def _create(
@@ -280,6 +283,11 @@ class _Batch:
             self.on_delivered(index, msg)
 
 
+def _short(key: str | bytes | None) -> str:
+    text = key.decode(errors="replace") if isinstance(key, bytes) else str(key)
+    return text if len(text) <= 100 else text[:100] + "..."
+
+
 def _is_fatal(err: KafkaError) -> bool:
     # produce() on a failed producer raises _FATAL, which itself is not flagged fatal().
     return err.fatal() or err.code() == KafkaError._FATAL
@@ -365,6 +373,15 @@ class Publisher:
                     produce(topic, value, key, on_delivery=report, headers=headers)
                 except BufferError:
                     self._produce_when_room(report, topic, key, value, headers)
+                except KafkaException as exc:
+                    if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                        raise
+                    raise DeliveryError(
+                        f"{prefix}a message of {len(value or b'')} bytes to {topic} (key "
+                        f"{_short(key)}) is larger than producers may send (CDC_MAX_MESSAGE_BYTES plus "
+                        f"{LETTER_HEADROOM} for a letter's headers): not skipped; raise "
+                        "CDC_MAX_MESSAGE_BYTES and restart"
+                    ) from exc
                 poll(0)
                 count += 1
             unacknowledged = self._flush(count)

@@ -23,8 +23,10 @@ import psycopg2
 
 from cdc.errors import CDCError
 from cdc.kafka.client import ensure_topics
+from cdc.local import shop
 from cdc.local.ports import Ports
 from cdc.local.runner import Daemon
+from cdc.ops import tables
 from cdc.ops.verify import LagProbe, verify
 from cdc.ops.workload import Mix, Workload
 from cdc.runtime.settings import Settings
@@ -126,9 +128,14 @@ def run_demo(
     # capture at work, and it dominates the latency the summary shows.
     mix = Mix() if long_transactions else Mix(long_every=0)
     workload = Workload(settings.source_db_url, rate=rate, writers=writers, seed=seed, mix=mix)
+    # Two more tables beside employees, linked by a foreign key, one with a composite key.
+    shop.create(settings.source_db_url, settings.dest_db_url)
+    tables.add(settings, shop.TABLES)
+    shop_writer = shop.ShopWriter(settings.source_db_url, rate=max(1.0, rate / 8), seed=workload.seed)
     print(
-        f"demo: {writers} writers at about {rate:.0f} changes/s for {duration:.0f}s (seed {workload.seed}); "
-        f"logs in {Path(producer.logfile).parent.parent}"
+        f"demo: {writers} writers at about {rate:.0f} changes/s on employees and one at about "
+        f"{shop_writer.rate:.0f} transactions/s on {' and '.join(shop.TABLES)} for {duration:.0f}s "
+        f"(seed {workload.seed}); logs in {Path(producer.logfile).parent.parent}"
     )
     progress = Progress(settings, workload)
     try:
@@ -136,6 +143,7 @@ def run_demo(
         consumer.start()
         started = time.monotonic()
         workload.start()
+        shop_writer.start()
         while (elapsed := time.monotonic() - started) < duration:
             for d in (producer, consumer):
                 if not d.running():
@@ -143,6 +151,7 @@ def run_demo(
             _show(progress.line(elapsed, duration))
             time.sleep(PROGRESS_EVERY)
         workload.stop()
+        shop_writer.stop()
         load_seconds = time.monotonic() - started
         _show(progress.line(duration, duration), final=True)
         print("load stopped; waiting for the pipeline to catch up, then verifying ...", flush=True)
@@ -151,16 +160,20 @@ def run_demo(
         stats = _consumer_stats(metrics_port)
     finally:
         workload.stop()
+        shop_writer.stop()
         progress.close()
         codes = [d.stop() for d in (producer, consumer) if d.running()]
     for line in result.lines():
         print("  " + line)
-    written = workload.stats.get("events")
+    written = workload.stats.get("events") + shop_writer.changes
     identical = result.ok
-    rows = result.rows.source_rows if result.rows else 0
     print()
     print("summary")
-    print(f"  rows in source / destination : {rows} / {result.rows.dest_rows if result.rows else '?'}")
+    for table in result.tables or []:
+        state = "identical" if table.identical else "DIFFERENT: " + table.summary()
+        print(
+            f"  {table.table:<29}: {table.source_rows} / {table.dest_rows} rows (source / destination), {state}"
+        )
     print(
         f"  changes captured             : {written} ({written / load_seconds:.0f}/s over {load_seconds:.0f}s)"
     )

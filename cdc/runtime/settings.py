@@ -52,6 +52,9 @@ class Settings:
     cdc_dlq_topic: str = "bf_employee_cdc_dlq"
     # Other tables' topics are PREFIX.schema.table (cdc.model.topics).
     cdc_topic_prefix: str = "cdc"
+    # The largest message of another table's topic (a row image holds whole values: text, bytea,
+    # json of megabytes): those topics' max.message.bytes, and the producers' limit.
+    max_message_bytes: int = 16 * 1024 * 1024
     topic_partitions: int = 6
     topic_replication_factor: int = 1
     consumer_group_id: str = "cdc_consumer"
@@ -124,6 +127,7 @@ _ENV_FIELDS: dict[str, tuple[str, Any]] = {
     "CDC_DLQ_TOPIC": ("cdc_dlq_topic", _str),
     "CDC_TOPIC_PREFIX": ("cdc_topic_prefix", _str),
     "CDC_FK_WAIT_SECONDS": ("fk_wait_seconds", float),
+    "CDC_MAX_MESSAGE_BYTES": ("max_message_bytes", int),
     "CDC_TOPIC_PARTITIONS": ("topic_partitions", int),
     "CDC_TOPIC_REPLICATION_FACTOR": ("topic_replication_factor", int),
     "CONSUMER_GROUP_ID": ("consumer_group_id", _str),
@@ -295,6 +299,8 @@ def validate(s: Settings) -> None:
                 fname,
                 f"must not start with CDC_TOPIC_PREFIX '{s.cdc_topic_prefix}.' (other tables' topics do)",
             )
+    if not 1024 <= s.max_message_bytes <= 900_000_000:
+        raise bad("max_message_bytes", "must be 1024 to 900000000 bytes")
     if s.fk_wait_seconds < 0:
         raise bad("fk_wait_seconds", "must be 0 or more")
     for fname in (

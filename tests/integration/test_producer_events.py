@@ -107,7 +107,7 @@ def reference(url: str) -> list[tuple[bytes, bytes | None]]:
     return out
 
 
-def fetch_all(url: str) -> list[tuple[str, str, float | None, bool]]:
+def fetch_all(url: str) -> list[tuple[str, str, float | None, bool, str | None, str | None]]:
     session = ProducerSession(url, "emp_records_cdc")
     try:
         assert session.try_acquire()
@@ -120,7 +120,7 @@ def assert_same_events(url: str) -> int:
     """Every fetched message equals the reference; returns how many were compared."""
     fetched, expected = fetch_all(url), reference(url)
     assert len(fetched) == len(expected)
-    for (key, value, _, checked), (want_key, want_value) in zip(fetched, expected, strict=True):
+    for (key, value, _, checked, *_), (want_key, want_value) in zip(fetched, expected, strict=True):
         assert key.encode() == want_key
         assert checked == (want_value is not None), value
         if want_value is not None:
@@ -163,7 +163,7 @@ def test_a_database_in_another_encoding_sends_the_same_utf8_events(service_env):
             ("Zoë Ødegaard", 'Þórsdóttir "q" \\', "é" * 100),
         )
         assert assert_same_events(latin1) == 1
-        [(_, value, _, _)] = fetch_all(latin1)
+        [(_, value, *_)] = fetch_all(latin1)
         assert ChangeEvent.from_json(value.encode()).employee.first_name == "Zoë Ødegaard"
     finally:
         with connect(url, autocommit=True) as conn, conn.cursor() as cur:
@@ -201,8 +201,8 @@ def test_rows_the_contract_refuses_are_not_vouched_for(service_env):
             "INSERT INTO emp_records_cdc (emp_id, action, first_name) VALUES (6, 'DELETE', repeat('x', 101))",
         )
         rows = fetch_all(url)
-        assert [checked for *_, checked in rows] == [False] * len(bad) + [True]
-        for (field, _), (_, value, _, _) in zip(bad, rows, strict=False):
+        assert [checked for _, _, _, checked, *_ in rows] == [False] * len(bad) + [True]
+        for (field, _), (_, value, *_) in zip(bad, rows, strict=False):
             with pytest.raises(InvalidEventError) as info:
                 ChangeEvent.from_json(value)
             assert info.value.field == field

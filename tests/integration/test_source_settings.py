@@ -246,9 +246,9 @@ def test_fetched_dob_is_iso_text_whatever_the_datestyle(service_env):
         session = ProducerSession(url, "emp_records_cdc")
         try:
             assert session.try_acquire()
-            assert [json.loads(value)["dob"] for _, value, _, _ in session.fetch(Cursor(), 10).rows] == DATES
+            assert [json.loads(value)["dob"] for _, value, *_ in session.fetch(Cursor(), 10).rows] == DATES
             # After something set the session's DateStyle: still ISO.
             session._conn.cursor().execute("SET DateStyle = 'SQL, DMY'")
-            assert [json.loads(value)["dob"] for _, value, _, _ in session.fetch(Cursor(), 10).rows] == DATES
+            assert [json.loads(value)["dob"] for _, value, *_ in session.fetch(Cursor(), 10).rows] == DATES
         finally:
             session.close()
