@@ -266,6 +266,6 @@ class Placement:
             log.debug("group offsets not set to the starts: %s", exc)
 
     def _update_stats(self) -> None:
-        self.stats.set(HELD, len(self.waiting) + len(self.held) + len(self._drifted_partitions))
+        self.stats.set(HELD, len(self.waiting) + len(self.held))  # drifted tables: DRIFTED
         self.stats.set(DRIFTED, {(table,): 1 for table in self.drifted_tables()})
         self.stats.set(GAP, {(g.topic, g.partition): g.missing for g in self.held.values()})

@@ -79,6 +79,7 @@ def test_the_alert_rules_are_valid_and_complete():
         "CDCConsumerPaused",
         "CDCTopicGap",
         "CDCPartitionsWaiting",
+        "CDCTableHeld",
         "CDCTopicRecreatedOrTruncated",
     }
     for rule in rules:

@@ -35,7 +35,9 @@ CLEAN_SOURCE = (
     "TRUNCATE employees, emp_records_cdc, cdc_outbox RESTART IDENTITY;"
     " UPDATE cdc_producer_state SET last_txid = '0', last_action_id = 0, published_total = 0;"
 )
-CLEAN_DEST = "TRUNCATE employees, processed_events, emp_versions, cdc_versions, applied_offsets, accepted_gaps;"
+CLEAN_DEST = (
+    "TRUNCATE employees, processed_events, emp_versions, cdc_versions, applied_offsets, accepted_gaps;"
+)
 # One valid employees change event, as a decoded JSON object.
 SAMPLE_EVENT = {
     "action_id": 1042,

@@ -140,7 +140,10 @@ class Pipeline:
         result = verify(self.settings, wait=wait, events=True)
         assert result.ok, where + "\n".join(result.lines()) + "\n" + self.logs()
         assert result.rows is not None and result.rows.source_rows > 0
-        outbox = scalar(self.settings.source_db_url, "SELECT count(*) FROM emp_records_cdc")
+        outbox = scalar(
+            self.settings.source_db_url,
+            "SELECT (SELECT count(*) FROM emp_records_cdc) + (SELECT count(*) FROM cdc_outbox)",
+        )
         assert self.decided() == outbox, f"{where}{self.decided()} decisions for {outbox} changes"
         assert dlq_count(self.settings) == dlq_expected, where + self.logs()
 
