@@ -25,6 +25,7 @@ def _dlq_selection(args: argparse.Namespace, settings: Settings) -> dlq_letters.
         since=args.since,
         until=args.until,
         positions=args.dlq,
+        tables=args.table,
     )
 
 
@@ -88,6 +89,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=[],
         metavar="NAME",
         help="cdc.error.class, e.g. CheckViolation",
+    )
+    f.add_argument(
+        "--table",
+        action="append",
+        default=[],
+        metavar="TABLE",
+        help="the replicated table: employees, or schema.table as the cdc.table header names it",
     )
     f.add_argument("--partition", action="append", default=[], metavar="N", help="original partition")
     f.add_argument(

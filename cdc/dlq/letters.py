@@ -24,6 +24,7 @@ from confluent_kafka import Message
 from cdc.dlq import queue as dlq
 from cdc.errors import ConfigError
 from cdc.kafka.client import Headers
+from cdc.model.table import SOURCE_TABLE
 from cdc.runtime.settings import Settings
 
 ERROR_SHORT = 60  # characters of the error message in a list line
@@ -138,6 +139,16 @@ class Letter:
         action = self._field("action")
         return action if isinstance(action, str) else None
 
+    @property
+    def table(self) -> str | None:
+        """The replicated table (``employees`` or ``schema.table``): the ``cdc.table`` header, else
+        the change's own schema and table, when it names them."""
+        named = self.header(dlq.H_TABLE)
+        if named:
+            return named
+        schema, table = self._field("schema"), self._field("table")
+        return f"{schema}.{table}" if isinstance(schema, str) and isinstance(table, str) else None
+
     def notes(self) -> list[str]:
         """What a list line adds after the error: an odd value, a replay that failed again."""
         notes = [] if self.value_format == "json" else [f"value: {self.value_format}"]
@@ -169,6 +180,7 @@ class Letter:
             "action_id": self.action_id,
             "key": self.row_key,
             "action": self.action,
+            "table": self.table,
             "value_format": self.value_format,
             "replayed_from": self.header(dlq.H_REPLAYED_FROM),
         }
@@ -243,6 +255,7 @@ class Selection:
     since: datetime | None = None
     until: datetime | None = None
     positions: frozenset[tuple[int, int]] = frozenset()  # (DLQ partition, DLQ offset)
+    tables: frozenset[str] = frozenset()  # employees, schema.table
 
     def is_everything(self) -> bool:
         return self == Selection()
@@ -256,6 +269,8 @@ class Selection:
             return False
         if self.error_classes and (m.error_class or "").lower() not in self.error_classes:
             return False
+        if self.tables and _table_name(m.table or "") not in self.tables:
+            return False
         if self.partitions and m.original_partition not in self.partitions:
             return False
         if self.offsets and not _in(m.original_offset, self.offsets):
@@ -265,6 +280,12 @@ class Selection:
             if at is None or (self.since and at < self.since) or (self.until and at >= self.until):
                 return False
         return True
+
+
+def _table_name(text: str) -> str:
+    """A table as ``--table`` and the header compare it: ``public.employees`` is ``employees``."""
+    text = text.strip()
+    return SOURCE_TABLE if text in (SOURCE_TABLE, f"public.{SOURCE_TABLE}") else text
 
 
 def _in(value: int | None, ranges: Iterable[Range]) -> bool:
@@ -346,6 +367,7 @@ def selection(
     since: str | None = None,
     until: str | None = None,
     positions: Sequence[str] = (),
+    tables: Sequence[str] = (),
 ) -> Selection:
     """The selection from the command-line texts; a bad value raises ConfigError naming it."""
     parts: set[int] = set()
@@ -368,6 +390,7 @@ def selection(
         positions=frozenset(
             parse_position(p, settings.cdc_dlq_topic) for v in positions for p in v.split(",") if p.strip()
         ),
+        tables=frozenset(_table_name(t) for v in tables for t in v.split(",") if t.strip()),
     )
 
 
@@ -385,7 +408,7 @@ def _short(text: str | None, width: int = ERROR_SHORT) -> str:
 
 def list_lines(letters: Sequence[Letter]) -> list[str]:
     """One aligned line per letter, under a header line."""
-    rows = [("DLQ", "FAILED_AT", "ERROR_CLASS", "ORIGINAL", "ACTION_ID", "KEY", "ACTION", "ERROR")]
+    rows = [("DLQ", "FAILED_AT", "ERROR_CLASS", "ORIGINAL", "TABLE", "ACTION_ID", "KEY", "ACTION", "ERROR")]
     for m in letters:
         rows.append(
             (
@@ -393,6 +416,7 @@ def list_lines(letters: Sequence[Letter]) -> list[str]:
                 _when(m.failed_at),
                 m.error_class or "-",
                 m.original or "-",
+                m.table or "-",
                 str(m.action_id) if m.action_id is not None else "-",
                 str(m.row_key) if m.row_key is not None else "-",
                 m.action or "-",

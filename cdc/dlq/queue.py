@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -50,6 +50,7 @@ H_ATTEMPTS = "cdc.attempts"
 H_FAILED_AT = "cdc.failed.at"
 H_GROUP = "cdc.consumer.group"
 H_REPLAYED_FROM = "cdc.replayed.from"
+H_TABLE = "cdc.table"  # the replicated table: employees, or schema.table
 # The headers a dead letter adds: a replay takes them off again (and sets its own H_REPLAYED_FROM).
 _DIAGNOSTIC = {
     H_TOPIC,
@@ -60,6 +61,7 @@ _DIAGNOSTIC = {
     H_ATTEMPTS,
     H_FAILED_AT,
     H_GROUP,
+    H_TABLE,
 }
 
 FLUSH_TIMEOUT = 30.0
@@ -82,8 +84,9 @@ def is_replayed(record: Received) -> bool:
     return record.has_header(H_REPLAYED_FROM)
 
 
-def headers_of(letter: DeadLetter, group: str) -> Headers:
+def headers_of(letter: DeadLetter, group: str, table: str | None = None) -> Headers:
     m = letter.record
+    named = [(H_TABLE, table.encode())] if table else []
     return [
         *((k, v) for k, v in m.headers if k not in _DIAGNOSTIC),
         (H_TOPIC, m.topic.encode()),
@@ -94,6 +97,7 @@ def headers_of(letter: DeadLetter, group: str) -> Headers:
         (H_ATTEMPTS, str(letter.attempts).encode()),
         (H_FAILED_AT, datetime.now(UTC).isoformat().encode()),
         (H_GROUP, group.encode()),
+        *named,
     ]
 
 
@@ -115,8 +119,9 @@ class DeadLetterQueue:
         )
         self._sending = threading.Lock()
 
-    def send(self, letters: Sequence[DeadLetter]) -> None:
+    def send(self, letters: Sequence[DeadLetter], table_of: Callable[[str], str] | None = None) -> None:
         """Produce and flush; raises DeliveryError unless Kafka acknowledged every letter.
+        ``table_of(topic)`` names the table of a letter's topic (the ``cdc.table`` header).
 
         After a fatal producer error the publisher has already started a new producer, so the
         consumer's retry of the batch can succeed.
@@ -124,7 +129,16 @@ class DeadLetterQueue:
         with self._sending:
             self._publisher.send(
                 (
-                    (self.topic, letter.record.key, letter.record.value, headers_of(letter, self.group))
+                    (
+                        self.topic,
+                        letter.record.key,
+                        letter.record.value,
+                        headers_of(
+                            letter,
+                            self.group,
+                            table_of(letter.record.topic) if table_of is not None else None,
+                        ),
+                    )
                     for letter in letters
                 ),
                 what=f"dead-letter topic {self.topic}",

@@ -393,7 +393,7 @@ class BatchApplier:
                 letter.error,
             )
         if dead:
-            self.dlq.send(dead)
+            self.dlq.send(dead, table_of=self.table_of)
         return dead, copies
 
 

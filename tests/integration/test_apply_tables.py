@@ -16,6 +16,7 @@ import orjson
 import pytest
 from psycopg2 import sql
 
+from cdc.dlq import queue as dlq_module
 from cdc.dlq.queue import CircuitBreaker, DeadLetterQueue
 from cdc.errors import TransientError
 from cdc.kafka.client import MARK_HEADER, MARK_VALUE, Received
@@ -217,6 +218,8 @@ def test_a_bad_value_is_dead_lettered_with_its_table_and_the_rest_applies(settin
         queue.close()
         db.close()
     assert sorted(letter.record.offset for letter in result.dead) == [1, 2, 99]
+    letters = list(dlq_module.show(settings))
+    assert {r["headers"][dlq_module.H_TABLE] for r in letters} == {"public.child", "public.parent"}
     assert query(dest, "SELECT n::text FROM child") == [("3.00",)]
     dead = query(
         dest, "SELECT action_id, table_name, row_key FROM processed_events WHERE outcome = 'dlq' ORDER BY 1"

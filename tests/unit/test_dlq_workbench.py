@@ -259,3 +259,21 @@ def test_bad_input_and_an_unreachable_kafka_are_one_line_and_exit_2(tmp_path):
     _one_line_error(_cli(env, tmp_path, "replay", "--edit-file", str(tmp_path / "fix.json")), "not UTF-8")
     _one_line_error(_cli(env, tmp_path, "replay", "--all", "--wait", "5"), "set DEST_DB_URL")
     _one_line_error(_cli(env, tmp_path, "list"), "Kafka 127.0.0.1:1")
+
+
+def test_table_filter_reads_the_header_else_the_changes_own_table():
+    employees = Letter.parse((DLQ, 0, 1), b"1", _ev(1, 1), [*OURS, (dlq.H_TABLE, b"employees")])
+    orders = Letter.parse(
+        (DLQ, 0, 2),
+        b'{"id": "3"}',
+        json.dumps({"action_id": 2, "action": "INSERT", "schema": "shop", "table": "Order Items"}).encode(),
+        list(OURS),
+    )
+    stranger = _letter(0, 3)
+    assert (employees.table, orders.table, stranger.table) == ("employees", "shop.Order Items", None)
+    pick = dlq_letters.selection(UNIT_SETTINGS, tables=["public.employees"])
+    assert [pick.matches(x) for x in (employees, orders, stranger)] == [True, False, False]
+    pick = dlq_letters.selection(UNIT_SETTINGS, tables=["shop.Order Items,employees"])
+    assert [pick.matches(x) for x in (employees, orders, stranger)] == [True, True, False]
+    assert orders.summary()["table"] == "shop.Order Items"
+    assert dlq_letters.list_lines([orders])[0].split()[4] == "TABLE"
