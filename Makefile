@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: help venv deps up monitor demo down status test test-unit lint typecheck format clean bench soak bench-verify bench-producer bench-consumer bench-capture
+.PHONY: help venv deps up monitor demo down status test test-unit lint typecheck format clean bench soak bench-verify bench-producer bench-consumer bench-capture bench-tables
 
 help:
 	@echo "make demo    - start local services, run producer + consumer under load, verify (DEMO_SECONDS=30)"
@@ -22,6 +22,7 @@ help:
 	@echo "make bench-capture - a writer's transactions/s with and without capture triggers (private PostgreSQL)"
 	@echo "make bench-producer - producer throughput on a 100k backlog and idle CPU (private services)"
 	@echo "make bench-consumer - consumer throughput on a 100k-event backlog (private services)"
+	@echo "make bench-tables   - backlog drain over three tables against employees alone (private services)"
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -100,3 +101,6 @@ bench-verify: deps
 
 bench-capture: deps
 	PYTHONPATH=. $(PY) bench/bench_capture.py
+
+bench-tables: deps
+	$(PY) bench/bench_tables.py

@@ -66,6 +66,7 @@ class Decoded:
     records: list[Received]
     items: list[sink.Delivered]
     invalid: list[DeadLetter]
+    generic: bool = True  # False: every item is an employees event (nothing to split by table)
 
     def only(self, keep: Callable[[Received], bool]) -> Decoded:
         """The part of the batch whose messages ``keep`` accepts (e.g. the partitions still owned)."""
@@ -73,6 +74,7 @@ class Decoded:
             [r for r in self.records if keep(r)],
             [i for i in self.items if keep(i.record)],
             [d for d in self.invalid if keep(d.record)],
+            self.generic,
         )
 
 
@@ -85,10 +87,12 @@ def decode(batch: Sequence[Received], codec: Codec, changes: ChangeCodec | None 
     invalid: list[DeadLetter] = []
     from_json, delivered = codec.from_json, sink.Delivered
     prefix = changes.prefix + "." if changes is not None else None
+    generic = False
     for record in batch:
         try:
             if prefix is not None and record.topic.startswith(prefix):
                 assert changes is not None
+                generic = True
                 event = changes.from_json(record.value, record.topic)
             else:
                 event = from_json(record.value)
@@ -96,7 +100,7 @@ def decode(batch: Sequence[Received], codec: Codec, changes: ChangeCodec | None 
             invalid.append(DeadLetter(record, type(exc).__name__, str(exc), attempts=1))
             continue
         items.append(_new_tuple(delivered, (event, record, is_replayed(record))))
-    return Decoded(list(batch), items, invalid)
+    return Decoded(list(batch), items, invalid, generic)
 
 
 class BatchApplier:
@@ -117,6 +121,7 @@ class BatchApplier:
         self.db = db
         self.changes = ChangeCodec(topic_prefix)
         self._tables: dict[str, str] = {}  # topic -> table (``table_of``)
+        self._mixed = True  # the batch being applied may hold changes of generic tables
         self.generic = GenericSink(fk_wait=fk_wait)
         self.dlq = dlq
         self.breaker = breaker
@@ -160,6 +165,8 @@ class BatchApplier:
         """The generic tables of ``batch`` whose destination differs from their changes: per
         table, why, the shape of its changes and its topics. Their changes must not be applied
         (the caller holds them); the catalog is read once per table, then cached."""
+        if not batch.generic:
+            return {}
         shapes: dict[TableName, tuple[Shape, set[str]]] = {}
         for item in batch.items:
             event = item.event
@@ -186,6 +193,8 @@ class BatchApplier:
 
     def _apply_items(self, cur: psycopg2.extensions.cursor, items: list[sink.Delivered]) -> sink.ApplyResult:
         """Apply employees events and changes of generic tables, each set-based, in ``cur``'s transaction."""
+        if not self._mixed:
+            return sink.apply_events(cur, items, idempotency=self.idempotency, statements=self.statements)
         plain = [i for i in items if type(i.event) is not Change]
         if len(plain) == len(items):
             return sink.apply_events(cur, items, idempotency=self.idempotency, statements=self.statements)
@@ -206,6 +215,7 @@ class BatchApplier:
         """Decide and commit a decoded batch; count it in the stats. Raises TransientError and bugs."""
         items = batch.items
         dead = list(batch.invalid)
+        self._mixed = batch.generic
         with self.db.connection() as conn, conn.cursor() as cur:
             # Offsets move once this commit returns, so it must survive a server crash even
             # where the server is configured with synchronous_commit = off. The batch's positions

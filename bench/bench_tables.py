@@ -1,0 +1,185 @@
+"""Backlog drain over three tables against employees alone (``make bench-tables``).
+
+    python bench/bench_tables.py [--changes 60000] [--rounds 3]
+
+Starts a private Kafka broker and source/destination PostgreSQL on free ports in a temporary
+folder, creates two more tables on both sides (``orders``, a one-column key; ``lines``, a
+composite key; each of six columns like ``employees``) and captures them (``cdc tables add``).
+Then, ``--rounds`` times, alternating which goes first so the machine's drift hits both alike:
+
+- employees only: ``--changes`` INSERTs into ``employees``;
+- mix: the same number, a third into each table;
+
+each written while the daemons are stopped (transactions of 1,000 rows), then ``producer.py`` and
+``consumer_final.py`` started and timed until the destination has decided every change
+(``processed_events``). Every round gets new topics and a new consumer group on emptied tables.
+Prints the medians and the ratio mix / employees only, and writes ``bench-results/tables.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import psycopg2  # noqa: E402
+
+from cdc.kafka.client import ensure_topics  # noqa: E402
+from cdc.local.ports import Ports  # noqa: E402
+from cdc.local.runner import Daemon  # noqa: E402
+from cdc.local.services import LocalServices  # noqa: E402
+from cdc.ops import tables  # noqa: E402
+from cdc.runtime.settings import Settings, load_settings  # noqa: E402
+
+DDL = """
+CREATE TABLE IF NOT EXISTS orders (
+    id bigint PRIMARY KEY, customer int, sku varchar(40), qty int, price numeric(10, 2), placed date
+);
+CREATE TABLE IF NOT EXISTS lines (
+    order_id bigint, line int, sku varchar(40), qty int, price numeric(10, 2), PRIMARY KEY (order_id, line)
+);
+"""
+CHUNK = 1000
+# (table, INSERT of rows %(lo)s..%(hi)s)
+WRITES = {
+    "employees": "INSERT INTO employees (first_name, last_name, dob, city, salary)"
+    " SELECT 'First' || i, 'Last' || i, date '1980-01-01' + i % 9000, 'Oslo', i FROM generate_series(%(lo)s, %(hi)s) i",
+    "orders": "INSERT INTO orders SELECT i, i % 5000, 'SKU-' || i % 700, i % 9, (i % 10000) / 100.0,"
+    " date '2024-01-01' + i % 300 FROM generate_series(%(lo)s, %(hi)s) i",
+    "lines": "INSERT INTO lines SELECT i / 4, i % 4, 'SKU-' || i % 700, i % 9, (i % 10000) / 100.0"
+    " FROM generate_series(%(lo)s, %(hi)s) i",
+}
+CLEAN_SOURCE = (
+    "TRUNCATE employees, orders, lines, emp_records_cdc, cdc_outbox;"
+    " UPDATE cdc_producer_state SET last_txid = '0', last_action_id = 0, published_total = 0;"
+)
+CLEAN_DEST = "TRUNCATE employees, orders, lines, processed_events, emp_versions, cdc_versions, applied_offsets, accepted_gaps;"
+
+
+def execute(url: str, statement: str, params: dict[str, int] | None = None) -> None:
+    """One statement (or a ;-separated few) committed by itself (VACUUM included)."""
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(statement, params)
+    finally:
+        conn.close()
+
+
+def scalar(url: str, statement: str) -> int:
+    conn = psycopg2.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(statement)
+            row = cur.fetchone()
+            return int(row[0]) if row else 0
+    finally:
+        conn.close()
+
+
+def write(url: str, table: str, count: int) -> None:
+    for lo in range(1, count + 1, CHUNK):
+        execute(url, WRITES[table], {"lo": lo, "hi": min(lo + CHUNK - 1, count)})
+
+
+def drain(base: Settings, workdir: Path, mix: bool, changes: int) -> float:
+    """Changes per second from starting both daemons to the destination deciding the last one."""
+    tag = uuid.uuid4().hex[:8]
+    settings = dataclasses.replace(
+        base,
+        cdc_topic=f"bench_{tag}",
+        cdc_dlq_topic=f"bench_{tag}_dlq",
+        cdc_topic_prefix=f"bench_{tag}_t",
+        consumer_group_id=f"bench_{tag}",
+    )
+    execute(settings.source_db_url, CLEAN_SOURCE)
+    execute(settings.dest_db_url, CLEAN_DEST)
+    ensure_topics(settings)
+    shares = {"employees": changes} if not mix else dict.fromkeys(WRITES, changes // 3)
+    shares["employees"] += changes - sum(shares.values())
+    for table, count in shares.items():
+        write(settings.source_db_url, table, count)
+    execute(settings.source_db_url, "VACUUM ANALYZE emp_records_cdc")
+    execute(settings.source_db_url, "VACUUM ANALYZE cdc_outbox")
+    daemons = [
+        Daemon(script, settings, workdir / f"{tag}-{Path(script).stem}", STATS_INTERVAL="5")
+        for script in ("producer.py", "consumer_final.py")
+    ]
+    started = time.monotonic()
+    for d in daemons:
+        d.start()
+    try:
+        while scalar(settings.dest_db_url, "SELECT count(*) FROM processed_events") < changes:
+            for d in daemons:
+                if not d.running():
+                    raise SystemExit(f"{d.script} exited; see {d.logfile}")
+            time.sleep(0.1)
+        elapsed = time.monotonic() - started
+    finally:
+        for d in daemons:
+            d.stop()
+    return changes / elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--changes", type=int, default=60_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", default=str(ROOT / "bench-results" / "tables.json"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="cdc-bench-tables-") as tmp:
+        services = LocalServices(home=Path(tmp), ports=Ports.free())
+        try:
+            services.up()
+            base = load_settings(env=services.env(), dotenv_path=None)
+            for url in (base.source_db_url, base.dest_db_url):
+                execute(url, DDL)
+            tables.add(base, ["orders", "lines"])
+            rates: dict[str, list[float]] = {"employees only": [], "mix of three tables": []}
+            for n in range(args.rounds):
+                order = [False, True] if n % 2 == 0 else [True, False]
+                for mix in order:
+                    rate = drain(base, Path(tmp) / "runs", mix, args.changes)
+                    rates["mix of three tables" if mix else "employees only"].append(rate)
+                    print(
+                        f"round {n + 1}: {'mix' if mix else 'employees only'} {rate:,.0f} changes/s",
+                        flush=True,
+                    )
+        finally:
+            services.down()
+    medians = {k: statistics.median(v) for k, v in rates.items()}
+    ratio = medians["mix of three tables"] / medians["employees only"]
+    for name, rate in medians.items():
+        print(f"{name:<22} {rate:>9,.0f} changes/s (rounds: {', '.join(f'{r:,.0f}' for r in rates[name])})")
+    print(f"ratio mix / employees only: {ratio:.3f} (target >= 0.8)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "at": datetime.now().isoformat(timespec="seconds"),
+                "changes": args.changes,
+                "rounds": rates,
+                "medians": medians,
+                "ratio": ratio,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
