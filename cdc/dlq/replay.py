@@ -22,9 +22,10 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -35,6 +36,7 @@ from cdc.dlq.letters import QUIET, Letter
 from cdc.errors import ConfigError, DeliveryError, HaltError
 from cdc.kafka.client import Headers, Publisher, admin_client, consumer_config, producer_config
 from cdc.kafka.positions import REQUEST_TIMEOUT, PositionStore, log_range, starts
+from cdc.model.change import ChangeCodec
 from cdc.model.event import Codec, InvalidEventError
 from cdc.runtime.settings import Settings
 
@@ -92,22 +94,42 @@ def plan(
     describes (ConfigError if not). Without a codec (no edits then) nothing is checked: the ids
     are what the letter's JSON says."""
     out = []
+    generic = ChangeCodec(settings.cdc_topic_prefix)
     for m in letters:
         key, value = m.key, m.value
         changes: tuple[Change, ...] = ()
         where = (m.partition, m.offset)
+        topic = dlq.target_topic(m.headers, settings.cdc_topic)
+        # A change of another table (its topic under CDC_TOPIC_PREFIX) is checked as such.
+        of_table = topic.startswith(generic.prefix + ".")
         if where in edits and not _unchanged(m, edits[where]):
-            if codec is None:
+            if codec is None and not of_table:
                 raise ConfigError(f"edit of {m.position}: no table to check the corrected value against")
             new = edits[where]
-            _check_edit(m, new, codec)
+            if of_table:
+                _check_edit(m, new, partial(generic.from_mapping, topic=topic))
+                if isinstance(m.data, dict) and new.get("key") != m.data.get("key"):
+                    raise ConfigError(
+                        f"edit of {m.position}: the key of a change of another table must stay (its message "
+                        "key, and so its partition, follows it; a key change is a DELETE and an INSERT)"
+                    )
+            else:
+                assert codec is not None
+                _check_edit(m, new, codec.from_mapping)
+                key = str(new[codec.key_name]).encode()
             value = json.dumps(new, ensure_ascii=False, separators=(",", ":")).encode()
-            key = str(new[codec.key_name]).encode()
             changes = _diff(m, new) + (
-                (Change("(key)", dlq.text_of(m.key), key.decode()),) if key != m.key else ()
+                (Change("(key)", dlq.text_of(m.key), key.decode()),)
+                if key != m.key and key is not None
+                else ()
             )
         action_id, row_key, invalid = m.action_id, m.row_key, None
-        if codec is not None:
+        if of_table:
+            try:
+                action_id = generic.from_json(value, topic).action_id
+            except InvalidEventError as exc:
+                invalid = str(exc)
+        elif codec is not None:
             try:
                 event = codec.from_json(value)
                 action_id, row_key = event.action_id, codec.key_of(event)
@@ -116,7 +138,7 @@ def plan(
         out.append(
             Planned(
                 m,
-                dlq.target_topic(m.headers, settings.cdc_topic),
+                topic,
                 key,
                 value,
                 dlq.replay_headers(m.headers, m.position),
@@ -124,7 +146,7 @@ def plan(
                 action_id,
                 row_key,
                 invalid,
-                codec.key_name if codec is not None else "key",
+                codec.key_name if codec is not None and not of_table else "key",
             )
         )
     return out
@@ -135,12 +157,13 @@ def _unchanged(m: Letter, new: Any) -> bool:
     return new == m.data if m.value_format == "json" else new is None
 
 
-def _check_edit(m: Letter, new: Any, codec: Codec) -> None:
+def _check_edit(m: Letter, new: Any, check: Callable[[Any], Any]) -> None:
+    """An edited value the consumer would take (``check`` validates it), with its ids unchanged."""
     where = f"edit of {m.position}"
     if not isinstance(new, dict):
         raise ConfigError(f"{where}: the value must be a change event (a JSON object)")
     try:
-        codec.from_mapping(new)
+        check(new)
     except InvalidEventError as exc:
         raise ConfigError(f"{where}: {exc}: the consumer would dead-letter it again") from None
     if m.action_id is not None and new.get("action_id") != m.action_id:

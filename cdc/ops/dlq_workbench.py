@@ -258,7 +258,7 @@ def decide(
             return Decision(
                 records.DLQ, f"dead-lettered again: `python -m cdc dlq list --action-id {p.action_id}`"
             )
-        return Decision(outcome, "applied to employees")
+        return Decision(outcome, f"applied to {p.letter.table or 'employees'}")
     if applied.get((s.topic, s.partition), -1) <= s.offset:
         return None
     if row is not None:

@@ -14,6 +14,7 @@ and consumer_final.py running, a destination with the same tables (foreign keys 
 from __future__ import annotations
 
 import dataclasses
+import re
 import urllib.request
 
 import pytest
@@ -150,6 +151,11 @@ def test_any_table_flows_with_exact_types_odd_names_and_foreign_keys(
         assert scalar(dest, "SELECT count(*) FROM late") == 0
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
         assert 'cdc_consumer_drifted_tables{table="public.late"} 1.0' in metrics
+        applied = re.search(
+            r'cdc_consumer_table_events_total\{outcome="applied",table="shop\.eu\.Order Items"\} (\d+)',
+            metrics,
+        )
+        assert applied and int(applied.group(1)) > 0, metrics
         execute_as(dest, {}, "ALTER TABLE late ADD COLUMN note text")
         caught_up(source, dest, timeout=60)
         same(source, dest, "late", "id")

@@ -183,7 +183,7 @@ def test_the_edit_file_round_trips_and_a_corrected_value_is_diffed_field_by_fiel
 def test_an_edit_the_consumer_would_refuse_or_misread_is_refused(value, words):
     letter = _letter(0, 3, _ev(42, 7, dob="1990-02-30", captured_at="2026-11-28T10:00:00+00:00"))
     with pytest.raises(ConfigError, match=words):
-        dlq_workbench.plan(UNIT_SETTINGS, [letter], {(0, 3): value}, CODEC)
+        dlq_workbench.dlq_workbench.plan(UNIT_SETTINGS, [letter], {(0, 3): value}, CODEC)
 
 
 @pytest.mark.parametrize(
@@ -277,3 +277,30 @@ def test_table_filter_reads_the_header_else_the_changes_own_table():
     assert [pick.matches(x) for x in (employees, orders, stranger)] == [True, True, False]
     assert orders.summary()["table"] == "shop.Order Items"
     assert dlq_letters.list_lines([orders])[0].split()[4] == "TABLE"
+
+
+def test_a_change_of_another_table_is_planned_and_checked_as_one():
+    topic = "cdc.shop.Order-20Items"
+    event = {
+        "action_id": 9,
+        "action": "UPDATE",
+        "schema": "shop",
+        "table": "Order Items",
+        "key": {"id": "3"},
+        "row": {"id": "3", "qty": "x"},
+        "txid": 5,
+        "captured_at": "2026-12-07T10:00:00+00:00",
+    }
+    headers = [*OURS, (dlq.H_TOPIC, topic.encode()), (dlq.H_TABLE, b"shop.Order Items")]
+    letter = Letter.parse((DLQ, 0, 4), b'{"id": "3"}', json.dumps(event).encode(), headers)
+    [as_is] = dlq_workbench.plan(UNIT_SETTINGS, [letter], {}, CODEC)
+    assert (as_is.topic, as_is.action_id, as_is.invalid, as_is.key) == (topic, 9, None, b'{"id": "3"}')
+    fixed = {**event, "row": {"id": "3", "qty": "4"}}
+    [edited] = dlq_workbench.plan(UNIT_SETTINGS, [letter], {(0, 4): fixed}, CODEC)
+    assert edited.key == b'{"id": "3"}' and [c.name for c in edited.changes] == ["row"]
+    moved = {**event, "key": {"id": "4"}, "row": {"id": "4", "qty": "4"}}
+    with pytest.raises(ConfigError, match="the key of a change of another table must stay"):
+        dlq_workbench.plan(UNIT_SETTINGS, [letter], {(0, 4): moved}, CODEC)
+    elsewhere = {**event, "table": "other"}
+    with pytest.raises(ConfigError, match="not on its own topic"):
+        dlq_workbench.plan(UNIT_SETTINGS, [letter], {(0, 4): elsewhere}, CODEC)
