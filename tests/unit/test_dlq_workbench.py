@@ -183,7 +183,7 @@ def test_the_edit_file_round_trips_and_a_corrected_value_is_diffed_field_by_fiel
 def test_an_edit_the_consumer_would_refuse_or_misread_is_refused(value, words):
     letter = _letter(0, 3, _ev(42, 7, dob="1990-02-30", captured_at="2026-11-28T10:00:00+00:00"))
     with pytest.raises(ConfigError, match=words):
-        dlq_workbench.dlq_workbench.plan(UNIT_SETTINGS, [letter], {(0, 3): value}, CODEC)
+        dlq_workbench.plan(UNIT_SETTINGS, [letter], {(0, 3): value}, CODEC)
 
 
 @pytest.mark.parametrize(
