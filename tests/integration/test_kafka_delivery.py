@@ -119,9 +119,14 @@ def test_a_failed_delivery_is_a_delivery_error_naming_the_count(settings):
 
 
 def test_an_error_raised_by_produce_is_a_delivery_error(settings):
-    # Over the client's own 1 MB limit produce() raises: no traceback, no new producer.
-    publisher, _ = new_publisher(settings)
-    with pytest.raises(DeliveryError, match=r"^topic t: Unable to produce message: .*too large"):
+    # Over the client's own limit produce() raises: one line naming the message, no traceback, no
+    # new producer.
+    publisher, _ = new_publisher(settings, {"message.max.bytes": 1_000_000})
+    with pytest.raises(
+        DeliveryError,
+        match=r"^topic t: a message of 1200000 bytes to \S+ \(key k\) is larger than producers may send "
+        r"\(CDC_MAX_MESSAGE_BYTES plus 65536 for a letter's headers\): not skipped; raise CDC_MAX_MESSAGE_BYTES",
+    ):
         publisher.send([(settings.cdc_topic, b"k", b"x" * 1_200_000, None)], what="topic t")
     assert publisher.restarts == 0
     assert publisher.send(batch(settings, "after", 3)) == 3

@@ -282,7 +282,7 @@ def test_cdc_verify_from_the_wheel(installed, settings, clean_source, clean_dest
 
     same = _cdc(installed, settings, "verify")
     assert same.returncode == 0, same.stdout + same.stderr
-    assert f"result: identical ({rows} rows)" in same.stdout
+    assert f"result: identical (1 table, {rows} rows)" in same.stdout
 
     with contextlib.closing(psycopg2.connect(clean_dest)) as conn, conn.cursor() as cur:
         cur.execute("DELETE FROM employees WHERE emp_id = (SELECT min(emp_id) FROM employees)")
