@@ -175,14 +175,21 @@ class BatchApplier:
                 if name not in shapes:
                     shapes[name] = (shape_of([item]), set())
                 shapes[name][1].add(item.record.topic)
-        if not shapes:
-            return {}
         held = {}
-        with self.db.connection() as conn, conn.cursor() as cur:
-            for name, (shape, topics) in shapes.items():
-                why = self.generic.check(cur, name, shape)
-                if why is not None:
-                    held[name] = (why, shape, topics)
+        unknown = []
+        for name, (shape, topics) in shapes.items():
+            known, why = self.generic.known(name, shape)
+            if not known:
+                unknown.append(name)
+            elif why is not None:
+                held[name] = (why, shape, topics)
+        if unknown:  # read from the catalog once per table (and after a fix)
+            with self.db.connection() as conn, conn.cursor() as cur:
+                for name in unknown:
+                    shape, topics = shapes[name]
+                    why = self.generic.check(cur, name, shape)
+                    if why is not None:
+                        held[name] = (why, shape, topics)
         return held
 
     def recheck(self, name: TableName, shape: Shape) -> str | None:

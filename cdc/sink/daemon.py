@@ -433,7 +433,13 @@ class ProductionCDCConsumer:
         """``batch`` without the changes of tables whose destination differs from them (missing,
         a column missing, another primary key...): those tables' partitions are held, nothing of
         them is applied, and they start again at the destination's position once it is fixed."""
-        held = self.applier.drifted(batch)
+        try:
+            held = self.applier.drifted(batch)
+        except TransientError as exc:
+            # The catalog cannot be read now (the destination is down): the batch's own
+            # transaction checks again, and a transient error there is retried as any other.
+            log.debug("drift not checked before the batch: %s", exc)
+            return batch
         if not held:
             return batch
         assert self._placement is not None

@@ -279,6 +279,14 @@ class GenericSink:
                 del cache[k]
         self._parents.pop(name, None)
 
+    def known(self, name: TableName, shape: Shape) -> tuple[bool, str | None]:
+        """Whether ``check`` has decided ``name`` for ``shape`` already (no database needed), and
+        its drift then."""
+        k = (name, shape.carried, shape.key)
+        if k in self._statements:
+            return True, None
+        return (True, self._drift[k]) if k in self._drift else (False, None)
+
     def check(self, cur: psycopg2.extensions.cursor, name: TableName, shape: Shape) -> str | None:
         """The drift of ``name`` for changes of ``shape`` (None: its statements are ready)."""
         k = (name, shape.carried, shape.key)
