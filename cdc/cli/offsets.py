@@ -79,7 +79,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     show = group.add_parser(
         "show", help="positions, group offsets and log ranges (exit 1: a gap holds a partition)"
     )
-    common(show, "topic to show (default: CDC_TOPIC and CDC_DLQ_TOPIC)")
+    common(show, "topic to show (default: CDC_TOPIC, CDC_DLQ_TOPIC and every table's topic)")
     show.add_argument("--json", action="store_true", help="one JSON object per partition")
     show.set_defaults(func=cmd_show)
 
@@ -87,7 +87,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "accept-gap",
         help="move held partitions past their gap (the lost offsets are recorded in accepted_gaps)",
     )
-    common(accept, "topic (default: CDC_TOPIC; the DLQ topic for --replay-dlq's cursor)")
+    common(accept, "topic (default: CDC_TOPIC; a table's topic, or the DLQ topic for --replay-dlq's cursor)")
     accept.set_defaults(func=cmd_accept_gap)
 
     rewind = group.add_parser(

@@ -22,7 +22,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException
 
 from cdc.dlq.replay import CURSOR_GROUP_SUFFIX, operator
-from cdc.errors import ConfigError, DeliveryError
+from cdc.errors import ConfigError, DeliveryError, ServiceError
 from cdc.kafka.client import admin_client, base_config
 from cdc.kafka.positions import (
     REQUEST_TIMEOUT,
@@ -105,7 +105,14 @@ class PartitionState:
 
 
 def default_topics(settings: Settings) -> list[str]:
-    return [settings.cdc_topic, settings.cdc_dlq_topic]
+    """CDC_TOPIC, CDC_DLQ_TOPIC and every table's topic the cluster has (under CDC_TOPIC_PREFIX)."""
+    with _kafka(settings, settings.consumer_group_id) as consumer:
+        try:
+            names = consumer.list_topics(timeout=REQUEST_TIMEOUT).topics
+        except KafkaException as exc:
+            raise ServiceError(f"Kafka at {settings.kafka_bootstrap_servers}: {exc.args[0].str()}") from exc
+    tables = sorted(t for t in names if t.startswith(settings.cdc_topic_prefix + "."))
+    return [settings.cdc_topic, settings.cdc_dlq_topic, *tables]
 
 
 def group_of(settings: Settings, topic: str) -> str:
