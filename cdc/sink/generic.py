@@ -109,7 +109,7 @@ guard AS (
     RETURNING 1
 ),
 removed AS (
-    DELETE FROM {table} WHERE ({key_columns}) IN (SELECT {key_values} FROM e WHERE wins AND action = 'DELETE')
+    {remove}
 ),
 written AS (
     INSERT INTO {table} ({columns}){overriding}
@@ -186,7 +186,28 @@ class GenericStatements:
             if rest
             else sql.SQL("DO NOTHING")
         )
+        # The deleted keys as index probes: one column through = ANY(ARRAY(...)) (as employees'),
+        # several through a join whose other side is the batch (its size unknown to the planner,
+        # which then probes the primary key per row rather than scanning the table).
+        if len(key) == 1:
+            remove = sql.SQL(
+                "DELETE FROM {table} WHERE {column} = ANY(ARRAY(SELECT {value} FROM e WHERE wins AND action = 'DELETE'))"
+            ).format(table=table.ident, column=key[0].ident, value=typed(key[0], key_image))
+        else:
+            remove = sql.SQL(
+                "DELETE FROM {table} AS t USING (SELECT {values} FROM e WHERE wins AND action = 'DELETE') AS gone ({names})"
+                " WHERE {match}"
+            ).format(
+                table=table.ident,
+                values=sql.SQL(", ").join(typed(c, key_image) for c in key),
+                names=sql.SQL(", ").join(sql.Identifier(f"k{i}") for i in range(len(key))),
+                match=sql.SQL(" AND ").join(
+                    sql.SQL("t.{} = gone.{}").format(c.ident, sql.Identifier(f"k{i}"))
+                    for i, c in enumerate(key)
+                ),
+            )
         parts = {
+            "remove": remove,
             "table": table.ident,
             "versions": sql.Identifier(VERSIONS),
             "schema": sql.Literal(table.schema),
