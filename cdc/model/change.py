@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from cdc.model.event import ACTIONS, INT8_MAX, XID8_MAX, InvalidEventError
+from cdc.model.event import ACTIONS, INT8_MAX, XID8_MAX, InvalidEventError, salvage_id
 from cdc.model.topics import topic_for
 
 _ACTION_SET = frozenset(ACTIONS)
@@ -154,15 +154,10 @@ class ChangeCodec:
     @staticmethod
     def salvage(value: bytes | None) -> tuple[int, str | None, str | None, Any, str | None] | None:
         """(action_id, schema, table, key, action) of an invalid message, when its action_id is usable."""
-        try:
-            data = orjson.loads(value or b"")
-        except orjson.JSONDecodeError:
+        found = salvage_id(value)
+        if found is None:
             return None
-        if not isinstance(data, dict):
-            return None
-        action_id = data.get("action_id")
-        if not (type(action_id) is int and 1 <= action_id <= INT8_MAX):
-            return None
+        data, action_id = found
         schema, table, key, action = (data.get(f) for f in ("schema", "table", "key", "action"))
         return (
             action_id,

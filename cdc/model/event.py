@@ -188,6 +188,21 @@ def _row_check(columns: tuple[Column, ...], key_index: int) -> Callable[[tuple[A
     return namespace["check"]
 
 
+def salvage_id(value: bytes | None) -> tuple[dict[str, Any], int] | None:
+    """An invalid message's JSON object and its action_id, when it has a usable one (what a dead
+    letter of ours is recorded under)."""
+    try:
+        data = json.loads(value or b"")
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    action_id = data.get("action_id")
+    if not (type(action_id) is int and 1 <= action_id <= INT8_MAX):
+        return None
+    return data, action_id
+
+
 class Codec:
     """Events of one table: decode, validate, encode.
 
@@ -358,15 +373,10 @@ class Codec:
 
     def salvage(self, value: bytes | None) -> tuple[int, Any, str | None] | None:
         """(action_id, key, action) of an invalid message, when its action_id is usable."""
-        try:
-            data = json.loads(value or b"")
-        except (ValueError, RecursionError):
+        found = salvage_id(value)
+        if found is None:
             return None
-        if not isinstance(data, dict):
-            return None
-        action_id = data.get("action_id")
-        if not (type(action_id) is int and 1 <= action_id <= INT8_MAX):
-            return None
+        data, action_id = found
         key = data.get(self.key_name)
         action = data.get("action")
         return (

@@ -262,6 +262,16 @@ class BatchApplier:
 
     def _count_tables(self, result: BatchResult) -> None:
         """The batch's outcomes per table (``cdc_consumer_table_events_total``)."""
+        if not self._mixed:  # employees events only: no need to look at each message
+            for outcome, n in (
+                ("applied", len(result.applied)),
+                ("stale", len(result.stale)),
+                ("duplicate", len(result.duplicates)),
+                ("dlq", len(result.dead)),
+            ):
+                if n:
+                    self.stats.incr(table_events_key(outcome, SOURCE_TABLE), n)
+            return
         for outcome, records in (
             ("applied", [i.record for i in result.applied]),
             ("stale", [i.record for i in result.stale]),
@@ -381,26 +391,7 @@ class BatchApplier:
         self.breaker.check(len(dead), batch_size)
         copies: list[Received] = []
         if self.idempotency:
-            dead, generic = _record_generic_dead(self.changes, cur, dead, copies)
-            unknown: list[DeadLetter] = []
-            by_id: dict[int, tuple[DeadLetter, sink.EventRecord]] = {}
-            for letter in dead:
-                m = letter.record
-                ids = self.codec.salvage(m.value) if m.has_header(MARK_HEADER, MARK_VALUE) else None
-                if ids is None:
-                    unknown.append(letter)
-                    continue
-                record = sink.EventRecord(*ids, m.topic, m.partition, m.offset, is_replayed(m))
-                kept = by_id.get(record.action_id)
-                if kept is None or (record.replayed and not kept[1].replayed):
-                    by_id[record.action_id] = (letter, record)
-                    if kept is not None:
-                        copies.append(kept[0].record)
-                else:
-                    copies.append(m)
-            new = sink.record_dead(cur, [r for _, r in by_id.values()], statements=self.statements)
-            copies += [letter.record for letter, r in by_id.values() if r.action_id not in new]
-            dead = unknown + [letter for letter, r in by_id.values() if r.action_id in new] + generic
+            dead = self._record_dead(cur, dead, copies)
         for letter in dead:
             log.warning(
                 "dead letter %s error=%s attempts=%d: %s",
@@ -413,36 +404,45 @@ class BatchApplier:
             self.dlq.send(dead, table_of=self.table_of)
         return dead, copies
 
-
-def _record_generic_dead(
-    changes: ChangeCodec, cur: psycopg2.extensions.cursor, dead: list[DeadLetter], copies: list[Received]
-) -> tuple[list[DeadLetter], list[DeadLetter]]:
-    """Record the dead letters of generic tables' topics as ``dlq``, as ``_dead_letter`` does
-    employees'. Returns the other letters, and these to send (a copy of an id decided before is
-    added to ``copies`` instead)."""
-    prefix = changes.prefix + "."
-    rest: list[DeadLetter] = []
-    by_id: dict[int, tuple[DeadLetter, DeadRecord]] = {}
-    for letter in dead:
-        m = letter.record
-        if not m.topic.startswith(prefix):
-            rest.append(letter)
-            continue
-        ids = changes.salvage(m.value) if m.has_header(MARK_HEADER, MARK_VALUE) else None
-        if ids is None:
-            rest.append(letter)  # no usable action_id: the employees path sends it unrecorded
-            continue
-        record = DeadRecord(*ids, m.topic, m.partition, m.offset, is_replayed(m))
-        kept = by_id.get(record.action_id)
-        if kept is None or (record.replayed and not kept[1].replayed):
-            by_id[record.action_id] = (letter, record)
-            if kept is not None:
-                copies.append(kept[0].record)
-        else:
-            copies.append(m)
-    new = record_dead(cur, [r for _, r in by_id.values()])
-    copies += [letter.record for letter, r in by_id.values() if r.action_id not in new]
-    return rest, [letter for letter, r in by_id.values() if r.action_id in new]
+    def _record_dead(
+        self, cur: psycopg2.extensions.cursor, dead: list[DeadLetter], copies: list[Received]
+    ) -> list[DeadLetter]:
+        """Record each dead letter of ours with a usable action_id as ``dlq`` (an employees event
+        by its emp_id, a change of another table by its table and key), one per id: the
+        operator's replayed copy wins. Returns the letters to send; a copy of an id decided
+        before (in this batch, or sent before a crash) goes to ``copies`` instead. A letter
+        without the mark or a usable id is sent, not recorded: a stranger cannot take a real id."""
+        prefix = self.changes.prefix + "."
+        unknown: list[DeadLetter] = []
+        by_id: dict[int, tuple[DeadLetter, sink.EventRecord | DeadRecord]] = {}
+        for letter in dead:
+            m = letter.record
+            ours = m.has_header(MARK_HEADER, MARK_VALUE)
+            record: sink.EventRecord | DeadRecord | None = None
+            if m.topic.startswith(prefix):
+                ids = self.changes.salvage(m.value) if ours else None
+                if ids is not None:
+                    record = DeadRecord(*ids, m.topic, m.partition, m.offset, is_replayed(m))
+            else:
+                plain = self.codec.salvage(m.value) if ours else None
+                if plain is not None:
+                    record = sink.EventRecord(*plain, m.topic, m.partition, m.offset, is_replayed(m))
+            if record is None:
+                unknown.append(letter)
+                continue
+            kept = by_id.get(record.action_id)
+            if kept is None or (record.replayed and not kept[1].replayed):
+                by_id[record.action_id] = (letter, record)
+                if kept is not None:
+                    copies.append(kept[0].record)
+            else:
+                copies.append(m)
+        records = [r for _, r in by_id.values()]
+        new = sink.record_dead(
+            cur, [r for r in records if isinstance(r, sink.EventRecord)], statements=self.statements
+        ) | record_dead(cur, [r for r in records if isinstance(r, DeadRecord)])
+        copies += [letter.record for letter, r in by_id.values() if r.action_id not in new]
+        return unknown + [letter for letter, r in by_id.values() if r.action_id in new]
 
 
 def _text(exc: BaseException) -> str:

@@ -119,43 +119,43 @@ written AS (
     ON CONFLICT ({key_columns}) {upsert}
 )"""
 
-_RECORD_NEW = """,
+# processed_events' columns for a change of a generic table, and the update of an id decided
+# before: only a dead letter the operator replayed comes back to life.
+_RECORDED = """(action_id, table_schema, table_name, row_key, action, outcome, topic, "partition", "offset", captured_at)"""
+_REVIVE = """ON CONFLICT (action_id) DO UPDATE
+   SET table_schema = EXCLUDED.table_schema, table_name = EXCLUDED.table_name, row_key = EXCLUDED.row_key,
+       action = EXCLUDED.action, outcome = EXCLUDED.outcome,
+       topic = EXCLUDED.topic, "partition" = EXCLUDED."partition", "offset" = EXCLUDED."offset",
+       captured_at = EXCLUDED.captured_at, processed_at = now()
+ WHERE p.outcome = 'dlq' AND p.action_id = ANY(%(replayed)s::bigint[])"""
+
+_RECORD_NEW = f""",
 recorded_new AS (
     INSERT INTO processed_events
-           (action_id, table_schema, table_name, row_key, action, outcome, topic, "partition", "offset", captured_at)
-    SELECT action_id, {schema}, {name}, _key::jsonb, action, CASE WHEN wins THEN 'applied' ELSE 'stale' END,
+           {_RECORDED}
+    SELECT action_id, {{schema}}, {{name}}, _key::jsonb, action, CASE WHEN wins THEN 'applied' ELSE 'stale' END,
            topic, part, off, captured_at
       FROM e WHERE fresh AND NOT seen ORDER BY action_id
 ),
 recorded AS (
     INSERT INTO processed_events AS p
-           (action_id, table_schema, table_name, row_key, action, outcome, topic, "partition", "offset", captured_at)
-    SELECT action_id, {schema}, {name}, _key::jsonb, action, CASE WHEN wins THEN 'applied' ELSE 'stale' END,
+           {_RECORDED}
+    SELECT action_id, {{schema}}, {{name}}, _key::jsonb, action, CASE WHEN wins THEN 'applied' ELSE 'stale' END,
            topic, part, off, captured_at
       FROM e WHERE fresh AND seen ORDER BY action_id
-    ON CONFLICT (action_id) DO UPDATE
-       SET table_schema = EXCLUDED.table_schema, table_name = EXCLUDED.table_name, row_key = EXCLUDED.row_key,
-           action = EXCLUDED.action, outcome = EXCLUDED.outcome,
-           topic = EXCLUDED.topic, "partition" = EXCLUDED."partition", "offset" = EXCLUDED."offset",
-           captured_at = EXCLUDED.captured_at, processed_at = now()
-     WHERE p.outcome = 'dlq' AND p.action_id = ANY(%(replayed)s::bigint[])
+    {_REVIVE}
     RETURNING 1
 )"""
 
 # Dead letters of generic tables: recorded as ``dlq`` with their table and key where known.
-RECORD_DEAD = """
+RECORD_DEAD = f"""
 INSERT INTO processed_events AS p
-       (action_id, table_schema, table_name, row_key, action, outcome, topic, "partition", "offset", captured_at)
+       {_RECORDED}
 SELECT t.action_id, t.table_schema, t.table_name, t.row_key, t.action, 'dlq', t.topic, t.part, t.off, t.captured_at
   FROM unnest(%(action_id)s::bigint[], %(schema)s::text[], %(name)s::text[], %(key)s::jsonb[], %(action)s::text[],
               %(topic)s::text[], %(part)s::int[], %(off)s::bigint[], %(captured_at)s::timestamptz[])
        AS t(action_id, table_schema, table_name, row_key, action, topic, part, off, captured_at)
-ON CONFLICT (action_id) DO UPDATE
-   SET table_schema = EXCLUDED.table_schema, table_name = EXCLUDED.table_name, row_key = EXCLUDED.row_key,
-       action = EXCLUDED.action, outcome = EXCLUDED.outcome,
-       topic = EXCLUDED.topic, "partition" = EXCLUDED."partition", "offset" = EXCLUDED."offset",
-       captured_at = EXCLUDED.captured_at, processed_at = now()
- WHERE p.outcome = 'dlq' AND p.action_id = ANY(%(replayed)s::bigint[])
+{_REVIVE}
 RETURNING action_id
 """
 

@@ -23,7 +23,7 @@ from cdc.kafka.client import MARK_HEADER, MARK_VALUE, Received
 from cdc.local.paths import SETUP_DEST_SQL
 from cdc.model.topics import topic_for
 from cdc.runtime.db import Database
-from cdc.runtime.stats import Stats
+from cdc.runtime.stats import Stats, table_events_key
 from cdc.sink.batch import BatchApplier
 from tests.support import connect, query
 
@@ -219,6 +219,8 @@ def test_a_bad_value_is_dead_lettered_with_its_table_and_the_rest_applies(settin
         queue.close()
         db.close()
     assert sorted(letter.record.offset for letter in result.dead) == [1, 2, 99]
+    assert a.stats.get(table_events_key("dlq", "public.child")) == 2
+    assert a.stats.get(table_events_key("applied", "public.parent")) == 1
     letters = list(dlq_module.show(settings))
     assert {r["headers"][dlq_module.H_TABLE] for r in letters} == {"public.child", "public.parent"}
     assert query(dest, "SELECT n::text FROM child") == [("3.00",)]

@@ -27,7 +27,7 @@ from cdc.kafka.client import MARK_HEADER, MARK_VALUE, Received
 from cdc.model.event import Codec
 from cdc.model.table import SOURCE_TABLE, Table
 from cdc.runtime.db import Database
-from cdc.runtime.stats import Stats
+from cdc.runtime.stats import Stats, table_events_key
 from cdc.sink.batch import BatchApplier, BatchResult
 from cdc.sink.statements import ApplyResult, Delivered, Statements, apply_events
 from employee import EMPLOYEES
@@ -63,6 +63,8 @@ def test_bad_rows_anywhere_in_a_large_batch_are_found_and_the_rest_applies(setti
     assert {letter.attempts for letter in result.dead} == {3}
     assert {letter.error_class for letter in result.dead} == {"DatetimeFieldOverflow"}
     assert stats.get("retries") == len(bad) * 2
+    assert stats.get(table_events_key("dlq", "employees")) == len(bad)
+    assert stats.get(table_events_key("applied", "employees")) == len(result.applied)
     assert len(result.applied) + len(result.stale) == len(events) - len(bad)
     assert dest_rows(clean_dest) == expected_state(ev for ev in events if ev.action_id not in bad)
     assert outcomes(clean_dest) == {

@@ -10,15 +10,8 @@ from collections.abc import Iterator
 
 from psycopg2 import sql
 
+from cdc.ops.verify import PINNED  # the settings cdc_capture prints under, and verify compares under
 from tests.support import connect
-
-PINNED = {
-    "TimeZone": "UTC",
-    "DateStyle": "ISO, YMD",
-    "IntervalStyle": "postgres",
-    "extra_float_digits": "1",
-    "bytea_output": "hex",
-}
 
 TYPES = """
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
