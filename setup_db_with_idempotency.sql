@@ -50,18 +50,30 @@ CREATE TABLE IF NOT EXISTS emp_versions (
     updated_at      TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 
--- The version guard of every other captured table: the newest action_id applied per row, by
--- table and primary key (its column texts as a compact JSON object, members sorted: one text per
--- row), kept after a DELETE as a tombstone. COLLATE "C": compared byte for byte, fast.
+-- The version guard of every other captured table: the newest action_id applied per row, kept
+-- after a DELETE as a tombstone. One text per row: the table's name, each part double-quoted as
+-- in SQL ("public"."Order Items"), then its primary key's column texts as a compact JSON object,
+-- members sorted ({"id":"42"}). COLLATE "C": compared byte for byte. One column rather than
+-- (schema, table, key): a third less to compare and to store per row, the apply's biggest share.
 CREATE TABLE IF NOT EXISTS cdc_versions (
-    table_schema    TEXT COLLATE "C" NOT NULL,
-    table_name      TEXT COLLATE "C" NOT NULL,
-    key             TEXT COLLATE "C" NOT NULL,
+    key             TEXT COLLATE "C" PRIMARY KEY,
     last_action_id  BIGINT NOT NULL,
     deleted         BOOLEAN NOT NULL DEFAULT false,
-    updated_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
-    PRIMARY KEY (table_schema, table_name, key)
+    updated_at      TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+
+-- A guard of the first shape, keyed by (table_schema, table_name, key), gets the one-column key.
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_attribute
+                WHERE attrelid = 'cdc_versions'::regclass AND attname = 'table_schema' AND NOT attisdropped) THEN
+        ALTER TABLE cdc_versions DROP CONSTRAINT cdc_versions_pkey;
+        UPDATE cdc_versions
+           SET key = '"' || replace(table_schema, '"', '""') || '"."' || replace(table_name, '"', '""') || '"' || key;
+        ALTER TABLE cdc_versions DROP COLUMN table_schema, DROP COLUMN table_name, ADD PRIMARY KEY (key);
+    END IF;
+END
+$$;
 
 -- The destination's record of what it consumed: per topic partition, the offset after the last
 -- message decided (applied, stale, duplicate or dead-lettered), written in the same transaction

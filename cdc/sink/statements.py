@@ -322,6 +322,15 @@ def missing_tables(cur: psycopg2.extensions.cursor) -> list[str]:
             (list(_ADDED_COLUMNS),),
         )
         missing += [f"processed_events.{row[0]}" for row in cur.fetchall()]
+    if "cdc_versions" not in missing:
+        # Its first shape, keyed by (table_schema, table_name, key): the setup script converts it.
+        cur.execute(
+            "SELECT EXISTS (SELECT FROM information_schema.columns WHERE table_schema = current_schema()"
+            " AND table_name = 'cdc_versions' AND column_name = 'table_schema')"
+        )
+        row = cur.fetchone()
+        if row and row[0]:
+            missing.append("cdc_versions keyed by one column")
     return missing
 
 

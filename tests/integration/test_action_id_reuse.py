@@ -55,3 +55,14 @@ def test_a_destination_set_up_before_captured_at_was_recorded_is_told_to_apply_t
             ProductionCDCConsumer(settings=fast(settings)).run()
     finally:
         execute(clean_dest, "ALTER TABLE processed_events ADD COLUMN IF NOT EXISTS captured_at timestamptz")
+
+
+def test_a_destination_with_the_first_shape_of_the_guard_is_told_to_apply_the_setup_sql(settings, clean_dest):
+    execute(clean_dest, "ALTER TABLE cdc_versions ADD COLUMN table_schema text")
+    try:
+        with pytest.raises(
+            SchemaMissingError, match=r"lacks cdc_versions keyed by one column: apply setup_db"
+        ):
+            ProductionCDCConsumer(settings=fast(settings)).run()
+    finally:
+        execute(clean_dest, "ALTER TABLE cdc_versions DROP COLUMN IF EXISTS table_schema")

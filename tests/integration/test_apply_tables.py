@@ -171,14 +171,13 @@ def test_changes_apply_by_key_the_guard_never_regresses_and_every_id_is_recorded
         (6, "child", "applied"),
     ]
     assert recorded[1][3] == {"pid": "1", "at": t1}
-    versions = query(
-        dest, "SELECT table_name, key, last_action_id, deleted FROM cdc_versions ORDER BY last_action_id"
-    )
-    # The key's canonical text: members sorted, compact; one text per row.
+    versions = query(dest, "SELECT key, last_action_id, deleted FROM cdc_versions ORDER BY last_action_id")
+    # The table's name, each part quoted, then the key's canonical text (members sorted,
+    # compact): one text per row.
     assert versions == [
-        ("parent", '{"id":"1"}', 1, False),
-        ("child", f'{{"at":"{t1}","pid":"1"}}', 4, False),
-        ("child", f'{{"at":"{t2}","pid":"1"}}', 6, False),
+        ('"public"."parent"{"id":"1"}', 1, False),
+        (f'"public"."child"{{"at":"{t1}","pid":"1"}}', 4, False),
+        (f'"public"."child"{{"at":"{t2}","pid":"1"}}', 6, False),
     ]
 
 
@@ -346,4 +345,4 @@ def test_a_key_is_one_row_whatever_the_order_of_its_members(settings, dest):
         db.close()
     assert [i.event.action_id for i in late.stale] == [80]
     assert query(dest, "SELECT n::text FROM child") == [("1.00",)]
-    assert query(dest, "SELECT count(*) FROM cdc_versions WHERE table_name = 'child'") == [(1,)]
+    assert query(dest, """SELECT count(*) FROM cdc_versions WHERE key LIKE '"public"."child"%'""") == [(1,)]

@@ -12,7 +12,7 @@ import pytest
 
 from cdc.local.paths import SETUP_DEST_SQL, SETUP_SOURCE_SQL
 from cdc.local.postgres import apply_sql, find_pg_bindir
-from tests.support import connect, scalar
+from tests.support import connect, query, scalar
 
 APPLIES = 15
 WRITERS = 4
@@ -135,3 +135,38 @@ def test_setup_sql_applies_to_an_empty_database_twice(service_env):
         finally:
             with connect(url, autocommit=True) as conn, conn.cursor() as cur:
                 cur.execute("DROP DATABASE IF EXISTS cdc_setup_fresh")
+
+
+def test_the_destination_sql_gives_a_guard_of_the_first_shape_its_one_column_key(service_env):
+    """A ``cdc_versions`` keyed by (table_schema, table_name, key), as first released on main,
+    keeps every row under the one-column key the sink now looks up (names quoted as in SQL)."""
+    url = service_env["DEST_DB_URL"]
+    with connect(url, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("DROP DATABASE IF EXISTS cdc_setup_guard")
+        cur.execute("CREATE DATABASE cdc_setup_guard")
+    old = url.rsplit("/", 1)[0] + "/cdc_setup_guard"
+    try:
+        with connect(old, autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute(
+                'CREATE TABLE cdc_versions (table_schema TEXT COLLATE "C" NOT NULL, table_name TEXT COLLATE "C"'
+                ' NOT NULL, key TEXT COLLATE "C" NOT NULL, last_action_id BIGINT NOT NULL, deleted BOOLEAN NOT'
+                " NULL DEFAULT false, updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),"
+                " PRIMARY KEY (table_schema, table_name, key));"
+                "INSERT INTO cdc_versions (table_schema, table_name, key, last_action_id, deleted) VALUES"
+                """ ('public', 'orders', '{"id":"1"}', 7, false), ('s.x', 'Order "Items"', '{"n":"2"}', 9, true)"""
+            )
+        psql_file(old, SETUP_DEST_SQL)
+        psql_file(old, SETUP_DEST_SQL)
+        assert query(old, "SELECT key, last_action_id, deleted FROM cdc_versions ORDER BY key") == [
+            ('"public"."orders"{"id":"1"}', 7, False),
+            ('"s.x"."Order ""Items"""{"n":"2"}', 9, True),
+        ]
+        assert scalar(
+            old,
+            "SELECT array_agg(a.attname::text) FROM pg_index i JOIN pg_attribute a"
+            " ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)"
+            " WHERE i.indrelid = 'cdc_versions'::regclass AND i.indisprimary",
+        ) == ["key"]
+    finally:
+        with connect(url, autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute("DROP DATABASE IF EXISTS cdc_setup_guard")
