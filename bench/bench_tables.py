@@ -2,6 +2,8 @@
 
     python bench/bench_tables.py [--changes 150000] [--rounds 3]
 
+(``make bench`` runs it too, as its "tables" scenario: ``measure``.)
+
 Starts a private Kafka broker and source/destination PostgreSQL on free ports in a temporary
 folder, creates two more tables on both sides (``orders``, a one-column key; ``lines``, a
 composite key; each of six columns like ``employees``) and captures them (``cdc tables add``).
@@ -31,13 +33,14 @@ import time
 import uuid
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import psycopg2  # noqa: E402
 
-from bench import harness  # noqa: E402
+from bench import harness, report  # noqa: E402
 from cdc.kafka.client import admin_client, ensure_topic, ensure_topics  # noqa: E402
 from cdc.local.ports import Ports  # noqa: E402
 from cdc.local.runner import Daemon  # noqa: E402
@@ -55,6 +58,8 @@ CREATE TABLE IF NOT EXISTS lines (
 );
 """
 CHUNK = 1000
+EMPLOYEES_ONLY = "employees only"
+MIX = "mix of three tables"
 # (table, INSERT of rows %(lo)s..%(hi)s)
 WRITES = {
     "employees": "INSERT INTO employees (first_name, last_name, dob, city, salary)"
@@ -149,15 +154,24 @@ def drain(
     finally:
         for d in daemons:
             d.stop()
+    # Every change applied (none stale or dead-lettered: each INSERT is a new row) and each table
+    # as big on both sides: a fast drain that lost rows is no figure.
+    kept = scalar(settings.dest_db_url, "SELECT count(*) FROM processed_events WHERE outcome <> 'applied'")
+    if kept:
+        raise SystemExit(f"{kept} of {changes} changes were not applied; see {workdir}")
+    for table in WRITES:
+        counts = [
+            scalar(url, f"SELECT count(*) FROM {table}")
+            for url in (settings.source_db_url, settings.dest_db_url)
+        ]
+        if counts[0] != counts[1]:
+            raise SystemExit(f"{table}: {counts[0]} rows on the source, {counts[1]} on the destination")
     return changes / elapsed, {k: round(v * 100_000 / changes, 2) for k, v in cpu.items()}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--changes", type=int, default=150_000)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", default=str(ROOT / "bench-results" / "tables.json"))
-    args = parser.parse_args()
+def measure(changes: int = 150_000, rounds: int = 3, log=print) -> dict[str, Any]:
+    """The drains of ``rounds`` rounds on private services: the rates, their medians, the CPU
+    seconds per 100k changes, and the ratio mix / employees only (``make bench``'s "tables")."""
     with tempfile.TemporaryDirectory(prefix="cdc-bench-tables-") as tmp:
         services = LocalServices(home=Path(tmp), ports=Ports.free())
         try:
@@ -166,41 +180,45 @@ def main() -> int:
             for url in (base.source_db_url, base.dest_db_url):
                 execute(url, DDL)
             tables.add(base, ["orders", "lines"])
-            rates: dict[str, list[float]] = {"employees only": [], "mix of three tables": []}
-            costs: dict[str, list[dict[str, float]]] = {"employees only": [], "mix of three tables": []}
+            rates: dict[str, list[float]] = {EMPLOYEES_ONLY: [], MIX: []}
+            costs: dict[str, list[dict[str, float]]] = {EMPLOYEES_ONLY: [], MIX: []}
             pids = harness.service_pids(services)
-            drain(base, Path(tmp) / "runs", False, args.changes // 4, pids)  # warm-up, not counted
-            for n in range(args.rounds):
+            drain(base, Path(tmp) / "runs", False, changes // 4, pids)  # warm-up, not counted
+            for n in range(rounds):
                 order = [False, True] if n % 2 == 0 else [True, False]
                 for mix in order:
-                    name = "mix of three tables" if mix else "employees only"
-                    rate, cpu = drain(base, Path(tmp) / "runs", mix, args.changes, pids)
+                    name = MIX if mix else EMPLOYEES_ONLY
+                    rate, cpu = drain(base, Path(tmp) / "runs", mix, changes, pids)
                     rates[name].append(rate)
                     costs[name].append(cpu)
-                    print(f"round {n + 1}: {name} {rate:,.0f} changes/s; CPU s per 100k: {cpu}", flush=True)
+                    log(f"round {n + 1}: {name} {rate:,.0f} changes/s; CPU s per 100k: {cpu}")
         finally:
             services.down()
     medians = {k: statistics.median(v) for k, v in rates.items()}
-    ratio = medians["mix of three tables"] / medians["employees only"]
-    for name, rate in medians.items():
-        print(f"{name:<22} {rate:>9,.0f} changes/s (rounds: {', '.join(f'{r:,.0f}' for r in rates[name])})")
-    print(f"ratio mix / employees only: {ratio:.3f} (target >= 0.8)")
+    return {
+        "at": datetime.now().isoformat(timespec="seconds"),
+        "changes": changes,
+        "rounds": rates,
+        "medians": medians,
+        "cpu_seconds_per_100k": costs,
+        "ratio": medians[MIX] / medians[EMPLOYEES_ONLY],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--changes", type=int, default=150_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", default=str(ROOT / "bench-results" / "tables.json"))
+    args = parser.parse_args()
+    result = measure(args.changes, args.rounds, log=lambda line: print(line, flush=True))
+    for name, rate in result["medians"].items():
+        rounds = ", ".join(f"{r:,.0f}" for r in result["rounds"][name])
+        print(f"{name:<22} {rate:>9,.0f} changes/s (rounds: {rounds})")
+    print(f"ratio mix / employees only: {result['ratio']:.3f} (target >= {report.TABLES_TARGET})")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "at": datetime.now().isoformat(timespec="seconds"),
-                "changes": args.changes,
-                "rounds": rates,
-                "medians": medians,
-                "cpu_seconds_per_100k": costs,
-                "ratio": ratio,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

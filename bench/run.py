@@ -23,13 +23,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import harness, report, scenarios
+from bench import bench_tables, harness, report, scenarios
 from bench.contenders.logical import Logical
 from bench.contenders.pipeline import Naive, Pipeline
 from cdc.local.paths import PROJECT_DIR
 
 ALL_CONTENDERS = ("cdc", "logical", "debezium", "naive")
-ALL_SCENARIOS = ("drain", "latency", "load", "scaleout")
+ALL_SCENARIOS = ("drain", "tables", "latency", "load", "scaleout")
 
 
 def make_contender(name: str, compare: Path | None = None):
@@ -62,6 +62,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--idle-seconds", type=float, default=10.0)
     p.add_argument("--load-rows", type=int, default=1_000_000, help="rows for the initial load (default 1M)")
     p.add_argument("--scaleout-changes", type=int, default=100_000, help="backlog for the scale-out runs")
+    p.add_argument(
+        "--tables-changes", type=int, default=150_000, help="changes per drain of the three-table scenario"
+    )
+    p.add_argument(
+        "--tables-rounds", type=int, default=3, help="rounds of the three-table scenario (default 3)"
+    )
     p.add_argument("--contenders", default=",".join(ALL_CONTENDERS))
     p.add_argument(
         "--compare",
@@ -77,6 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:
         args.changes, args.naive_changes, args.load_rows, args.scaleout_changes = 3000, 300, 20_000, 2000
+        args.tables_changes, args.tables_rounds = 3000, 1
         args.rates, args.txn_sizes, args.latency_seconds, args.idle_seconds = "200", "1", 6.0, 1.0
     return args
 
@@ -97,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         "latency": {},
         "load": {},
         "scaleout": [],
+        "tables": {},
         "failures": [],
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -143,6 +151,18 @@ def main(argv: list[str] | None = None) -> int:
                 if r is not None:
                     results["drain"]["cdc_producer_alone"] = r["producer"]
                     results["drain"]["cdc_consumer_alone"] = r["consumer"]
+
+    if "tables" in wanted and "cdc" in contenders:
+        r = attempt(
+            f"tables: a mix of three tables against employees alone ({args.tables_changes} changes, "
+            f"{args.tables_rounds} rounds)",
+            bench_tables.measure,
+            args.tables_changes,
+            args.tables_rounds,
+            log=lambda line: print(f"bench:   {line}", flush=True),
+        )
+        if r is not None:
+            results["tables"] = r
 
     if "latency" in wanted:
         for name, contender in contenders.items():

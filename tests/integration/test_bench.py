@@ -47,5 +47,10 @@ def test_smoke_run_reports_every_contender_identical(tmp_path):
     assert results["ratios"]["drain_cdc_over_logical"] > 0
     assert [r["consumers"] for r in results["scaleout"]] == [1, 2, 3]
     assert all(r["identical"] is True for r in results["scaleout"])
+    tables = results["tables"]  # each drain checked every change applied and each table's rows
+    assert set(tables["rounds"]) == {"employees only", "mix of three tables"}
+    assert all(len(rates) == 1 and rates[0] > 0 for rates in tables["rounds"].values())
+    assert tables["ratio"] > 0
     text = (tmp_path / "report.md").read_text()
     assert "## Backlog drain" in text and "## Steady latency" in text and "## Initial load" in text
+    assert "## Three tables against employees alone" in text
