@@ -36,7 +36,7 @@ from cdc.dlq.letters import QUIET, Letter
 from cdc.errors import ConfigError, DeliveryError, HaltError
 from cdc.kafka.client import Headers, Publisher, admin_client, consumer_config, producer_config
 from cdc.kafka.positions import REQUEST_TIMEOUT, PositionStore, log_range, starts
-from cdc.model.change import ChangeCodec
+from cdc.model.change import ChangeCodec, guard_key, key_text
 from cdc.model.event import Codec, InvalidEventError
 from cdc.runtime.settings import Settings
 
@@ -81,10 +81,17 @@ class Planned:
     row_key: int | str | None = None  # the changed row's primary key
     invalid: str | None = None  # why the consumer will dead-letter it again
     key_name: str = "key"  # the primary key column's name, where the table is known
+    of_table: bool = False  # a change of another table than employees (``cdc tables``)
+    guard: str | None = None  # its row's key in the destination's version guard, once decoded
 
     @property
     def edited(self) -> bool:
         return bool(self.changes)
+
+    @property
+    def version_key(self) -> int | str | None:
+        """What the destination's version guard knows the changed row by (None: unknown)."""
+        return self.guard if self.of_table else self.row_key
 
 
 def plan(
@@ -123,10 +130,12 @@ def plan(
                 if key != m.key and key is not None
                 else ()
             )
-        action_id, row_key, invalid = m.action_id, m.row_key, None
+        action_id, row_key, invalid, guard = m.action_id, m.row_key, None, None
         if of_table:
             try:
-                action_id = generic.from_json(value, topic).action_id
+                change = generic.from_json(value, topic)
+                action_id, row_key = change.action_id, key_text(change.key)
+                guard = guard_key(change.schema, change.table, change.key)
             except InvalidEventError as exc:
                 invalid = str(exc)
         elif codec is not None:
@@ -147,6 +156,8 @@ def plan(
                 row_key,
                 invalid,
                 codec.key_name if codec is not None and not of_table else "key",
+                of_table,
+                guard,
             )
         )
     return out

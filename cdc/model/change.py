@@ -33,6 +33,23 @@ from cdc.model.topics import topic_for
 _ACTION_SET = frozenset(ACTIONS)
 
 
+def key_text(key: Mapping[str, str]) -> str:
+    """A key's canonical text: its members sorted, compact JSON. The same row always gives the
+    same text, whatever order its members arrived in."""
+    return orjson.dumps(key, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def quoted(schema: str, table: str) -> str:
+    """``schema.table`` as SQL writes it with each part double-quoted (as to_regclass reads it)."""
+    return ".".join('"' + part.replace('"', '""') + '"' for part in (schema, table))
+
+
+def guard_key(schema: str, table: str, key: Mapping[str, str]) -> str:
+    """The row's key in the destination's version guard (``cdc_versions.key``): the table's
+    quoted name, then the key's canonical text."""
+    return quoted(schema, table) + key_text(key)
+
+
 class Change(NamedTuple):
     """One captured change of a generic table. The first five fields are ``Event``'s."""
 

@@ -114,7 +114,7 @@ def expectations(settings: Settings, plans: Sequence[Planned]) -> dict[str, str]
     out = {}
     for p in plans:
         before = decided[p.action_id][0] if p.action_id in decided else None
-        version = versions.get(p.row_key)
+        version = versions.get(p.version_key)
         expected = (
             records.expect(p.action_id, before, version) if p.action_id is not None else records.APPLIED
         )
@@ -133,11 +133,16 @@ def expectations(settings: Settings, plans: Sequence[Planned]) -> dict[str, str]
 def _read_decisions(
     cur: psycopg2.extensions.cursor, table: Table, plans: Iterable[Planned]
 ) -> tuple[dict[int, tuple[str, str, int, int]], dict[Any, int]]:
-    """The sink's decisions on the plans' action_ids, and its versions of their keys."""
+    """The sink's decisions on the plans' action_ids, and its versions of their rows (by
+    ``Planned.version_key``: employees' key, or another table's key in ``cdc_versions``)."""
     plans = list(plans)
     ids = [p.action_id for p in plans if p.action_id is not None]
-    keys = [p.row_key for p in plans if p.row_key is not None]
-    return records.decisions(cur, ids), records.versions(cur, table, keys)
+    keys = [p.row_key for p in plans if not p.of_table and p.row_key is not None]
+    guards = [p.guard for p in plans if p.of_table and p.guard is not None]
+    return records.decisions(cur, ids), {
+        **records.versions(cur, table, keys),
+        **records.generic_versions(cur, guards),
+    }
 
 
 def table_codec(settings: Settings) -> Codec:
@@ -252,7 +257,7 @@ def decide(
         if outcome == records.STALE:
             return Decision(
                 records.STALE,
-                f"{p.key_name} {p.row_key} is at action_id {versions.get(p.row_key)}, newer: nothing changed",
+                f"{p.key_name} {p.row_key} is at action_id {versions.get(p.version_key)}, newer: nothing changed",
             )
         if outcome == records.DLQ:
             return Decision(

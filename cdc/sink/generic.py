@@ -14,8 +14,8 @@ identifiers quoted, values typed by PostgreSQL, never string-built; generated co
 written, identity columns written with ``OVERRIDING SYSTEM VALUE``. One statement per table and
 batch, set-based, in the batch's transaction, the same four steps as employees'
 (``cdc.sink.statements``): ``processed_events`` (one row per action_id, the table and key beside
-it), the version guard ``cdc_versions`` keyed by the table's name and the row's key (``guarded``,
-``key_text``) with tombstones, the writes, the record.
+it), the version guard ``cdc_versions`` keyed by the table's name and the row's key
+(``cdc.model.change.guard_key``) with tombstones, the writes, the record.
 
 **Drift is held, never guessed** (``drift``): a destination table that is missing, lacks a column
 the events carry, has that column generated, has another primary key, or that the consumer may
@@ -43,7 +43,7 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from cdc.errors import SchemaMissingError, TransientError, UnencodableValueError
-from cdc.model.change import Change
+from cdc.model.change import Change, key_text, quoted
 from cdc.model.table import Column, Table
 from cdc.sink import statements as base
 
@@ -225,7 +225,7 @@ class GenericStatements:
                     for i, t in enumerate(texts.values())
                 ]
             ),
-            "guarded": sql.Literal(guarded(table.schema, table.name)),
+            "guarded": sql.Literal(quoted(table.schema, table.name)),
             "schema": sql.Literal(table.schema),
             "name": sql.Literal(table.name),
             "key_columns": sql.SQL(", ").join(c.ident for c in key),
@@ -428,7 +428,7 @@ def shape_of(items: Iterable[base.Delivered]) -> Shape:
 
 def _regname(name: TableName) -> str:
     """``name`` as to_regclass() reads it: each part double-quoted."""
-    return ".".join('"' + part.replace('"', '""') + '"' for part in name)
+    return quoted(*name)
 
 
 def _load(cur: psycopg2.extensions.cursor, name: TableName) -> Table | None:
@@ -447,17 +447,6 @@ def _parents(cur: psycopg2.extensions.cursor, name: TableName) -> set[TableName]
         (_regname(name),),
     )
     return {(s, n) for s, n in cur.fetchall()}
-
-
-def key_text(key: dict[str, str]) -> str:
-    """A key's canonical text, as the version guard stores it: its members sorted, compact JSON.
-    The same row always gives the same text, whatever order its members arrived in."""
-    return orjson.dumps(key, option=orjson.OPT_SORT_KEYS).decode()
-
-
-def guarded(schema: str, name: str) -> str:
-    """The start of the guard's key (``cdc_versions.key``) for rows of table ``schema.name``."""
-    return _regname((schema, name))
 
 
 def _batch_json(items: Iterable[base.Delivered], names: Sequence[str]) -> Any:

@@ -56,6 +56,15 @@ def versions(cur: psycopg2.extensions.cursor, table: Table, keys: Sequence[Any])
     return dict(cur.fetchall())
 
 
+def generic_versions(cur: psycopg2.extensions.cursor, keys: Sequence[str]) -> dict[str, int]:
+    """The newest action_id applied (or deleted) per row of another table, by its key in the
+    version guard ``cdc_versions`` (``cdc.model.change.guard_key``), for those that have one."""
+    if not keys:
+        return {}
+    cur.execute("SELECT key, last_action_id FROM cdc_versions WHERE key = ANY(%s::text[])", (list(keys),))
+    return dict(cur.fetchall())
+
+
 def expect(action_id: int, decided: str | None, version: int | None) -> str:
     """What the sink will make of a change arriving now: ``duplicate`` (its action_id was decided
     before, other than as a dead letter), ``stale`` (its key already holds a newer change) or

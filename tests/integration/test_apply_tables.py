@@ -10,18 +10,23 @@ guessed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 
 import orjson
 import pytest
 from psycopg2 import sql
 
+from cdc.dlq import letters as dlq_letters
 from cdc.dlq import queue as dlq_module
+from cdc.dlq import replay
+from cdc.dlq.letters import Selection
 from cdc.dlq.queue import CircuitBreaker, DeadLetterQueue
 from cdc.errors import TransientError
 from cdc.kafka.client import MARK_HEADER, MARK_VALUE, Received
 from cdc.local.paths import SETUP_DEST_SQL
 from cdc.model.topics import topic_for
+from cdc.ops import dlq_workbench
 from cdc.runtime.db import Database
 from cdc.runtime.stats import Stats, table_events_key
 from cdc.sink.batch import BatchApplier
@@ -346,3 +351,33 @@ def test_a_key_is_one_row_whatever_the_order_of_its_members(settings, dest):
     assert [i.event.action_id for i in late.stale] == [80]
     assert query(dest, "SELECT n::text FROM child") == [("1.00",)]
     assert query(dest, """SELECT count(*) FROM cdc_versions WHERE key LIKE '"public"."child"%'""") == [(1,)]
+
+
+def test_the_replay_forecast_of_a_change_of_another_table_reads_that_tables_guard(settings, dest):
+    """``dlq replay``'s forecast for dead letters of a generic table: stale where a newer change of
+    the row was applied since (the guard in ``cdc_versions``), applied where none was."""
+    a, queue, db = applier(dest, settings)
+    first, second = "2024-01-01 00:00:00+00", "2024-01-02 00:00:00+00"
+    try:
+        a.apply(
+            received(
+                settings,
+                [
+                    change(30, "INSERT", "parent", parent(1, "p"), ("id",)),
+                    change(31, "INSERT", "child", child(1, first, "1", "toolong"), PK),  # varchar(5)
+                    change(32, "INSERT", "child", child(1, second, "1", "toolong"), PK),
+                ],
+            )
+        )
+        a.apply(received(settings, [change(33, "INSERT", "child", child(1, first, "2", "fixed"), PK)], 3))
+    finally:
+        queue.close()
+        db.close()
+    letters = dlq_letters.read_letters(settings, Selection().matches)
+    plans = replay.plan(settings, letters, {}, None)
+    expected = dlq_workbench.expectations(dataclasses.replace(settings, dest_db_url=dest), plans)
+    by_id = {p.action_id: expected[p.letter.position] for p in plans}
+    assert by_id == {
+        31: f'stale: key {{"at":"{first}","pid":"1"}} is already at action_id 33; nothing changes',
+        32: "applied, unless the destination rejects the row",
+    }
