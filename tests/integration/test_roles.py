@@ -185,3 +185,39 @@ def test_producer_role_publishes_and_prunes_both_outboxes(
     finally:
         tables.remove(settings, ["role_items"])
         execute(url, "DROP TABLE role_items; DELETE FROM cdc_outbox")
+
+
+def test_rerunning_the_destination_roles_keeps_a_replicated_tables_grant_and_nothing_more(
+    local_services: LocalServices,
+):
+    """A table granted as USAGE.md says for a replicated one keeps its four privileges when the
+    file is applied again; anything more, a partial grant, and more on the sink's tables go."""
+    local_services.up()
+    url = local_services.dest.url
+    execute(
+        url,
+        'CREATE TABLE "Role kept" (id int PRIMARY KEY); CREATE TABLE role_partial (id int PRIMARY KEY);'
+        ' GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON "Role kept" TO cdc_consumer;'
+        " GRANT SELECT ON role_partial TO cdc_consumer; GRANT DELETE ON processed_events TO cdc_consumer",
+    )
+    try:
+        local_services.dest.apply_sql(SETUP_ROLES_DEST_SQL)
+        grants = set(
+            query(
+                url,
+                "SELECT table_name, privilege_type FROM information_schema.role_table_grants"
+                " WHERE grantee = 'cdc_consumer' AND table_name IN ('Role kept', 'role_partial', 'processed_events')",
+            )
+        )
+        assert grants == {
+            ("Role kept", "SELECT"),
+            ("Role kept", "INSERT"),
+            ("Role kept", "UPDATE"),
+            ("Role kept", "DELETE"),
+            ("processed_events", "SELECT"),
+            ("processed_events", "INSERT"),
+            ("processed_events", "UPDATE"),
+        }
+    finally:
+        execute(url, 'DROP TABLE "Role kept", role_partial')
+        local_services.dest.apply_sql(SETUP_ROLES_DEST_SQL)
