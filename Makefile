@@ -16,13 +16,13 @@ help:
 	@echo "make lint    - ruff check and format check, the import layering contract (lint-imports), hadolint, mypy"
 	@echo "make typecheck - mypy on cdc/ and the root scripts (also part of make lint)"
 	@echo "make bench   - side by side: this pipeline, PostgreSQL logical replication, Debezium, a naive consumer"
-	@echo "               (drain, latency, initial load, cost; ~40 min; bench-results/report.md). BENCH_ARGS=--smoke: ~3 min"
+	@echo "               (drain, three tables, latency, initial load, cost; ~40 min; bench-results/report.md). BENCH_ARGS=--smoke: ~3 min"
 	@echo "make soak    - the pipeline for SOAK_MINUTES (30) with a fault every 3 min; memory/fds must stay flat"
 	@echo "make bench-verify - time and peak memory of verify on 1M rows (private PostgreSQL servers)"
 	@echo "make bench-capture - a writer's transactions/s with and without capture triggers (private PostgreSQL)"
 	@echo "make bench-producer - producer throughput on a 100k backlog and idle CPU (private services)"
 	@echo "make bench-consumer - consumer throughput on a 100k-event backlog (private services)"
-	@echo "make bench-tables   - backlog drain over three tables against employees alone (private services)"
+	@echo "make bench-tables   - backlog drain over three tables against employees alone (make bench runs it too)"
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
