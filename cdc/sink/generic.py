@@ -170,9 +170,13 @@ class GenericStatements:
 
     table: Table
     columns: tuple[Column, ...]  # written: the destination's columns the changes carry
-    names: tuple[str, ...]  # theirs, in the order the batch carries them (``_batch_json``)
     apply_recorded: str
     apply_unrecorded: str
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The columns' names, in the order the batch carries their texts (``_batch_json``)."""
+        return tuple(c.name for c in self.columns)
 
     @classmethod
     def build(
@@ -241,13 +245,7 @@ class GenericStatements:
 
         recorded = _INPUT + base.FRESH_RECORDED + _APPLY + _RECORD_NEW + base.REPORT
         unrecorded = _INPUT + base.FRESH_UNRECORDED + _APPLY + base.REPORT
-        return cls(
-            table,
-            columns,
-            tuple(c.name for c in columns),
-            text(recorded, base.RECORDED_TOO),
-            text(unrecorded, ""),
-        )
+        return cls(table, columns, text(recorded, base.RECORDED_TOO), text(unrecorded, ""))
 
 
 _PRIVILEGES = """
@@ -339,7 +337,7 @@ class GenericSink:
         table = _load(cur, name)
         why = drift(table, name, shape.carried, shape.key)
         if why is None and table is not None:
-            cur.execute(_PRIVILEGES, (_regname(name),))
+            cur.execute(_PRIVILEGES, (quoted(*name),))
             row = cur.fetchone()
             if row is not None and not all(row):
                 why = (
@@ -426,14 +424,9 @@ def shape_of(items: Iterable[base.Delivered]) -> Shape:
     return Shape(frozenset(change.row), frozenset(change.key))
 
 
-def _regname(name: TableName) -> str:
-    """``name`` as to_regclass() reads it: each part double-quoted."""
-    return quoted(*name)
-
-
 def _load(cur: psycopg2.extensions.cursor, name: TableName) -> Table | None:
     try:
-        return Table.load(cur, _regname(name), any_type=True)
+        return Table.load(cur, quoted(*name), any_type=True)
     except SchemaMissingError:
         return None
 
@@ -444,7 +437,7 @@ def _parents(cur: psycopg2.extensions.cursor, name: TableName) -> set[TableName]
         "SELECT n.nspname, c.relname FROM pg_constraint f"
         " JOIN pg_class c ON c.oid = f.confrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
         " WHERE f.contype = 'f' AND f.conrelid = to_regclass(%s)",
-        (_regname(name),),
+        (quoted(*name),),
     )
     return {(s, n) for s, n in cur.fetchall()}
 

@@ -16,6 +16,7 @@ from psycopg2 import sql
 
 from cdc.model.table import VERSIONS, Table
 from cdc.runtime.db import one_row
+from cdc.sink import generic
 
 APPLIED, STALE, DLQ = "applied", "stale", "dlq"
 
@@ -61,7 +62,12 @@ def generic_versions(cur: psycopg2.extensions.cursor, keys: Sequence[str]) -> di
     version guard ``cdc_versions`` (``cdc.model.change.guard_key``), for those that have one."""
     if not keys:
         return {}
-    cur.execute("SELECT key, last_action_id FROM cdc_versions WHERE key = ANY(%s::text[])", (list(keys),))
+    cur.execute(
+        sql.SQL("SELECT key, last_action_id FROM {} WHERE key = ANY(%s::text[])").format(
+            sql.Identifier(generic.VERSIONS)
+        ),
+        (list(keys),),
+    )
     return dict(cur.fetchall())
 
 
